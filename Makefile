@@ -1,0 +1,64 @@
+# Backdooring Diffusion Models: the two commands of the README.
+#
+#   make book   create .venv if missing, install everything, execute every chapter in quick mode
+#               and write the HTML book to _build/html (Sphinx warnings are errors)
+#   make test   unit tests, plus every chapter executed under nbval in quick mode
+#
+# Other targets: make lock (record the resolved versions), make strip (remove notebook outputs),
+# make clean.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Versions resolved on the reference machine (Python 3.11, Linux x86_64). `make book CONSTRAINTS=`
+# resolves afresh, e.g. on another Python or operating system.
+CONSTRAINTS ?= requirements/lock.txt
+PIP_CONSTRAINTS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+
+# Without an NVIDIA GPU, take PyTorch's CPU build (about 200 MB) instead of the default CUDA build
+# (several GB). Override with `make book TORCH_INDEX=` (default index) or another wheel index.
+HAS_NVIDIA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+ifeq ($(HAS_NVIDIA),yes)
+TORCH_INDEX ?=
+else
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+endif
+
+# Quick mode never downloads: keep the Hugging Face hub offline so that any attempt fails loudly.
+export HF_HUB_OFFLINE ?= 1
+export MPLBACKEND ?= Agg
+export PYDEVD_DISABLE_FILE_VALIDATION ?= 1
+
+STAMP := $(VENV)/.installed
+
+.PHONY: book test venv lock strip clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python >= 3.10 is needed, found " + sys.version.split()[0])'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --retries 2 $(PIP_CONSTRAINTS) torch $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install $(PIP_CONSTRAINTS) -e ".[book,test]"
+	touch $@
+
+book: $(STAMP)
+	$(BIN)/jupyter-book build . --all --warningiserror --keep-going
+	@echo "The book is in _build/html/index.html"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests book --nbval-lax --nbval-current-env
+
+lock: $(STAMP)
+	@{ echo "# Versions resolved by 'make venv' on Python 3.11, Linux x86_64 (make lock writes this file)."; \
+	   echo "# Used as pip constraints by the Makefile; torch's local '+cpu' label is dropped so GPU builds match."; \
+	   $(BIN)/python -m pip freeze --exclude-editable | sed -E 's/\+cpu$$//' | grep -v -i '^baddiff[-_]core'; } > $(CONSTRAINTS)
+	@echo "wrote $(CONSTRAINTS)"
+
+strip:
+	$(BIN)/python tools/strip_notebooks.py book/*.ipynb
+
+clean:
+	rm -rf _build

@@ -1,0 +1,97 @@
+"""Run settings, devices, data and figures shared by every chapter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from baddiff_core.book import chapter_settings, glue
+from baddiff_core.data import load_sample_photo
+from baddiff_core.devices import resolve_device
+from baddiff_core.viz import animate_images, show_images, to_display
+
+
+def test_auto_device_is_a_device_this_machine_has():
+    device = resolve_device("auto")
+    assert device.type == ("cuda" if torch.cuda.is_available() else device.type)
+    torch.zeros(1, device=device)  # usable
+
+
+@pytest.mark.parametrize("bad", ["tpu9", "gpu", "cuda:x", "", "cpu0"])
+def test_unknown_device_names_the_value_and_the_choices(bad):
+    with pytest.raises(ValueError, match=rf"device={bad!r}.*'auto', 'cpu', 'cuda'"):
+        resolve_device(bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_gpu_says_so():
+    with pytest.raises(ValueError, match="sees none"):
+        resolve_device("cuda")
+
+
+def test_device_type_error():
+    with pytest.raises(TypeError, match="got 3 of type int"):
+        resolve_device(3)
+
+
+def test_chapter_settings_seed_everything_reproducibly():
+    a = chapter_settings(quick=True, device="cpu", seed=7)
+    first = torch.rand(3), np.random.rand(3), torch.randn(2, generator=a.generator(1))
+    b = chapter_settings(quick=True, device="cpu", seed=7)
+    second = torch.rand(3), np.random.rand(3), torch.randn(2, generator=b.generator(1))
+    assert torch.equal(first[0], second[0]) and np.array_equal(first[1], second[1])
+    assert torch.equal(first[2], second[2])
+    assert not torch.equal(torch.randn(2, generator=b.generator(1)), torch.randn(2, generator=b.generator(2)))
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(quick="yes", device="cpu", seed=0), TypeError, "QUICK must be True.*'yes'"),
+    (dict(quick=True, device="cpu", seed=-1), ValueError, "SEED must be a non-negative integer, got -1"),
+    (dict(quick=True, device="cpu", seed=1.5), TypeError, "SEED must be .* got 1.5"),
+    (dict(quick=True, device="tpu9", seed=0), ValueError, "device='tpu9'"),
+])
+def test_chapter_settings_reject_bad_parameters(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        chapter_settings(**kwargs)
+
+
+def test_glue_returns_plain_python_numbers():
+    assert type(glue("test_value", np.float64(0.25))) is float
+    assert glue("test_tensor", torch.tensor(3)) == 3
+
+
+def test_sample_photo_shapes_and_range():
+    grey = load_sample_photo("china.jpg", size=(24, 36), grayscale=True)
+    colour = load_sample_photo("flower.jpg", size=(24, 36))
+    assert grey.shape == (24, 36) and colour.shape == (24, 36, 3)
+    for image in (grey, colour):
+        assert image.dtype == np.float32 and 0.0 <= image.min() and image.max() <= 1.0 and image.std() > 0.05
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(name="lena.png"), "name='lena.png' is not a photo"),
+    (dict(size=(0, 10)), "size must be"),
+])
+def test_sample_photo_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        load_sample_photo(**kwargs)
+
+
+def test_to_display_maps_model_range_to_unit_range():
+    image = torch.tensor([[[-1.0, 0.0], [1.0, 2.0]]])            # 1, 2, 2 in [-1, 1] (2 is clipped)
+    np.testing.assert_allclose(to_display(image), [[0.0, 0.5], [1.0, 1.0]])
+    rgb = torch.zeros(3, 4, 5)
+    assert to_display(rgb).shape == (4, 5, 3)
+    with pytest.raises(ValueError, match="value_range"):
+        to_display(image, value_range=(1, 0))
+
+
+def test_show_images_and_animation():
+    batch = torch.rand(5, 3, 8, 8) * 2 - 1
+    fig = show_images(batch, titles=list("abcde"), ncols=3)
+    assert len(fig.axes) == 6 and fig.axes[4].get_title() == "e"
+    html = animate_images(list(batch), titles=list("abcde")).to_jshtml()
+    assert html.count("data:image/png;base64") == 5
+    with pytest.raises(ValueError, match="titles"):
+        show_images(batch, titles=["a"])
