@@ -27,7 +27,6 @@ endif
 
 # Quick mode never downloads: keep the Hugging Face hub offline so that any attempt fails loudly.
 export HF_HUB_OFFLINE ?= 1
-export MPLBACKEND ?= Agg
 export PYDEVD_DISABLE_FILE_VALIDATION ?= 1
 
 STAMP := $(VENV)/.installed

@@ -75,17 +75,17 @@ def in_colab() -> bool:
     return "google.colab" in sys.modules
 
 
-def glue(name: str, value: Any, *, display: bool = False) -> Any:
+def glue(name: str, value: Any, *, display: bool = False) -> None:
     """Publish ``value`` under ``name`` for the book's prose (``{glue:text}`name:.2f```).
 
     Uses myst-nb's ``glue`` when it is installed (the book build) and does nothing otherwise
-    (Colab), so chapters run everywhere. Returns ``value`` to allow ``x = glue("x", compute())``.
+    (Colab), so chapters run everywhere. NumPy and torch scalars are stored as plain Python numbers,
+    because myst-nb formats their text: ``0.5``, not ``np.float64(0.5)``.
     """
     if isinstance(value, (np.generic, torch.Tensor)):
-        value = value.item()  # myst-nb formats the plain repr: 0.5, not np.float64(0.5)
+        value = value.item()
     try:
         from myst_nb import glue as _myst_glue
     except ImportError:  # pragma: no cover - depends on the environment
-        return value
+        return
     _myst_glue(name, value, display=display)
-    return value

@@ -56,9 +56,16 @@ def test_chapter_settings_reject_bad_parameters(kwargs, error, message):
         chapter_settings(**kwargs)
 
 
-def test_glue_returns_plain_python_numbers():
-    assert type(glue("test_value", np.float64(0.25))) is float
-    assert glue("test_tensor", torch.tensor(3)) == 3
+def test_glue_stores_plain_python_numbers(monkeypatch):
+    import myst_nb
+
+    stored = {}
+    monkeypatch.setattr(myst_nb, "glue", lambda name, value, display: stored.update({name: value}))
+    glue("a", np.float64(0.25))
+    glue("b", torch.tensor(3))
+    glue("c", "text")
+    assert stored == {"a": 0.25, "b": 3, "c": "text"}
+    assert type(stored["a"]) is float and type(stored["b"]) is int
 
 
 def test_sample_photo_shapes_and_range():
