@@ -152,3 +152,13 @@ def test_ci_runs_the_readme_commands():
     for command in ("make test", "make book"):
         assert command in readme, f"README should give `{command}`"
         assert re.search(rf"^{command}$", ci, re.M), f".ci/run should call `{command}`"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=NOTEBOOK_IDS)
+def test_chapter_code_fits_the_page(path):
+    """The book's text column shows about 88 characters; longer lines scroll sideways."""
+    cells = nbformat.read(path, as_version=4).cells
+    for index, cell in enumerate(cells[2:], start=2):  # the hidden install cell may be long
+        if cell.cell_type == "code":
+            for line in cell.source.splitlines():
+                assert len(line) <= 88, f"{path.name} cell {index}: {len(line)} characters: {line[:50]}..."
