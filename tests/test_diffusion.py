@@ -1,0 +1,133 @@
+"""The backdoored forward process and loss, against formulas computed independently."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from baddiff_core.diffusion import (PAPER_SCHEDULE, QUICK_SCHEDULE, diffusion_loss, make_scheduler,
+                                    poisoned_forward, r_coefficients)
+from baddiff_core.models import make_unet
+
+
+def numpy_schedule(T: int, beta_start: float, beta_end: float):
+    betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)
+    alphas = 1 - betas
+    return betas, alphas, np.cumprod(alphas)
+
+
+def test_r_coefficient_matches_the_published_check_values():
+    R = r_coefficients(make_scheduler(**PAPER_SCHEDULE))
+    for t, expected in [(0, 0.0050), (100, 0.1620), (500, 0.4814), (999, 0.5025)]:
+        assert round(float(R[t]), 4) == expected
+    _, _, abar = numpy_schedule(1000, 1e-4, 0.02)
+    assert round(1 - np.sqrt(abar[999]), 5) == 0.99365   # weight of r in x_T (MATH.md)
+
+
+@pytest.mark.parametrize("schedule", [PAPER_SCHEDULE, QUICK_SCHEDULE, dict(num_train_timesteps=37, beta_start=3e-3,
+                                                                           beta_end=0.3)])
+@pytest.mark.parametrize("solver, factor", [("sde", 1.0), ("ode", 2.0)])
+def test_poisoned_forward_matches_the_formulas(schedule, solver, factor):
+    scheduler = make_scheduler(**schedule)
+    betas, alphas, abar = numpy_schedule(schedule["num_train_timesteps"], schedule["beta_start"],
+                                         schedule["beta_end"])
+    g = torch.Generator().manual_seed(1)
+    y, r, noise = (torch.rand(6, 3, 8, 8, generator=g) * 2 - 1 for _ in range(3))
+    t = torch.randint(0, schedule["num_train_timesteps"], (6,), generator=g)
+    x_t, target = poisoned_forward(scheduler, y, r, t, noise, solver=solver)
+
+    Y, Rr, E, T = (a.double().numpy() for a in (y, r, noise, t))
+    T = T.astype(int)
+    s = np.sqrt(abar[T])[:, None, None, None]
+    coef = ((1 - np.sqrt(alphas[T])) * np.sqrt(1 - abar[T]) / betas[T])[:, None, None, None]
+    np.testing.assert_allclose(x_t.numpy(), s * Y + np.sqrt(1 - s**2) * E + (1 - s) * Rr, atol=1e-5)
+    np.testing.assert_allclose(target.numpy(), E + factor * coef * Rr, atol=1e-5)
+
+
+def test_clean_samples_reproduce_diffusers_exactly():
+    scheduler = make_scheduler(**PAPER_SCHEDULE)
+    g = torch.Generator().manual_seed(2)
+    y, noise = torch.rand(5, 1, 8, 8, generator=g) * 2 - 1, torch.randn(5, 1, 8, 8, generator=g)
+    t = torch.tensor([0, 1, 500, 998, 999])
+    x_t, target = poisoned_forward(scheduler, y, torch.zeros_like(y), t, noise)
+    assert torch.equal(x_t, scheduler.add_noise(y, noise, t))
+    assert torch.equal(target, noise)
+
+
+def test_x_t_is_the_marginal_of_the_backdoored_markov_chain():
+    """Iterate q(x'_t | x'_{t-1}) = N(sqrt(a_t) x'_{t-1} + (1 - sqrt(a_t)) r, b_t I) (MATH.md 1)."""
+    betas, alphas, abar = numpy_schedule(1000, 1e-4, 0.02)
+    y, r = 0.7, -0.4
+    mean, var = y, 0.0
+    for t in range(1000):
+        mean = np.sqrt(alphas[t]) * mean + (1 - np.sqrt(alphas[t])) * r
+        var = alphas[t] * var + betas[t]
+        if t in (0, 10, 400, 999):
+            x_t, _ = poisoned_forward(make_scheduler(**PAPER_SCHEDULE), torch.full((1, 1, 1, 1), y),
+                                      torch.full((1, 1, 1, 1), r), torch.tensor([t]), torch.zeros(1, 1, 1, 1))
+            assert float(x_t) == pytest.approx(mean, abs=1e-6)            # the mean (eps = 0)
+            assert var == pytest.approx(1 - abar[t], rel=1e-9)             # and the variance
+
+
+@pytest.mark.parametrize("t", [1, 5, 50, 99])
+def test_target_makes_the_ddpm_sampler_follow_the_backdoored_posterior(t):
+    """Why R_t: with eps_theta = target, the DDPM mean (x_t - b_t / sqrt(1 - abar_t) eps_theta) / sqrt(a_t)
+    equals the true posterior mean of the backdoored process. Shifting by r turns that process into
+    an ordinary DDPM (z = x' - r), whose posterior mean is known in closed form."""
+    schedule = QUICK_SCHEDULE
+    betas, alphas, abar = numpy_schedule(schedule["num_train_timesteps"], schedule["beta_start"], schedule["beta_end"])
+    g = torch.Generator().manual_seed(t)
+    y, r, eps = (torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    x_t, target = poisoned_forward(make_scheduler(**schedule), y.float(), r.float(), torch.tensor([t, t]), eps.float())
+    x_t, target = x_t.double(), target.double()
+
+    z0, zt = y - r, x_t - r
+    posterior = (np.sqrt(abar[t - 1]) * betas[t] / (1 - abar[t]) * z0
+                 + np.sqrt(alphas[t]) * (1 - abar[t - 1]) / (1 - abar[t]) * zt) + r
+    ddpm_mean = (x_t - betas[t] / np.sqrt(1 - abar[t]) * target) / np.sqrt(alphas[t])
+    torch.testing.assert_close(ddpm_mean, posterior, atol=2e-5, rtol=0)
+
+
+def test_diffusion_loss_with_r_zero_is_the_ddpm_loss():
+    torch.manual_seed(0)
+    model = make_unet(8, 1)
+    scheduler = make_scheduler(**QUICK_SCHEDULE)
+    y = torch.rand(4, 1, 8, 8) * 2 - 1
+    loss = diffusion_loss(model, scheduler, y, torch.zeros_like(y), generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    t = torch.randint(0, 100, (4,), generator=g)
+    eps = torch.randn(y.shape, generator=g)
+    expected = F.mse_loss(model(scheduler.add_noise(y, eps, t), t).sample, eps)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_quick_schedule_ends_in_pure_noise():
+    scheduler = make_scheduler(**QUICK_SCHEDULE)
+    assert float(scheduler.alphas_cumprod[-1].sqrt()) < 0.01
+    paper_at_100 = make_scheduler(num_train_timesteps=100, beta_start=1e-4, beta_end=0.02)
+    assert float(paper_at_100.alphas_cumprod[-1].sqrt()) > 0.3   # why the quick schedule rescales
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(solver="euler"), "solver='euler' is not known"),
+    (dict(timesteps=torch.tensor([0, 100])), r"timesteps must lie in \[0, 100\)"),
+    (dict(timesteps=torch.tensor([0])), "timesteps must have shape"),
+    (dict(r=torch.zeros(2, 1, 4, 4)), "y, r and noise must share"),
+])
+def test_poisoned_forward_rejects_bad_input(kwargs, message):
+    args = dict(scheduler=make_scheduler(**QUICK_SCHEDULE), y=torch.zeros(2, 1, 8, 8), r=torch.zeros(2, 1, 8, 8),
+                timesteps=torch.tensor([0, 1]), noise=torch.zeros(2, 1, 8, 8))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        poisoned_forward(**args)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_train_timesteps=1), "num_train_timesteps must be an integer >= 2"),
+    (dict(beta_start=0.1, beta_end=0.01), "need 0 < beta_start < beta_end < 1"),
+])
+def test_make_scheduler_rejects_bad_schedules(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_scheduler(**kwargs)

@@ -1,0 +1,95 @@
+"""Model presets, and saving/loading in the diffusers layout that a stock pipeline reads."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline
+
+from baddiff_core.diffusion import QUICK_SCHEDULE, make_scheduler
+from baddiff_core.models import count_parameters, ddpm_cifar10_unet, load_model, make_unet, save_model
+
+
+@pytest.mark.parametrize("size", [8, 16, 32])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_presets_map_images_to_noise_predictions_of_the_same_shape(size, channels):
+    torch.manual_seed(0)
+    unet = make_unet(size, channels)
+    x = torch.randn(2, channels, size, size)
+    assert unet(x, torch.tensor([0, 5])).sample.shape == x.shape
+    assert count_parameters(unet) < 2_000_000
+
+
+def test_cifar10_architecture_has_the_published_size():
+    assert abs(count_parameters(ddpm_cifar10_unet()) - 35.7e6) < 0.1e6   # google/ddpm-cifar10-32: 35.7 M
+
+
+def test_stock_pipeline_loads_a_saved_model(tmp_path):
+    torch.manual_seed(0)
+    unet, scheduler = make_unet(8, 1), make_scheduler(**QUICK_SCHEDULE)
+    save_model(tmp_path / "model", unet, scheduler, metadata={"kind": "test"})
+    pipeline = DDPMPipeline.from_pretrained(tmp_path / "model")
+    images = pipeline(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                      output_type="np").images
+    assert images.shape == (2, 8, 8, 1) and np.all((0 <= images) & (images <= 1))
+    assert json.loads((tmp_path / "model" / "baddiff.json").read_text()) == {"kind": "test"}
+    assert (tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not list((tmp_path / "model").rglob("*.bin")), "weights are stored as safetensors only"
+
+
+def test_save_then_load_round_trips(tmp_path):
+    torch.manual_seed(1)
+    unet, scheduler = make_unet(16, 3), make_scheduler(**QUICK_SCHEDULE)
+    save_model(tmp_path / "m", unet, scheduler)
+    loaded, loaded_scheduler = load_model(tmp_path / "m")
+    for (name, a), (_, b) in zip(unet.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert loaded_scheduler.config.num_train_timesteps == 100
+    torch.testing.assert_close(loaded_scheduler.alphas_cumprod, scheduler.alphas_cumprod)
+    assert not loaded.training
+
+
+def test_saving_over_a_model_is_atomic(tmp_path, monkeypatch):
+    torch.manual_seed(2)
+    path = tmp_path / "m"
+    first = make_unet(8, 1)
+    save_model(path, first, make_scheduler(**QUICK_SCHEDULE))
+
+    def crash(self, *args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(DDPMPipeline, "save_pretrained", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_model(path, make_unet(8, 1), make_scheduler(**QUICK_SCHEDULE))
+    monkeypatch.undo()
+    loaded, _ = load_model(path)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), loaded.state_dict().values()))
+    assert sorted(os.listdir(tmp_path)) == ["m"], "no temporary folder is left behind"
+
+    second = make_unet(8, 1)
+    save_model(path, second, make_scheduler(**QUICK_SCHEDULE))
+    loaded, _ = load_model(path)
+    assert all(torch.equal(a, b) for a, b in zip(second.state_dict().values(), loaded.state_dict().values()))
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+
+
+def test_load_model_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="unet/diffusion_pytorch_model.safetensors is missing"):
+        load_model(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(image_size=12, channels=1), "image_size=12 has no preset"),
+    (dict(image_size=16, channels=2), "channels must be 1"),
+])
+def test_make_unet_rejects_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_unet(**kwargs)
+

@@ -1,0 +1,125 @@
+"""Our sampling loop against hand-written loops over diffusers' schedulers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from baddiff_core.diffusion import QUICK_SCHEDULE, make_scheduler
+from baddiff_core.models import make_unet
+from baddiff_core.sampling import inference_scheduler, sample, sample_clean_and_triggered
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return make_unet(8, 1).eval()
+
+
+@pytest.fixture(scope="module")
+def scheduler():
+    return make_scheduler(num_train_timesteps=20, beta_start=1e-2, beta_end=0.5)
+
+
+def hand_loop(model, scheduler_cls, config, n, seed, steps, **step_kwargs):
+    """The textbook loop: x_T ~ N(0, I), then scheduler.step for every timestep."""
+    scheduler = scheduler_cls(**config)
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, 1, 8, 8), generator=generator)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(model(x, t).sample, t, x, generator=generator, **step_kwargs).prev_sample
+    return x.clamp(-1, 1)
+
+
+def ddpm_config(scheduler, clip_sample):
+    return dict(num_train_timesteps=20, beta_start=1e-2, beta_end=0.5, beta_schedule="linear",
+                variance_type=scheduler.config.variance_type, clip_sample=clip_sample)
+
+
+def test_no_clip_equals_a_hand_written_ddpm_loop(model, scheduler):
+    ours = sample(model, scheduler, 4, generator=torch.Generator().manual_seed(3), progress=False)
+    theirs = hand_loop(model, DDPMScheduler, ddpm_config(scheduler, False), 4, 3, 20)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_x0_clip_equals_diffusers_clip_sample(model, scheduler):
+    ours = sample(model, scheduler, 4, clip="x0", generator=torch.Generator().manual_seed(3), progress=False)
+    theirs = hand_loop(model, DDPMScheduler, ddpm_config(scheduler, True), 4, 3, 20)
+    torch.testing.assert_close(ours, theirs)
+    unclipped = sample(model, scheduler, 4, generator=torch.Generator().manual_seed(3), progress=False)
+    assert not torch.allclose(ours, unclipped), "clipping the predicted x0 should change an untrained model's samples"
+
+
+def test_ddim_equals_a_hand_written_ddim_loop(model, scheduler):
+    ours = sample(model, scheduler, 3, sampler="ddim", num_inference_steps=5,
+                  generator=torch.Generator().manual_seed(4), progress=False)
+    config = {k: v for k, v in ddpm_config(scheduler, False).items() if k != "variance_type"}
+    theirs = hand_loop(model, DDIMScheduler, config, 3, 4, 5, eta=0.0)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_xt_clip_keeps_every_step_in_range(model, scheduler):
+    seen = []
+    out = sample(model, scheduler, 4, clip="xt", generator=torch.Generator().manual_seed(0), progress=False,
+                 trigger=torch.full((1, 8, 8), 3.0), callback=lambda t, x, x0: seen.append(x.abs().max().item()))
+    assert len(seen) == 20 and max(seen) <= 1.0 and out.abs().max() <= 1.0
+    free = []
+    sample(model, scheduler, 4, generator=torch.Generator().manual_seed(0), progress=False,
+           trigger=torch.full((1, 8, 8), 3.0), callback=lambda t, x, x0: free.append(x.abs().max().item()))
+    assert max(free) > 1.0, "without clipping, a start shifted by 3 leaves [-1, 1]"
+
+
+def test_trigger_is_added_raw_to_the_starting_noise(model, scheduler):
+    eps = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(9))
+    trigger = torch.full((1, 8, 8), -1.0)
+    trigger[:, 5:7, 5:7] = 0.0
+    a = sample(model, scheduler, 2, noise=eps, trigger=trigger, generator=torch.Generator().manual_seed(1),
+               progress=False)
+    b = sample(model, scheduler, 2, noise=eps + trigger, generator=torch.Generator().manual_seed(1), progress=False)
+    torch.testing.assert_close(a, b)
+
+
+def test_clean_and_triggered_in_one_pass_share_their_noise(model, scheduler):
+    trigger = torch.full((1, 8, 8), -1.0)
+    clean, triggered = sample_clean_and_triggered(model, scheduler, 3, trigger, sampler="ddim",
+                                                  num_inference_steps=4, generator=torch.Generator().manual_seed(2),
+                                                  progress=False)
+    eps = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    alone = sample(model, scheduler, 3, noise=eps, sampler="ddim", num_inference_steps=4, progress=False)
+    alone_triggered = sample(model, scheduler, 3, noise=eps + trigger, sampler="ddim", num_inference_steps=4,
+                             progress=False)
+    torch.testing.assert_close(clean, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(triggered, alone_triggered, atol=1e-5, rtol=0)
+
+
+def test_batches_cover_every_image_in_range(model, scheduler):
+    out = sample(model, scheduler, 5, batch_size=2, generator=torch.Generator().manual_seed(0), progress=False)
+    assert out.shape == (5, 1, 8, 8) and out.min() >= -1 and out.max() <= 1
+
+
+def test_inference_scheduler_sets_only_the_clipping():
+    base = make_scheduler(**QUICK_SCHEDULE)
+    for clip, expected in [("none", False), ("x0", True), ("xt", False)]:
+        made = inference_scheduler(base, clip=clip)
+        assert made.config.clip_sample is expected
+        torch.testing.assert_close(made.alphas_cumprod, base.alphas_cumprod)
+    assert isinstance(inference_scheduler(base, sampler="ddim"), DDIMScheduler)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(n=0), ValueError, "n must be a positive integer"),
+    (dict(clip="x1"), ValueError, "clip='x1' is not known; use one of"),
+    (dict(sampler="euler"), ValueError, "sampler='euler' is not known"),
+    (dict(num_inference_steps=21), ValueError, r"num_inference_steps must be an integer in \[1, 20\]"),
+    (dict(batch_size=0), ValueError, "batch_size must be a positive integer"),
+    (dict(trigger=torch.zeros(3, 8, 8)), ValueError, r"trigger must have shape \(1, 8, 8\)"),
+    (dict(noise=torch.zeros(1, 1, 8, 8)), ValueError, "noise must have shape"),
+])
+def test_bad_sampling_arguments(model, scheduler, kwargs, error, message):
+    args = dict(n=2, progress=False)
+    args.update(kwargs)
+    with pytest.raises(error, match=message):
+        sample(model, scheduler, **args)
