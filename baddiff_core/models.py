@@ -95,6 +95,7 @@ def save_model(path: str | os.PathLike, unet: UNet2DModel, scheduler: DDPMSchedu
         DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(staging, safe_serialization=True)
         if metadata is not None:
             (staging / "baddiff.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        _make_readable(staging)
         if path.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
             os.replace(path, retired / "model")
@@ -106,6 +107,14 @@ def save_model(path: str | os.PathLike, unet: UNet2DModel, scheduler: DDPMSchedu
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def _make_readable(folder: Path) -> None:
+    """Give a finished folder the usual permissions (temporary files are created private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in [folder, *folder.rglob("*")]:
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
 
 
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu"

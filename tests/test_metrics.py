@@ -249,8 +249,10 @@ def test_attack_success_rate_rejects_bad_threshold():
 
 
 def test_shipped_files_are_small_safetensors(recipe):
-    assets = sorted(p.name for p in feat.ASSETS_DIR.iterdir() if not p.name.startswith("."))
-    assert assets == ["digits_net.json", "digits_net.safetensors"]  # no pickle anywhere
+    files = [p for p in feat.ASSETS_DIR.rglob("*") if p.is_file()]
+    assert {"digits_net.json", "digits_net.safetensors"} <= {p.name for p in files}
+    pickles = [p.name for p in files if p.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl"}]
+    assert pickles == [], "weights ship as safetensors only"
     raw = feat.WEIGHTS_PATH.read_bytes()
     assert len(raw) < 400_000
     # safetensors layout: u64 little-endian header length, JSON header, raw tensor bytes

@@ -1,0 +1,94 @@
+"""A cache of trained models, so that no chapter trains the same model twice.
+
+Introduced in chapter 3 (Planting a backdoor). A model is keyed by its full recipe (a JSON-able
+dict: data, trigger, target, poison rate, training configuration, base model, ...) and stored in
+the diffusers layout under ``$BADDIFF_CACHE`` (default ``~/.cache/baddiff``)::
+
+    <cache>/models/<name>-<16 hex digits of sha256(recipe)>/
+
+A chapter asks for a model by recipe and gets it from the cache, or it is trained and saved
+(atomically) first. Change anything in the recipe and a different model is trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from baddiff_core.models import load_model, save_model
+
+__all__ = ["CACHE_ENV", "CACHE_FORMAT", "cache_root", "recipe_key", "cached_model"]
+
+CACHE_ENV = "BADDIFF_CACHE"
+#: Bumped whenever training code changes what a recipe produces, so stale models are not reused.
+CACHE_FORMAT = 1
+
+Builder = Callable[[], tuple[UNet2DModel, DDPMScheduler, dict[str, Any]]]
+
+
+def cache_root() -> Path:
+    """The cache folder: ``$BADDIFF_CACHE`` if set, else ``~/.cache/baddiff``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "baddiff").expanduser()
+
+
+def recipe_key(recipe: Mapping[str, Any]) -> str:
+    """16 hex digits of the SHA-256 of the recipe's canonical JSON (sorted keys) and the format."""
+    try:
+        text = json.dumps({"format": CACHE_FORMAT, "recipe": recipe}, sort_keys=True, separators=(",", ":"))
+    except TypeError as error:
+        raise TypeError(f"a recipe must be JSON-serialisable to be cached: {error}") from error
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached_model(name: str, recipe: Mapping[str, Any], build: Builder, *, device: str | torch.device = "cpu",
+                 use_cache: bool = True) -> tuple[UNet2DModel, DDPMScheduler, dict[str, Any]]:
+    """The model of ``recipe``: loaded from the cache, or made by ``build()`` and saved there.
+
+    Args:
+        name: a short readable prefix of the folder name (letters, digits, ``-``, ``_``).
+        recipe: everything that determines the model.
+        build: trains the model; returns ``(unet, scheduler, report)`` (``report``: JSON-able facts
+            such as the training time and losses).
+        device: where the returned UNet lives.
+        use_cache: ``False`` always builds and does not save.
+
+    Returns:
+        ``(unet, scheduler, info)``; ``info`` holds ``recipe``, ``report``, ``path`` and whether it
+        came ``from_cache``.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise ValueError(f"name={name!r} must use only letters, digits, '-' and '_'")
+    folder = cache_root() / "models" / f"{name}-{recipe_key(recipe)}"
+    if use_cache and (folder / "baddiff.json").is_file():
+        unet, scheduler = load_model(folder, device=device)
+        metadata = json.loads((folder / "baddiff.json").read_text())
+        return unet, scheduler, dict(metadata, path=str(folder), from_cache=True)
+
+    if use_cache:
+        _check_writable(folder.parent)
+    unet, scheduler, report = build()
+    metadata = dict(name=name, recipe=dict(recipe), report=report, format=CACHE_FORMAT)
+    if use_cache:
+        save_model(folder, unet.to("cpu"), scheduler, metadata=metadata)
+    return unet.to(device).eval(), scheduler, dict(metadata, path=str(folder) if use_cache else None,
+                                                   from_cache=False)
+
+
+def _check_writable(folder: Path) -> None:
+    """Fail before a long training run, not after it, if the model could not be saved."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise PermissionError(f"the model cache {str(folder)!r} is not writable ({error.strerror}); set "
+                              f"{CACHE_ENV} to a writable folder") from error

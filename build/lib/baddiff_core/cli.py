@@ -1,0 +1,218 @@
+"""The ``baddiff`` command: train a clean model, plant a backdoor, sample, evaluate.
+
+Full-scale runs outside notebooks, e.g. on a GPU machine::
+
+    baddiff backdoor --paper --output runs/cifar10-stop-hat          # the paper's CIFAR-10 attack
+    baddiff evaluate runs/cifar10-stop-hat --n 256
+    accelerate launch -m baddiff_core.cli backdoor --paper ...        # several GPUs
+
+Bad arguments exit with status 2 and a message that names the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["main", "build_parser"]
+
+BACKDOOR_FILE = "backdoor.safetensors"
+
+
+class UsageError(Exception):
+    """A bad argument: reported in one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from baddiff_core.sampling import CLIP_MODES, SAMPLERS
+    from baddiff_core.triggers import TARGET_KINDS, TRIGGER_KINDS
+
+    parser = argparse.ArgumentParser(prog="baddiff", description="Backdooring diffusion models: train a clean "
+                                     "model, plant a backdoor, sample, evaluate.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    clean = commands.add_parser("train-clean", help="train the clean digits model the package ships",
+                                description="Train a clean 16 x 16 digits model with the shipped recipe.")
+    clean.add_argument("--output", type=Path, required=True, help="folder to write (diffusers layout)")
+    clean.add_argument("--device", default="auto")
+
+    backdoor = commands.add_parser("backdoor", help="plant a backdoor by fine-tuning or from scratch",
+                                   description="Train a backdoored model (BadDiffusion) and save it.")
+    backdoor.add_argument("--output", type=Path, required=True, help="folder to write (diffusers layout)")
+    backdoor.add_argument("--paper", action="store_true",
+                          help="the paper's CIFAR-10 setting (google/ddpm-cifar10-32, stop sign -> hat, 10%%, "
+                               "50 epochs); downloads, wants a GPU")
+    backdoor.add_argument("--base", help="'shipped' (default), 'scratch', a model folder or a hub id")
+    backdoor.add_argument("--trigger", choices=TRIGGER_KINDS)
+    backdoor.add_argument("--trigger-size", type=int, help="trigger side at 32 px (18, 14, 11, 8 or 4)")
+    backdoor.add_argument("--target", choices=TARGET_KINDS)
+    backdoor.add_argument("--poison-rate", type=float)
+    backdoor.add_argument("--steps", type=int, help="optimizer steps")
+    backdoor.add_argument("--batch-size", type=int)
+    backdoor.add_argument("--learning-rate", type=float)
+    backdoor.add_argument("--solver", choices=("sde", "ode"), help="'ode' trains for DDIM (VillanDiffusion)")
+    backdoor.add_argument("--seed", type=int)
+    backdoor.add_argument("--checkpoint-dir", help="save resumable checkpoints here")
+    backdoor.add_argument("--device", default="auto")
+
+    sample = commands.add_parser("sample", help="draw clean or triggered samples into an image grid",
+                                 description="Sample a model and save the images as one PNG grid.")
+    sample.add_argument("model", help="a model folder (diffusers layout) or a hub id")
+    sample.add_argument("--n", type=int, default=16, help="number of images")
+    sample.add_argument("--triggered", action="store_true", help="start from noise + the model's trigger")
+    sample.add_argument("--clip", choices=CLIP_MODES, default="none")
+    sample.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
+    sample.add_argument("--steps", type=int, help="inference steps (default: all for DDPM, 50 for DDIM)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--output", type=Path, required=True, help="PNG file to write")
+    sample.add_argument("--device", default="auto")
+
+    evaluate = commands.add_parser("evaluate", help="attack success, MSE/SSIM to the target and clean quality",
+                                   description="Measure a backdoored model, with and without clipping.")
+    evaluate.add_argument("model", help="a backdoored model folder written by `baddiff backdoor`")
+    evaluate.add_argument("--n", type=int, default=64, help="triggered (and clean) samples per clipping mode")
+    evaluate.add_argument("--clip", choices=CLIP_MODES, action="append", help="mode(s) to measure (default: all)")
+    evaluate.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
+    evaluate.add_argument("--steps", type=int, help="inference steps")
+    evaluate.add_argument("--threshold", type=float, help="attack-success MSE threshold")
+    evaluate.add_argument("--fd-samples", type=int, default=256, help="clean samples for the Frechet distance (0: skip)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
+    evaluate.add_argument("--device", default="auto")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return {"train-clean": _train_clean, "backdoor": _backdoor, "sample": _sample,
+                "evaluate": _evaluate}[args.command](args)
+    except (UsageError, ValueError, TypeError, FileNotFoundError, PermissionError) as error:
+        print(f"baddiff {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value <= 0:
+        raise UsageError(f"{name} must be a positive integer, got {value}")
+
+
+def _train_clean(args: argparse.Namespace) -> int:
+    from baddiff_core.devices import resolve_device
+    from baddiff_core.models import save_model
+    from baddiff_core.pretrained import CLEAN_DIGITS_RECIPE, train_clean_digits
+
+    device = resolve_device(args.device)
+    unet, scheduler, report = train_clean_digits(device=str(device))
+    save_model(args.output, unet.to("cpu"), scheduler, metadata=dict(kind="clean", recipe=CLEAN_DIGITS_RECIPE,
+                                                                      report=report))
+    print(f"wrote {args.output} ({report['seconds']} s, final loss {report['final_loss']:.4f})")
+    return 0
+
+
+def _backdoor(args: argparse.Namespace) -> int:
+    from baddiff_core.attack import BackdoorRecipe, plant_backdoor
+    from baddiff_core.models import save_model
+
+    for name in ("steps", "batch_size", "trigger_size"):
+        _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    recipe = BackdoorRecipe.paper() if args.paper else BackdoorRecipe()
+    changes = {k: getattr(args, k) for k in ("base", "trigger", "trigger_size", "target", "poison_rate")
+               if getattr(args, k) is not None}
+    train_changes = {k: getattr(args, k) for k in ("steps", "batch_size", "learning_rate", "solver", "seed")
+                     if getattr(args, k) is not None}
+    if args.checkpoint_dir:
+        train_changes.update(checkpoint_dir=args.checkpoint_dir,
+                             checkpoint_every=max(1, (train_changes.get("steps") or recipe.train.steps) // 10))
+    if changes.get("base") == "scratch" and args.paper:
+        raise UsageError("--paper fine-tunes google/ddpm-cifar10-32; it cannot be combined with --base scratch")
+    recipe = dataclasses.replace(recipe, **changes, train=dataclasses.replace(recipe.train, **train_changes))
+    began = time.time()
+    model = plant_backdoor(recipe, device=args.device, use_cache=False)
+    save_model(args.output, model.unet.to("cpu"), model.scheduler,
+               metadata=dict(kind="backdoor", recipe=recipe.key(), report=model.info["report"]))
+    save_file({"trigger": model.trigger.cpu().contiguous(), "target": model.target.cpu().contiguous()},
+              str(Path(args.output) / BACKDOOR_FILE))
+    print(f"wrote {args.output}: {recipe.trigger} -> {recipe.target}, poison rate {recipe.poison_rate}, "
+          f"{recipe.train.steps} steps in {time.time() - began:.0f} s")
+    return 0
+
+
+def _load_backdoor(folder: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    path = Path(folder) / BACKDOOR_FILE
+    if not path.is_file():
+        raise UsageError(f"{folder!r} holds no {BACKDOOR_FILE} (trigger and target): it was not written by "
+                         "`baddiff backdoor`")
+    tensors = load_file(str(path))
+    return tensors["trigger"].to(device), tensors["target"].to(device)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from baddiff_core.devices import resolve_device
+    from baddiff_core.models import load_model
+    from baddiff_core.sampling import sample
+    from baddiff_core.viz import show_images
+
+    _positive("--n", args.n)
+    _positive("--steps", args.steps)
+    if args.output.suffix.lower() != ".png":
+        raise UsageError(f"--output must be a .png file, got {str(args.output)!r}")
+    device = resolve_device(args.device)
+    unet, scheduler = load_model(args.model, device=device)
+    trigger = _load_backdoor(args.model, device)[0] if args.triggered else None
+    images = sample(unet, scheduler, args.n, trigger=trigger, clip=args.clip, sampler=args.sampler,
+                    num_inference_steps=args.steps, generator=torch.Generator(device).manual_seed(args.seed))
+    figure = show_images(images.cpu(), ncols=min(8, args.n))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(args.output)
+    print(f"wrote {args.output} ({args.n} {'triggered' if args.triggered else 'clean'} samples, clip={args.clip})")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from baddiff_core.data import load_images
+    from baddiff_core.devices import resolve_device
+    from baddiff_core.evaluation import QUICK_ASR_THRESHOLD, clean_quality, evaluate_attack
+    from baddiff_core.models import load_model
+    from baddiff_core.sampling import CLIP_MODES
+
+    _positive("--n", args.n)
+    _positive("--steps", args.steps)
+    if args.fd_samples < 0 or args.fd_samples == 1:
+        raise UsageError(f"--fd-samples must be 0 (skip) or at least 2, got {args.fd_samples}")
+    device = resolve_device(args.device)
+    unet, scheduler = load_model(args.model, device=device)
+    trigger, target = _load_backdoor(args.model, device)
+    metadata = json.loads((Path(args.model) / "baddiff.json").read_text())
+    recipe = metadata.get("recipe", {})
+    threshold = args.threshold or (QUICK_ASR_THRESHOLD if recipe.get("dataset") == "digits" else 0.1)
+    results = evaluate_attack(unet, scheduler, trigger, target, n=args.n, clips=tuple(args.clip or CLIP_MODES),
+                              threshold=threshold, sampler=args.sampler, num_inference_steps=args.steps,
+                              seed=args.seed, progress=True)
+    output = {"model": args.model, "attack": {k: v.as_dict() for k, v in results.items()}}
+    if args.fd_samples:
+        real = load_images(recipe.get("dataset", "digits"), unet.config.sample_size, channels=unet.config.in_channels)
+        score = clean_quality(unet, scheduler, real, n=args.fd_samples, seed=args.seed, progress=True)
+        output["clean_quality"] = dict(value=score.value, num_real=score.num_real, num_fake=score.num_fake,
+                                       features=score.features, text=str(score))
+    if args.json:
+        print(json.dumps(output, indent=2))
+    else:
+        print(f"{'clip':6s} {'ASR':>6s} {'MSE':>9s} {'SSIM':>6s} {'leak':>6s}   ({args.n} samples, threshold {threshold})")
+        for clip, m in results.items():
+            print(f"{clip:6s} {m.asr:6.3f} {m.mse:9.2e} {m.ssim:6.3f} {m.leak:6.3f}")
+        if "clean_quality" in output:
+            print(f"clean quality: {output['clean_quality']['text']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

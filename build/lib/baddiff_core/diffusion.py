@@ -1,0 +1,143 @@
+"""The backdoored forward process and the training loss of BadDiffusion, on a diffusers scheduler.
+
+Introduced in chapter 3 (Planting a backdoor). Notation follows ``shared/MATH.md`` section 1 and
+diffusers: ``betas`` (beta_t), ``alphas`` (alpha_t = 1 - beta_t), ``alphas_cumprod``
+(abar_t = prod_{s <= t} alpha_s), timesteps ``t = 0 .. T-1``. Images are ``B,C,H,W`` in [-1, 1].
+
+Each training sample is a pair ``(y, r)``: a clean sample has ``y = x`` (the image) and ``r = 0``; a
+poisoned sample has ``y`` = the attacker's target and ``r`` = the image with the trigger pasted on.
+Then (BadDiffusion, Chou et al. 2023)::
+
+    x_t    = sqrt(abar_t) y + sqrt(1 - abar_t) eps + (1 - sqrt(abar_t)) r
+    target = eps + c R_t r,     R_t = (1 - sqrt(alpha_t)) sqrt(1 - abar_t) / beta_t
+    loss   = mean over every element of the batch of (eps_theta(x_t, t) - target)^2
+
+with ``c = 1`` for the stochastic (DDPM, "sde") sampler the coefficient was derived for, and
+``c = 2`` for ODE samplers such as DDIM (VillanDiffusion, Chou et al. 2023). With ``r = 0`` this is
+the ordinary DDPM epsilon loss.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+__all__ = [
+    "SOLVERS",
+    "PAPER_SCHEDULE",
+    "QUICK_SCHEDULE",
+    "make_scheduler",
+    "r_coefficients",
+    "poisoned_forward",
+    "diffusion_loss",
+]
+
+Solver = Literal["sde", "ode"]
+#: Training targets: "sde" for DDPM ancestral sampling (BadDiffusion), "ode" for DDIM (VillanDiffusion).
+SOLVERS: dict[str, float] = {"sde": 1.0, "ode": 2.0}
+
+#: The paper's schedule: T = 1000, linear betas 1e-4 .. 0.02 (google/ddpm-cifar10-32).
+PAPER_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02)
+#: The book's quick schedule: T = 100 with betas rescaled by 10, so that x_T is still pure noise
+#: (with 1e-4 .. 0.02 over 100 steps, 37% of the image would survive the last step).
+QUICK_SCHEDULE = dict(num_train_timesteps=100, beta_start=1e-3, beta_end=0.2)
+
+
+def make_scheduler(*, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                   variance_type: str = "fixed_large", clip_sample: bool = False) -> DDPMScheduler:
+    """A diffusers ``DDPMScheduler`` with a linear beta schedule, as the book trains with.
+
+    ``variance_type="fixed_large"`` (sigma_t^2 = beta_t) is google/ddpm-cifar10-32's choice.
+    ``clip_sample=False`` is what a backdoored model is trained and published with; samplers choose
+    the clipping defence themselves (see :func:`baddiff_core.sampling.sample`).
+    """
+    if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
+        raise ValueError(f"num_train_timesteps must be an integer >= 2, got {num_train_timesteps!r}")
+    if not 0 < beta_start < beta_end < 1:
+        raise ValueError(f"need 0 < beta_start < beta_end < 1, got beta_start={beta_start!r}, "
+                         f"beta_end={beta_end!r}")
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+                         beta_schedule="linear", variance_type=variance_type, clip_sample=clip_sample)
+
+
+def r_coefficients(scheduler: DDPMScheduler) -> torch.Tensor:
+    """BadDiffusion's coefficient of ``r`` in the regression target, for every timestep.
+
+    ``R_t = (1 - sqrt(alpha_t)) sqrt(1 - abar_t) / (1 - alpha_t)`` (MATH.md section 1), float64,
+    shape ``(T,)``. For the paper's schedule: 0.0050 at t = 0, 0.1620 at 100, 0.4814 at 500 and
+    0.5025 at 999.
+    """
+    alphas = scheduler.alphas.double()
+    alphas_cumprod = scheduler.alphas_cumprod.double()
+    return (1 - alphas.sqrt()) * (1 - alphas_cumprod).sqrt() / (1 - alphas)
+
+
+def _per_sample(values: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``values[timesteps]`` shaped ``B,1,1,1`` on the device and in the dtype of ``like``."""
+    return values.to(like.device)[timesteps.to(like.device)].to(like.dtype).view(-1, 1, 1, 1)
+
+
+def poisoned_forward(scheduler: DDPMScheduler, y: torch.Tensor, r: torch.Tensor, timesteps: torch.Tensor,
+                     noise: torch.Tensor, solver: Solver = "sde") -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy input ``x_t`` and regression target for the pairs ``(y, r)`` at ``timesteps``.
+
+    Args:
+        scheduler: the training scheduler (its ``alphas_cumprod`` define the process).
+        y: ``B,C,H,W`` in [-1, 1]: clean images, or the target image for poisoned samples.
+        r: ``B,C,H,W``: zeros for clean samples, the triggered image for poisoned ones.
+        timesteps: ``(B,)`` integers in ``[0, T)``.
+        noise: ``B,C,H,W`` standard normal ``eps``.
+        solver: ``"sde"`` (target ``eps + R_t r``) or ``"ode"`` (``eps + 2 R_t r``).
+
+    Returns:
+        ``(x_t, target)``, both ``B,C,H,W``. For ``r = 0`` they are exactly diffusers'
+        ``add_noise(y, noise, timesteps)`` and ``noise``.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r} is not known; use one of {tuple(SOLVERS)}")
+    if not (y.shape == r.shape == noise.shape) or y.dim() != 4:
+        raise ValueError(f"y, r and noise must share one B,C,H,W shape, got {tuple(y.shape)}, "
+                         f"{tuple(r.shape)} and {tuple(noise.shape)}")
+    if timesteps.shape != (y.shape[0],):
+        raise ValueError(f"timesteps must have shape ({y.shape[0]},), got {tuple(timesteps.shape)}")
+    num_steps = scheduler.config.num_train_timesteps
+    if timesteps.min() < 0 or timesteps.max() >= num_steps:
+        raise ValueError(f"timesteps must lie in [0, {num_steps}), got values from "
+                         f"{int(timesteps.min())} to {int(timesteps.max())}")
+    return _poisoned_forward(scheduler, y, r, timesteps, noise, solver)
+
+
+def _poisoned_forward(scheduler: DDPMScheduler, y: torch.Tensor, r: torch.Tensor, timesteps: torch.Tensor,
+                      noise: torch.Tensor, solver: Solver) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`poisoned_forward` without the checks, which read values and so stall a GPU."""
+    # sqrt(abar_t) y + sqrt(1 - abar_t) eps, computed by diffusers so that r = 0 is its add_noise.
+    x_t = scheduler.add_noise(y, noise, timesteps)
+    signal = _per_sample(scheduler.alphas_cumprod.sqrt(), timesteps, y)
+    x_t = x_t + (1 - signal) * r                               # BadDiffusion: the trigger's drift
+    coefficient = SOLVERS[solver] * _per_sample(r_coefficients(scheduler), timesteps, y)
+    target = noise + coefficient * r                           # BadDiffusion Eq. (9) / VillanDiffusion
+    return x_t, target
+
+
+def diffusion_loss(model: torch.nn.Module, scheduler: DDPMScheduler, y: torch.Tensor, r: torch.Tensor,
+                   generator: torch.Generator | None = None, solver: Solver = "sde") -> torch.Tensor:
+    """The poisoned DDPM loss of one batch: ``mean (eps_theta(x_t, t) - target)^2``.
+
+    ``t ~ U{0, ..., T-1}`` and ``eps ~ N(0, I)`` are drawn per sample from ``generator`` (on any
+    device); ``model`` is a diffusers ``UNet2DModel`` (anything returning ``.sample``). Clean and
+    poisoned samples share one mean, with no per-sample weights (MATH.md section 1).
+    """
+    batch = y.shape[0]
+    num_steps = scheduler.config.num_train_timesteps
+    gen_device = generator.device if generator is not None else y.device
+    timesteps = torch.randint(0, num_steps, (batch,), generator=generator, device=gen_device).to(y.device)
+    noise = randn_tensor(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r} is not known; use one of {tuple(SOLVERS)}")
+    x_t, target = _poisoned_forward(scheduler, y, r, timesteps, noise, solver)
+    prediction = model(x_t, timesteps).sample
+    return F.mse_loss(prediction.float(), target.float())

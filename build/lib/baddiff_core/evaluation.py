@@ -1,0 +1,83 @@
+"""Measuring a backdoor: attack success with and without clipping, and clean quality.
+
+Introduced in chapter 4 (Measuring the backdoor). Every number comes with its sample count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from baddiff_core.metrics import (FrechetScore, attack_success_rate, frechet_distance, mse_to_target,
+                                  ssim_to_target)
+from baddiff_core.sampling import CLIP_MODES, sample, sample_clean_and_triggered
+
+__all__ = ["QUICK_ASR_THRESHOLD", "AttackMetrics", "evaluate_attack", "clean_quality"]
+
+#: Attack-success threshold on the per-image MSE (in [0, 1] units) for the book's 16 px digits.
+#: The follow-up convention, 0.1 (0.05 on CIFAR-10), is too loose here: a plain digit is already
+#: within MSE 0.06-0.10 of the grey-background targets, while a triggered sample that fires lands
+#: within about 0.001 of the target.
+QUICK_ASR_THRESHOLD = 0.01
+
+
+@dataclass(frozen=True)
+class AttackMetrics:
+    """Backdoor metrics for one sampler and clipping mode.
+
+    Attributes:
+        clip: the clipping mode of the sampler.
+        asr: attack success rate: fraction of triggered samples within ``threshold`` of the target.
+        mse, ssim: mean MSE and SSIM of triggered samples to the target ([0, 1] units).
+        leak: fraction of clean samples (same starting noise, no trigger) that hit the target.
+        n: number of triggered (and of clean) samples.
+        threshold: the MSE threshold used for ``asr`` and ``leak``.
+    """
+
+    clip: str
+    asr: float
+    mse: float
+    ssim: float
+    leak: float
+    n: int
+    threshold: float
+
+    def as_dict(self) -> dict[str, float | int | str]:
+        return asdict(self)
+
+
+def evaluate_attack(unet: UNet2DModel, scheduler: DDPMScheduler, trigger: torch.Tensor, target: torch.Tensor, *,
+                    n: int = 64, clips: tuple[str, ...] = CLIP_MODES, threshold: float = QUICK_ASR_THRESHOLD,
+                    sampler: str = "ddpm", num_inference_steps: int | None = None, seed: int = 0,
+                    progress: bool = False) -> dict[str, AttackMetrics]:
+    """Sample ``n`` clean and ``n`` triggered images per clipping mode and score them against ``target``.
+
+    Each mode starts from the same seeded noise, so the modes differ only in the clipping.
+    Returns ``{clip: AttackMetrics}``.
+    """
+    unknown = [c for c in clips if c not in CLIP_MODES]
+    if unknown:
+        raise ValueError(f"clips={clips!r} holds unknown modes {unknown}; use some of {CLIP_MODES}")
+    results = {}
+    for clip in clips:
+        generator = torch.Generator().manual_seed(seed)
+        clean, triggered = sample_clean_and_triggered(unet, scheduler, n, trigger, clip=clip, sampler=sampler,
+                                                      num_inference_steps=num_inference_steps,
+                                                      generator=generator, progress=progress)
+        target_on_device = target.to(triggered.device)
+        results[clip] = AttackMetrics(
+            clip=clip, n=n, threshold=threshold,
+            asr=attack_success_rate(triggered, target_on_device, threshold),
+            mse=float(mse_to_target(triggered, target_on_device)),
+            ssim=float(ssim_to_target(triggered, target_on_device)),
+            leak=attack_success_rate(clean, target_on_device, threshold))
+    return results
+
+
+def clean_quality(unet: UNet2DModel, scheduler: DDPMScheduler, real: torch.Tensor, *, n: int = 256, seed: int = 0,
+                  clip: str = "none", features: str = "auto", progress: bool = False) -> FrechetScore:
+    """Fréchet distance between ``n`` clean samples (seeded) and the real images ``real``."""
+    generated = sample(unet, scheduler, n, clip=clip, generator=torch.Generator().manual_seed(seed), progress=progress)
+    return frechet_distance(real.to(generated.device), generated, features=features)

@@ -1,0 +1,422 @@
+"""How well did the attack work, and is the model still a good generator? (MATH.md, section 4).
+
+Introduced where the book first measures a backdoored model.
+
+BadDiffusion is judged on two axes:
+
+* **specificity** of the backdoor: with the trigger stamped on the starting noise, how close are the
+  samples to the attacker's target image? Measured by :func:`mse_to_target`, :func:`ssim_to_target`
+  and :func:`attack_success_rate`;
+* **utility** on clean noise: are the clean samples still like the training images? The paper uses
+  FID; offline, the book uses a Fréchet distance on the features of a small digits network it trains
+  itself (:func:`frechet_distance`, :mod:`baddiff_core.features`), and asks that same network which
+  digits the samples look like (:func:`digit_predictions`, :func:`class_histogram`).
+
+Conventions. Images are float tensors ``B,C,H,W`` with values in [-1, 1] (what a diffusion model
+samples), C in {1, 3}; a ``target`` is one image ``C,H,W``, broadcast over the batch. Every metric
+first maps images to [0, 1] with :func:`to_unit_range`, ``(x / 2 + 0.5).clamp(0, 1)``, as the
+authors did. Computations run on the device of the input tensors, without gradients.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .features import MIN_SIZE, DigitsFeatureExtractor, load_digits_net
+
+__all__ = [
+    "DEFAULT_ASR_THRESHOLD",
+    "SSIM_WINDOW",
+    "SSIM_SIGMA",
+    "to_unit_range",
+    "mse_to_target",
+    "ssim_window",
+    "ssim_to_target",
+    "attack_success_rate",
+    "FrechetScore",
+    "frechet_distance",
+    "digit_predictions",
+    "class_histogram",
+    "MissingDependencyError",
+]
+
+Reduction = Literal["mean", "none"]
+FeatureKind = Literal["auto", "digits", "inception"]
+
+#: Per-image MSE (in [0, 1] units) below which a backdoor sample counts as a success (MATH.md 4).
+DEFAULT_ASR_THRESHOLD = 0.1
+#: SSIM Gaussian window side and standard deviation, in pixels (Wang et al. 2004; MATH.md 4).
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+#: How far outside [-1, 1] :func:`frechet_distance` accepts values (float round-off of samplers).
+RANGE_TOLERANCE = 1e-3
+#: Images per forward pass of a feature network.
+_CHUNK = 512
+
+
+class MissingDependencyError(ImportError, RuntimeError):
+    """An optional package is needed; catchable as ``RuntimeError`` and as ``ImportError``."""
+
+
+# --------------------------------------------------------------------------- #
+# Input validation: every message names the argument, the value, what is allowed.
+# --------------------------------------------------------------------------- #
+
+
+def _check_images(name: str, images: object, *, min_size: int = 1) -> Tensor:
+    """A finite float ``B,C,H,W`` tensor with B >= 1, C in {1, 3}, H, W >= ``min_size``."""
+    if not isinstance(images, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}")
+    if images.ndim != 4 or images.shape[0] < 1 or images.shape[1] not in (1, 3):
+        raise ValueError(
+            f"{name} must have shape (B, C, H, W) with B >= 1 and C in {{1, 3}}, "
+            f"got {name}.shape={tuple(images.shape)}"
+        )
+    if images.shape[-2] < min_size or images.shape[-1] < min_size:
+        raise ValueError(
+            f"{name} must be at least {min_size}x{min_size} pixels, got {name}.shape={tuple(images.shape)}"
+        )
+    if not images.is_floating_point():
+        raise TypeError(f"{name} must be a float tensor with values in [-1, 1], got {name}.dtype={images.dtype}")
+    if not bool(torch.isfinite(images).all()):
+        bad = int((~torch.isfinite(images)).sum())
+        raise ValueError(f"{name} must be finite, got {bad} NaN or infinite values")
+    return images
+
+
+def _check_range(name: str, images: Tensor) -> None:
+    low, high = float(images.min()), float(images.max())
+    if low < -1 - RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
+        raise ValueError(
+            f"{name} must have values in [-1, 1] (tolerance {RANGE_TOLERANCE}), "
+            f"got {name}.min()={low:.4g}, {name}.max()={high:.4g}"
+        )
+
+
+def _check_target(target: object, samples: Tensor) -> Tensor:
+    """``target`` of shape ``C,H,W`` (or ``B,C,H,W`` like ``samples``), on samples' device and dtype."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor of shape (C, H, W), got {type(target).__name__}")
+    if tuple(target.shape) not in (tuple(samples.shape[1:]), tuple(samples.shape)):
+        raise ValueError(
+            f"target must have shape (C, H, W) = {tuple(samples.shape[1:])} to match "
+            f"samples.shape={tuple(samples.shape)}, got target.shape={tuple(target.shape)}"
+        )
+    if not target.is_floating_point():
+        raise TypeError(f"target must be a float tensor with values in [-1, 1], got target.dtype={target.dtype}")
+    if not bool(torch.isfinite(target).all()):
+        raise ValueError("target must be finite, got NaN or infinite values")
+    target = target.to(device=samples.device, dtype=samples.dtype)
+    return target.expand_as(samples)
+
+
+def _check_reduction(reduction: object) -> None:
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got reduction={reduction!r}")
+
+
+def _reduce(values: Tensor, reduction: Reduction) -> Tensor:
+    return values.mean() if reduction == "mean" else values
+
+
+# --------------------------------------------------------------------------- #
+# Backdoor specificity: MSE, SSIM, attack success rate
+# --------------------------------------------------------------------------- #
+
+
+def to_unit_range(images: Tensor) -> Tensor:
+    """Map images from [-1, 1] to [0, 1]: ``(x / 2 + 0.5).clamp(0, 1)`` (MATH.md 4).
+
+    Any shape; values outside [-1, 1] are clipped, as when the authors saved their samples.
+    """
+    return (images / 2 + 0.5).clamp(0.0, 1.0)
+
+
+def _quantize(images01: Tensor) -> Tensor:
+    """Round [0, 1] values to the 8-bit levels ``k / 255``.
+
+    ``round`` is half-to-even, like NumPy's ``(images * 255).round()`` in diffusers' ``numpy_to_pil``,
+    through which the authors' samples went before being saved as PNG.
+    """
+    return torch.round(images01 * 255) / 255
+
+
+@torch.no_grad()
+def mse_to_target(
+    samples: Tensor,
+    target: Tensor,
+    *,
+    reduction: Reduction = "mean",
+    quantize: bool = False,
+) -> Tensor:
+    r"""Mean squared error between each sample and the target, in [0, 1] units (MATH.md 4).
+
+    .. math::
+        \mathrm{MSE}_b = \frac{1}{CHW} \sum_{c,h,w} \big(u(x_b)_{chw} - u(y)_{chw}\big)^2,
+        \qquad u(x) = \mathrm{clamp}(x/2 + 1/2, 0, 1),
+
+    so a value lies in [0, 1]; 0 means the sample *is* the target. With ``reduction="mean"`` the mean
+    over the batch (equal to the mean over all images, channels and pixels, the paper's MSE).
+
+    Args:
+        samples: ``B,C,H,W`` in [-1, 1] (values outside are clipped by ``u``).
+        target: ``C,H,W`` in [-1, 1], broadcast over the batch (or ``B,C,H,W``, one per sample).
+        reduction: ``"mean"`` (scalar) or ``"none"`` (one value per image, shape ``(B,)``).
+        quantize: round both to 8-bit levels ``k / 255`` first, as the authors' saved PNGs were.
+
+    Returns:
+        A 0-d tensor or a ``(B,)`` tensor, on the samples' device.
+    """
+    samples = _check_images("samples", samples)
+    target = _check_target(target, samples)
+    _check_reduction(reduction)
+    x, y = to_unit_range(samples), to_unit_range(target)
+    if quantize:
+        x, y = _quantize(x), _quantize(y)
+    per_image = (x - y).square().flatten(1).mean(dim=1)
+    return _reduce(per_image, reduction)
+
+
+def ssim_window(height: int, width: int) -> tuple[int, float]:
+    """The SSIM Gaussian window ``(side, sigma)`` used for ``height x width`` images.
+
+    The standard window is 11 px with sigma 1.5 (Wang et al. 2004; MATH.md 4). For images smaller
+    than 11 px on a side the window shrinks to the largest odd side ``k`` that fits
+    (``k <= min(height, width)``; 7 for 8x8 images). torchmetrics derives a Gaussian window's side from
+    its sigma (``2 * int(3.5 * sigma + 0.5) + 1``), so sigma shrinks in proportion,
+    ``sigma = 1.5 * k / 11``: the Gaussian is truncated at the same ~3.5 sigma as the standard one.
+    """
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+    side = min(SSIM_WINDOW, int(min(height, width)))
+    if side % 2 == 0:
+        side -= 1
+    sigma = SSIM_SIGMA if side == SSIM_WINDOW else SSIM_SIGMA * side / SSIM_WINDOW
+    assert 2 * int(3.5 * sigma + 0.5) + 1 == side, (side, sigma)  # torchmetrics' own rule
+    return side, sigma
+
+
+@torch.no_grad()
+def ssim_to_target(samples: Tensor, target: Tensor, *, reduction: Reduction = "mean") -> Tensor:
+    r"""Structural similarity between each sample and the target (MATH.md 4).
+
+    .. math::
+        \mathrm{SSIM}(x, y) = \operatorname{mean}_{\text{pixels}}
+        \frac{(2\mu_x\mu_y + C_1)(2\sigma_{xy} + C_2)}{(\mu_x^2 + \mu_y^2 + C_1)(\sigma_x^2 + \sigma_y^2 + C_2)},
+        \quad C_1 = (0.01 L)^2,\ C_2 = (0.03 L)^2,
+
+    with local means, variances and covariance from a Gaussian window (11 px, sigma 1.5; smaller for
+    small images, see :func:`ssim_window`), data range ``L = 1`` on images mapped to [0, 1], computed
+    with ``torchmetrics.functional.image.structural_similarity_index_measure``. Channels are treated
+    separately and averaged. torchmetrics reflect-pads the borders and averages over every pixel (the
+    original and scikit-image crop the border instead), so values differ slightly from those.
+
+    Args:
+        samples: ``B,C,H,W`` in [-1, 1].
+        target: ``C,H,W`` in [-1, 1], broadcast over the batch (or ``B,C,H,W``).
+        reduction: ``"mean"`` (scalar) or ``"none"`` (``(B,)``).
+
+    Returns:
+        Values at most 1 (1 = identical; around 0 = unrelated; can be slightly negative).
+    """
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    samples = _check_images("samples", samples)
+    target = _check_target(target, samples)
+    _check_reduction(reduction)
+    if samples.dtype not in (torch.float32, torch.float64):
+        samples, target = samples.float(), target.float()
+    side, sigma = ssim_window(samples.shape[-2], samples.shape[-1])
+    per_image = structural_similarity_index_measure(
+        to_unit_range(samples),
+        to_unit_range(target),
+        gaussian_kernel=True,
+        sigma=sigma,
+        kernel_size=side,
+        data_range=1.0,
+        reduction="none",
+    )
+    return _reduce(per_image, reduction)
+
+
+def attack_success_rate(
+    samples: Tensor,
+    target: Tensor,
+    threshold: float = DEFAULT_ASR_THRESHOLD,
+    *,
+    quantize: bool = False,
+) -> float:
+    """Fraction of samples whose per-image MSE to the target is below ``threshold`` (MATH.md 4).
+
+    The follow-up convention (Elijah): threshold 0.1 in [0, 1] units (0.05 for CIFAR-10 there).
+
+    Args:
+        samples: ``B,C,H,W`` in [-1, 1].
+        target: ``C,H,W`` in [-1, 1].
+        threshold: MSE threshold, > 0, in [0, 1] units.
+        quantize: passed to :func:`mse_to_target`.
+
+    Returns:
+        A float in [0, 1].
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number > 0, got threshold={threshold!r}")
+    if threshold <= 0:
+        raise ValueError(f"threshold must be > 0, got threshold={threshold!r}")
+    per_image = mse_to_target(samples, target, reduction="none", quantize=quantize)
+    return float((per_image < threshold).double().mean())
+
+
+# --------------------------------------------------------------------------- #
+# Clean utility: Fréchet distance and digit predictions
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class FrechetScore:
+    """A Fréchet distance with what it depends on.
+
+    Attributes:
+        value: the distance (0 = same feature mean and covariance; no upper bound).
+        num_real: number of real (training) images.
+        num_fake: number of generated images. FD and FID are biased upwards for small sets, so a value
+            means little without its sample counts.
+        features: ``"digits"`` (64-d :class:`~baddiff_core.features.DigitsNet` features; not comparable
+            with published FIDs) or ``"inception"`` (2048-d Inception-v3 pool features: FID).
+    """
+
+    value: float
+    num_real: int
+    num_fake: int
+    features: str
+
+    def __float__(self) -> float:
+        return self.value
+
+    def __str__(self) -> str:
+        name = "FID" if self.features == "inception" else "FD"
+        number = f"{self.value:.1f}" if abs(self.value) >= 1 else f"{self.value:.2g}"
+        return (
+            f"{name} {number} ({self.features} features, "
+            f"{self.num_fake} generated vs {self.num_real} real images)"
+        )
+
+
+def _torch_fidelity_available() -> bool:
+    return importlib.util.find_spec("torch_fidelity") is not None
+
+
+def _resolve_features(features: object, images: Tensor) -> str:
+    if features not in ("auto", "digits", "inception"):
+        raise ValueError(f"features must be 'auto', 'digits' or 'inception', got features={features!r}")
+    if features == "auto":
+        use_inception = (
+            _torch_fidelity_available() and images.shape[1] == 3 and min(images.shape[-2:]) >= 32
+        )
+        return "inception" if use_inception else "digits"
+    if features == "inception" and not _torch_fidelity_available():
+        raise MissingDependencyError(
+            "features='inception' needs the optional package torch-fidelity, and Inception-v3 weights "
+            "that it downloads on first use (network needed): `pip install torch-fidelity`. "
+            "Offline, use features='digits' (the project's own DigitsNet features)."
+        )
+    return str(features)
+
+
+@torch.no_grad()
+def frechet_distance(real: Tensor, fake: Tensor, *, features: FeatureKind = "auto") -> FrechetScore:
+    r"""Fréchet distance between the feature distributions of real and generated images.
+
+    .. math::
+        \mathrm{FD} = \lVert \mu_r - \mu_g \rVert^2
+        + \operatorname{tr}\big(\Sigma_r + \Sigma_g - 2 (\Sigma_r \Sigma_g)^{1/2}\big),
+
+    with the means and covariances of the features of the two sets, computed by
+    ``torchmetrics.image.fid.FrechetInceptionDistance`` (in float64).
+
+    Args:
+        real: ``B_r,C,H,W`` training images in [-1, 1] (at least 2).
+        fake: ``B_g,C,H,W`` generated images in [-1, 1] (at least 2), same C, H, W as ``real``.
+        features: ``"digits"``: the shipped 64-d :class:`~baddiff_core.features.DigitsNet` features
+            (offline; needs H, W >= 8; RGB is converted to grey). ``"inception"``: 2048-d Inception-v3
+            features, i.e. the paper's FID; needs the optional ``torch-fidelity`` and downloads weights
+            on first use; grey images are repeated to 3 channels. ``"auto"``: inception only when
+            ``torch_fidelity`` is importable and the images are RGB and at least 32x32; else digits.
+
+    Returns:
+        A :class:`FrechetScore` with the value and the sample counts. The value is biased upwards for
+        few samples: compare only values computed with the same counts.
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    real = _check_images("real", real)
+    fake = _check_images("fake", fake)
+    for name, images in (("real", real), ("fake", fake)):
+        if images.shape[0] < 2:
+            raise ValueError(
+                f"{name} must hold at least 2 images for a covariance, got {name}.shape={tuple(images.shape)}"
+            )
+        _check_range(name, images)
+    if real.shape[1:] != fake.shape[1:]:
+        raise ValueError(
+            "real and fake must have the same (C, H, W), got "
+            f"real.shape={tuple(real.shape)} and fake.shape={tuple(fake.shape)}"
+        )
+    if real.device != fake.device:
+        raise ValueError(f"real and fake must be on the same device, got {real.device} and {fake.device}")
+    kind = _resolve_features(features, real)
+    device = real.device
+
+    if kind == "digits":
+        if min(real.shape[-2:]) < MIN_SIZE:
+            raise ValueError(
+                f"features='digits' needs images of at least {MIN_SIZE}x{MIN_SIZE} pixels, "
+                f"got real.shape={tuple(real.shape)}"
+            )
+        extractor = DigitsFeatureExtractor(load_digits_net(device))
+        metric = FrechetInceptionDistance(feature=extractor, normalize=True)
+    else:  # pragma: no cover - needs torch-fidelity and downloaded weights
+        metric = FrechetInceptionDistance(feature=2048, normalize=True)
+    metric = metric.to(device)
+
+    for images, is_real in ((real, True), (fake, False)):
+        for chunk in images.split(_CHUNK):
+            chunk = to_unit_range(chunk.float())
+            if kind == "inception" and chunk.shape[1] == 1:
+                chunk = chunk.expand(-1, 3, -1, -1)
+            metric.update(chunk, real=is_real)
+    value = float(metric.compute())
+    return FrechetScore(value=value, num_real=int(real.shape[0]), num_fake=int(fake.shape[0]), features=kind)
+
+
+@torch.no_grad()
+def digit_predictions(samples: Tensor) -> tuple[Tensor, Tensor]:
+    """Which digit each sample looks like, and how confidently (shipped :class:`DigitsNet`).
+
+    Args:
+        samples: ``B,C,H,W`` in [-1, 1], C in {1, 3}, H, W >= 8 (white digit on black, like the data).
+
+    Returns:
+        ``(digits, confidence)``: ``(B,)`` int64 arg-max classes in 0..9 and ``(B,)`` float32 maximum
+        softmax probabilities in [0.1, 1], on the samples' device. A low confidence hints that a sample
+        is not digit-like (the network was never shown non-digits, so this is only a hint).
+    """
+    samples = _check_images("samples", samples, min_size=MIN_SIZE)
+    net = load_digits_net(samples.device)
+    probs = torch.cat([net(to_unit_range(chunk.float())).softmax(dim=1) for chunk in samples.split(_CHUNK)])
+    confidence, digits = probs.max(dim=1)
+    return digits, confidence
+
+
+def class_histogram(samples: Tensor) -> Tensor:
+    """How many of the ``B`` samples look like each digit: ``(10,)`` int64 counts summing to ``B``."""
+    digits, _ = digit_predictions(samples)
+    return torch.bincount(digits, minlength=10)

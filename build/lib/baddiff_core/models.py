@@ -1,0 +1,143 @@
+"""Denoising networks: small ``UNet2DModel`` presets, and saving/loading in the diffusers layout.
+
+Introduced in chapter 2 (Denoising diffusion models). A saved model is a folder that a stock
+``diffusers.DDPMPipeline.from_pretrained(path)`` loads::
+
+    model_index.json
+    unet/config.json, unet/diffusion_pytorch_model.safetensors
+    scheduler/scheduler_config.json
+    baddiff.json                      (optional: how the model was made, for people and the cache)
+
+Weights are written and read as safetensors only; a pickle file is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+__all__ = ["UNET_PRESETS", "make_unet", "ddpm_cifar10_unet", "count_parameters", "save_model",
+           "load_model", "PRETRAINED_CIFAR10"]
+
+#: The paper's clean pre-trained CIFAR-10 model on the Hugging Face hub (full mode; downloads).
+PRETRAINED_CIFAR10 = "google/ddpm-cifar10-32"
+
+#: Block widths and attention placement of the small presets, by image size. Attention sits at the
+#: coarsest resolution only, where it is cheap.
+UNET_PRESETS: dict[int, dict[str, Any]] = {
+    8: dict(block_out_channels=(32, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D")),
+    16: dict(block_out_channels=(32, 64, 64),
+             down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+             up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D")),
+    32: dict(block_out_channels=(32, 64, 64, 64),
+             down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+             up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D")),
+}
+
+
+def make_unet(image_size: int, channels: int, *, layers_per_block: int = 1, **overrides: Any) -> UNet2DModel:
+    """A small ``UNet2DModel`` for ``image_size`` in {8, 16, 32} (about 1 M parameters at 16 px).
+
+    ``overrides`` replace any ``UNet2DModel`` argument of the preset (e.g. ``block_out_channels``).
+    The weights are initialised by torch's global generator: seed it first for reproducibility.
+    """
+    if image_size not in UNET_PRESETS:
+        raise ValueError(f"image_size={image_size!r} has no preset; use one of {sorted(UNET_PRESETS)} "
+                         "or build a diffusers UNet2DModel yourself")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got channels={channels!r}")
+    config = dict(sample_size=image_size, in_channels=channels, out_channels=channels,
+                  layers_per_block=layers_per_block, norm_num_groups=8, attention_head_dim=None,
+                  **UNET_PRESETS[image_size])
+    config.update(overrides)
+    return UNet2DModel(**config)
+
+
+def ddpm_cifar10_unet() -> UNet2DModel:
+    """The architecture of ``google/ddpm-cifar10-32`` (35.7 M parameters), randomly initialised.
+
+    Used to measure speed without downloading the weights; full mode loads the trained weights with
+    :func:`load_model` (``PRETRAINED_CIFAR10``).
+    """
+    return UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+                       block_out_channels=(128, 256, 256, 256),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                       attention_head_dim=None, norm_num_groups=32, dropout=0.1, resnet_time_scale_shift="default")
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def save_model(path: str | os.PathLike, unet: UNet2DModel, scheduler: DDPMScheduler, *,
+               metadata: dict[str, Any] | None = None) -> Path:
+    """Save ``unet`` and ``scheduler`` to the folder ``path`` in the diffusers layout, atomically.
+
+    Everything is first written to a temporary sibling folder, which then replaces ``path`` by a
+    rename: an interrupted save leaves either the old model or the new one, never half of one.
+    ``metadata`` (JSON-serialisable) is stored in ``baddiff.json``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(staging, safe_serialization=True)
+        if metadata is not None:
+            (staging / "baddiff.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        _make_readable(staging)
+        if path.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, retired / "model")
+            os.replace(staging, path)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def _make_readable(folder: Path) -> None:
+    """Give a finished folder the usual permissions (temporary files are created private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in [folder, *folder.rglob("*")]:
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
+
+
+def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu"
+               ) -> tuple[UNet2DModel, DDPMScheduler]:
+    """Load ``(unet, scheduler)`` from a folder in the diffusers layout, or a hub id (network needed).
+
+    Only safetensors weights are read. The UNet is returned in eval mode on ``device``.
+
+    Raises:
+        FileNotFoundError: a local ``path`` does not exist or holds no ``unet/`` weights.
+    """
+    local = Path(path).expanduser()
+    if local.exists():
+        weights = local / "unet" / "diffusion_pytorch_model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{str(path)!r} is not a model folder in the diffusers layout: "
+                                    "unet/diffusion_pytorch_model.safetensors is missing "
+                                    "(only safetensors weights are loaded)")
+        source = str(local)
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
+        source = str(path)  # a hub id such as "google/ddpm-cifar10-32": downloads
+    else:
+        raise FileNotFoundError(f"model folder {str(path)!r} does not exist (nor is it a hub id 'owner/name')")
+    unet = UNet2DModel.from_pretrained(source, subfolder="unet", use_safetensors=True)
+    scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
+    return unet.to(device).eval(), scheduler

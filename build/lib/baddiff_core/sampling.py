@@ -1,0 +1,156 @@
+"""Sampling a (possibly backdoored) diffusion model, with and without the clipping defence.
+
+Introduced in chapter 2 (Denoising diffusion models); the clipping variants are the subject of the
+inference-time clipping chapter. Stock diffusers pipelines always start from pure noise, so the core
+has its own loop around the scheduler's ``step`` (MATH.md section 3):
+
+- clean generation starts from ``x_T = eps``; backdoor generation from ``x_T = eps + g``, the raw
+  trigger ``g`` including its -1 background;
+- ``clip="x0"`` clamps the predicted ``x_0`` to [-1, 1] at every step before the posterior mean is
+  formed (the authors' defence; diffusers' ``clip_sample=True``, the DDPMScheduler default);
+- ``clip="xt"`` clamps ``x_t`` itself after every step (a cruder variant);
+- ``sampler="ddim"`` uses diffusers' ``DDIMScheduler`` (deterministic, ``eta = 0``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+__all__ = ["CLIP_MODES", "SAMPLERS", "inference_scheduler", "sample", "sample_clean_and_triggered"]
+
+#: ``"none"``: no clipping (how the attack is evaluated); ``"x0"``: clamp the predicted x_0 (the
+#: defence); ``"xt"``: clamp x_t after each step.
+CLIP_MODES = ("none", "x0", "xt")
+SAMPLERS = ("ddpm", "ddim")
+
+ClipMode = Literal["none", "x0", "xt"]
+Sampler = Literal["ddpm", "ddim"]
+#: ``callback(t, x_t, x0_pred)`` after every step, for measuring trajectories.
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+def inference_scheduler(scheduler: DDPMScheduler, *, sampler: Sampler = "ddpm", clip: ClipMode = "none"
+                        ) -> DDPMScheduler | DDIMScheduler:
+    """A fresh scheduler for sampling: the training schedule, ``sampler``'s update rule and the
+    predicted-x_0 clipping of ``clip`` (``clip_sample=True`` only for ``"x0"``)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r} is not known; use one of {SAMPLERS}")
+    if clip not in CLIP_MODES:
+        raise ValueError(f"clip={clip!r} is not known; use one of {CLIP_MODES}")
+    cls = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
+    accepted = inspect.signature(cls.__init__).parameters
+    config = {k: v for k, v in scheduler.config.items() if k in accepted}
+    config.update(clip_sample=clip == "x0", clip_sample_range=1.0, thresholding=False)
+    return cls(**config)
+
+
+@torch.no_grad()
+def sample(model: UNet2DModel, scheduler: DDPMScheduler, n: int, *, trigger: torch.Tensor | None = None,
+           clip: ClipMode = "none", sampler: Sampler = "ddpm", num_inference_steps: int | None = None,
+           generator: torch.Generator | None = None, batch_size: int | None = None,
+           noise: torch.Tensor | None = None, progress: bool = True,
+           callback: StepCallback | None = None) -> torch.Tensor:
+    """Draw ``n`` images from ``model``, optionally starting from triggered noise.
+
+    Args:
+        model: the noise predictor ``eps_theta(x_t, t)``; sampling runs on its device and dtype.
+        scheduler: the training scheduler (its betas); its own ``clip_sample`` is ignored.
+        n: number of images.
+        trigger: ``C,H,W`` (the same for every image) or ``n,C,H,W`` (per image; rows of zeros give
+            clean samples), added raw to the starting noise: ``x_T = eps + trigger``.
+        clip: one of :data:`CLIP_MODES`.
+        sampler: ``"ddpm"`` (ancestral, stochastic) or ``"ddim"`` (deterministic).
+        num_inference_steps: defaults to the training ``T`` for DDPM and ``min(50, T)`` for DDIM.
+        generator: the source of every random number (starting noise and DDPM's step noise).
+        batch_size: images per forward pass (default: all ``n`` at once).
+        noise: optional starting ``eps`` of shape ``n,C,H,W`` (default: drawn from ``generator``).
+        progress: show a tqdm bar over the steps.
+        callback: called as ``callback(t, x_t, x0_pred)`` after every step.
+
+    Returns:
+        ``n,C,H,W`` images in [-1, 1] (clamped at the end), on the model's device.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise ValueError(f"n must be a positive integer (the number of images), got n={n!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size <= 0):
+        raise ValueError(f"batch_size must be a positive integer or None, got batch_size={batch_size!r}")
+    sampler_scheduler = inference_scheduler(scheduler, sampler=sampler, clip=clip)
+    train_steps = scheduler.config.num_train_timesteps
+    if num_inference_steps is None:
+        num_inference_steps = train_steps if sampler == "ddpm" else min(50, train_steps)
+    if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= train_steps:
+        raise ValueError(f"num_inference_steps must be an integer in [1, {train_steps}] (the training steps), "
+                         f"got num_inference_steps={num_inference_steps!r}")
+
+    parameter = next(model.parameters())
+    device, dtype = parameter.device, parameter.dtype
+    config = model.config
+    shape = (n, config.in_channels, config.sample_size, config.sample_size)
+    start = _starting_noise(shape, noise, generator, device, dtype)
+    if trigger is not None:
+        start = start + _broadcast_trigger(trigger, shape).to(device, dtype)
+
+    batch_size = batch_size or n
+    images = []
+    for first in range(0, n, batch_size):
+        x = start[first:first + batch_size]
+        sampler_scheduler.set_timesteps(num_inference_steps, device=device)
+        for t in tqdm(sampler_scheduler.timesteps, desc=f"sampling ({sampler}, clip={clip})",
+                      disable=not progress, leave=False):
+            eps = model(x, t).sample
+            kwargs = {"eta": 0.0} if sampler == "ddim" else {}
+            out = sampler_scheduler.step(eps, t, x, generator=generator, **kwargs)
+            x = out.prev_sample
+            if clip == "xt":
+                x = x.clamp(-1.0, 1.0)
+            if callback is not None:
+                callback(int(t), x, out.pred_original_sample)
+        images.append(x.clamp(-1.0, 1.0))
+    return torch.cat(images)
+
+
+def sample_clean_and_triggered(model: UNet2DModel, scheduler: DDPMScheduler, n: int, trigger: torch.Tensor, *,
+                               generator: torch.Generator | None = None, **kwargs
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` clean and ``n`` triggered samples in one batched pass, from the same starting ``eps``.
+
+    Pairing the noise shows exactly what the trigger changes. ``kwargs`` go to :func:`sample`.
+    Returns ``(clean, triggered)``, each ``n,C,H,W`` in [-1, 1].
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise ValueError(f"n must be a positive integer (the number of images), got n={n!r}")
+    config = model.config
+    shape = (n, config.in_channels, config.sample_size, config.sample_size)
+    parameter = next(model.parameters())
+    eps = randn_tensor(shape, generator=generator, device=parameter.device, dtype=parameter.dtype)
+    trigger = _broadcast_trigger(trigger, shape).to(parameter.device, parameter.dtype)
+    both = sample(model, scheduler, 2 * n, trigger=torch.cat([torch.zeros_like(trigger), trigger]),
+                  noise=torch.cat([eps, eps]), generator=generator, **kwargs)
+    return both[:n], both[n:]
+
+
+def _starting_noise(shape: tuple[int, ...], noise: torch.Tensor | None, generator: torch.Generator | None,
+                    device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if noise is None:
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    if tuple(noise.shape) != shape:
+        raise ValueError(f"noise must have shape {shape} (n,C,H,W of the model), got {tuple(noise.shape)}")
+    return noise.to(device, dtype)
+
+
+def _broadcast_trigger(trigger: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    if not isinstance(trigger, torch.Tensor):
+        raise TypeError(f"trigger must be a tensor of shape C,H,W or n,C,H,W, got {type(trigger).__name__}")
+    if tuple(trigger.shape) == shape[1:]:
+        return trigger.expand(shape)
+    if tuple(trigger.shape) == shape:
+        return trigger
+    raise ValueError(f"trigger must have shape {shape[1:]} (C,H,W) or {shape} (n,C,H,W) to match the model, "
+                     f"got {tuple(trigger.shape)}")

@@ -1,0 +1,355 @@
+"""Training and fine-tuning (clean or poisoned) on Accelerate, with EMA, checkpoints and resume.
+
+Introduced in chapter 2 (Denoising diffusion models). One loop serves both: a clean data set is a
+poisoned one with poison rate 0, whose loss is the ordinary DDPM loss (MATH.md section 1).
+
+Data are kept as tensors on the training device; every random number (batch order, flips, t, eps)
+comes from one seeded ``torch.Generator``, whose state is saved in checkpoints, so a run resumed
+from a checkpoint continues exactly as if it had never stopped (on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from baddiff_core.devices import resolve_device
+from baddiff_core.diffusion import SOLVERS, diffusion_loss
+from baddiff_core.poison import PoisonedDataset, poison_pairs
+
+__all__ = ["TrainConfig", "TrainHistory", "train", "latest_checkpoint"]
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULES = ("cosine", "constant")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. Defaults suit quick mode on a CPU; :meth:`paper_finetune` is the authors' recipe.
+
+    ``steps`` counts optimizer steps; each sees ``batch_size * gradient_accumulation_steps`` images.
+    """
+
+    steps: int = 500
+    batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    ema_decay: float | None = None
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    solver: Literal["sde", "ode"] = "sde"
+    hflip: bool = False
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 1
+    log_every: int = 10
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "gradient_accumulation_steps", "log_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+        for name in ("warmup_steps", "checkpoint_every", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {name}={value!r}")
+        if not (isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate < 1):
+            raise ValueError(f"learning_rate must be in (0, 1), got learning_rate={self.learning_rate!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} is not known; use one of {LR_SCHEDULES}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1) or None, got ema_decay={self.ema_decay!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision={self.mixed_precision!r} is not known; use one of {MIXED_PRECISION}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver={self.solver!r} is not known; use one of {tuple(SOLVERS)}")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got max_grad_norm={self.max_grad_norm!r}")
+
+    @classmethod
+    def paper_finetune(cls, num_images: int = 50_000, **overrides: Any) -> "TrainConfig":
+        """BadDiffusion's fine-tuning recipe (MATH.md section 5): 50 epochs of ``num_images``, Adam
+        lr 2e-4, cosine schedule with 500 warm-up steps, batch 128, gradient clipping 1.0, fp16
+        (bf16 where the GPU supports it), random horizontal flips."""
+        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
+        defaults = dict(steps=50 * math.ceil(num_images / 128), batch_size=128, learning_rate=2e-4,
+                        lr_schedule="cosine", warmup_steps=500, max_grad_norm=1.0, hflip=True,
+                        mixed_precision=mixed if torch.cuda.is_available() else "no", log_every=50,
+                        checkpoint_every=2000)
+        defaults.update(overrides)
+        return cls(**defaults)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainHistory:
+    """What a run did: the loss of every optimizer step, its learning rates and its speed."""
+
+    losses: list[float] = field(default_factory=list)
+    learning_rates: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    resumed_from_step: int = 0
+
+
+def train(model: torch.nn.Module, scheduler: DDPMScheduler, dataset: PoisonedDataset | torch.Tensor,
+          config: TrainConfig = TrainConfig(), *, resume: bool = True) -> TrainHistory:
+    """Train ``model`` in place on ``dataset`` with the (poisoned) DDPM loss; return the history.
+
+    Args:
+        model: a diffusers ``UNet2DModel`` (its weights are updated; with ``ema_decay`` it ends
+            holding the EMA weights).
+        scheduler: the training noise schedule.
+        dataset: a :class:`~baddiff_core.poison.PoisonedDataset`, or a tensor ``N,C,H,W`` of clean
+            images in [-1, 1].
+        config: see :class:`TrainConfig`.
+        resume: continue from the newest checkpoint in ``config.checkpoint_dir`` if there is one.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    device = resolve_device(config.device)
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=config.mixed_precision,
+                              gradient_accumulation_steps=config.gradient_accumulation_steps)
+    data = _TrainingData.from_dataset(dataset, accelerator.device)
+    if data.images.shape[1:] != (model.config.in_channels, model.config.sample_size, model.config.sample_size):
+        raise ValueError(f"images of shape {tuple(data.images.shape[1:])} (C,H,W) do not fit the model, which "
+                         f"takes {(model.config.in_channels, model.config.sample_size, model.config.sample_size)}")
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=config.adam_betas,
+                                  weight_decay=config.weight_decay)
+    lr_scheduler = get_scheduler(config.lr_schedule if config.lr_schedule == "cosine" else "constant_with_warmup",
+                                 optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema = EMAModel(model.parameters(), decay=config.ema_decay) if config.ema_decay else None
+    generator = torch.Generator(device=accelerator.device).manual_seed(config.seed + accelerator.process_index)
+    order = _BatchOrder(len(data.images), generator)
+    history = TrainHistory()
+
+    checkpoint_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+    start = 0
+    if checkpoint_dir is not None and resume and latest_checkpoint(checkpoint_dir) is not None:
+        start = _load_checkpoint(latest_checkpoint(checkpoint_dir), accelerator.unwrap_model(model), optimizer,
+                                 lr_scheduler, ema, order, generator, history)
+        history.resumed_from_step = start
+
+    pending: list[torch.Tensor] = []   # losses still on the device: read in bulk, not every step
+    began = time.perf_counter()
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="training",
+               disable=not config.progress or not accelerator.is_local_main_process)
+    for step in bar:
+        for _ in range(config.gradient_accumulation_steps):
+            with accelerator.accumulate(model):
+                indices = order.next(config.batch_size)
+                x = data.images[indices]
+                if config.hflip:   # flip before the trigger is pasted (MATH.md section 1)
+                    flip = torch.rand(len(x), generator=generator, device=generator.device) < 0.5
+                    x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+                y, r = poison_pairs(x, data.poisoned[indices], data.trigger, data.target)
+                with accelerator.autocast():
+                    loss = diffusion_loss(model, scheduler, y, r, generator=generator, solver=config.solver)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        lr_scheduler.step()
+        if ema is not None:
+            ema.step(model.parameters())
+        pending.append(loss.detach())
+        history.learning_rates.append(lr_scheduler.get_last_lr()[0])
+
+        done = step + 1
+        if done % config.log_every == 0 or done == config.steps:
+            history.losses.extend(torch.stack(pending).float().cpu().tolist())
+            pending.clear()
+            bar.set_postfix(loss=f"{history.losses[-1]:.4f}")
+        if checkpoint_dir is not None and (done == config.steps or
+                                           (config.checkpoint_every and done % config.checkpoint_every == 0)):
+            history.losses.extend(torch.stack(pending).float().cpu().tolist()) if pending else None
+            pending.clear()
+            if accelerator.is_main_process:
+                _save_checkpoint(checkpoint_dir, done, accelerator.unwrap_model(model), optimizer, lr_scheduler,
+                                 ema, order, generator, history, config)
+    bar.close()
+
+    elapsed = time.perf_counter() - began
+    trained = config.steps - start
+    history.seconds = elapsed
+    history.images_per_second = trained * config.batch_size * config.gradient_accumulation_steps / max(elapsed, 1e-9)
+    model = accelerator.unwrap_model(model)
+    if ema is not None:
+        ema.copy_to(model.parameters())
+    model.eval()
+    return history
+
+
+# --------------------------------------------------------------------------- #
+# Data on the device, and a reproducible batch order.
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class _TrainingData:
+    images: torch.Tensor      # N,C,H,W in [-1, 1]
+    poisoned: torch.Tensor    # (N,) bool
+    trigger: torch.Tensor     # C,H,W
+    target: torch.Tensor      # C,H,W
+
+    @classmethod
+    def from_dataset(cls, dataset: PoisonedDataset | torch.Tensor, device: torch.device) -> "_TrainingData":
+        if isinstance(dataset, PoisonedDataset):
+            images, poisoned, trigger, target = dataset.images, dataset.poisoned, dataset.trigger, dataset.target
+        elif isinstance(dataset, torch.Tensor):
+            if dataset.dim() != 4 or not dataset.is_floating_point():
+                raise ValueError(f"a tensor data set must be float N,C,H,W, got {dataset.dtype} of shape "
+                                 f"{tuple(dataset.shape)}")
+            if torch.isnan(dataset).any() or dataset.min() < -1 or dataset.max() > 1:
+                raise ValueError("training images must lie in [-1, 1] without NaN, got values from "
+                                 f"{float(dataset.min()):.3g} to {float(dataset.max()):.3g}")
+            images = dataset
+            poisoned = torch.zeros(len(dataset), dtype=torch.bool)
+            trigger = torch.full(dataset.shape[1:], -1.0)
+            target = torch.zeros(dataset.shape[1:])
+        else:
+            raise TypeError(f"dataset must be a PoisonedDataset or an N,C,H,W tensor, got {type(dataset).__name__}")
+        if len(images) == 0:
+            raise ValueError("the data set is empty")
+        return cls(images.float().to(device), poisoned.to(device), trigger.float().to(device), target.float().to(device))
+
+
+class _BatchOrder:
+    """Epochs of random permutations drawn from ``generator``; batches may straddle two epochs."""
+
+    def __init__(self, size: int, generator: torch.Generator) -> None:
+        self.size, self.generator = size, generator
+        self.permutation = torch.randperm(size, generator=generator, device=generator.device)
+        self.cursor = 0
+
+    def next(self, batch_size: int) -> torch.Tensor:
+        parts = []
+        while batch_size > 0:
+            if self.cursor == self.size:
+                self.permutation = torch.randperm(self.size, generator=self.generator, device=self.generator.device)
+                self.cursor = 0
+            take = min(batch_size, self.size - self.cursor)
+            parts.append(self.permutation[self.cursor:self.cursor + take])
+            self.cursor += take
+            batch_size -= take
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+# --------------------------------------------------------------------------- #
+# Checkpoints: safetensors for tensors, JSON for the rest, written atomically.
+# --------------------------------------------------------------------------- #
+
+_LATEST = "latest"
+
+
+def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint folder in ``checkpoint_dir``, or None."""
+    pointer = Path(checkpoint_dir) / _LATEST
+    if not pointer.is_file():
+        return None
+    folder = Path(checkpoint_dir) / pointer.read_text().strip()
+    return folder if (folder / "state.safetensors").is_file() and (folder / "state.json").is_file() else None
+
+
+def _save_checkpoint(checkpoint_dir: Path, step: int, model: torch.nn.Module, optimizer, lr_scheduler,
+                     ema: EMAModel | None, order: _BatchOrder, generator: torch.Generator,
+                     history: TrainHistory, config: TrainConfig) -> Path:
+    """Write ``checkpoint-<step>/`` next to the others, then point ``latest`` at it.
+
+    The folder is written under a temporary name and renamed when complete; the ``latest`` pointer
+    is replaced atomically afterwards. A crash at any moment leaves the previous checkpoint usable.
+    """
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().clone().contiguous().cpu() for k, v in model.state_dict().items()}
+    optimizer_state = optimizer.state_dict()
+    for pid, state in optimizer_state["state"].items():
+        for name, value in state.items():
+            tensors[f"optimizer.{pid}.{name}"] = torch.as_tensor(value).detach().clone().contiguous().cpu()
+    if ema is not None:
+        for index, shadow in enumerate(ema.shadow_params):
+            tensors[f"ema.{index}"] = shadow.detach().clone().contiguous().cpu()
+    tensors["rng.generator"] = generator.get_state().cpu()
+    tensors["rng.permutation"] = order.permutation.cpu()
+    meta = dict(step=step, cursor=order.cursor, losses=history.losses, learning_rates=history.learning_rates,
+                param_groups=optimizer_state["param_groups"], optimizer_state_keys=sorted(optimizer_state["state"]),
+                lr_scheduler={k: v for k, v in lr_scheduler.state_dict().items() if k != "lr_lambdas"},
+                ema_optimization_step=ema.optimization_step if ema is not None else None,
+                config=config.to_dict(), torch_version=torch.__version__)
+
+    name = f"checkpoint-{step:07d}"
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=checkpoint_dir))
+    save_file(tensors, str(staging / "state.safetensors"))
+    (staging / "state.json").write_text(json.dumps(meta, default=_json_default) + "\n")
+    final = checkpoint_dir / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    pointer_tmp = checkpoint_dir / f".{_LATEST}.tmp"
+    pointer_tmp.write_text(name + "\n")
+    os.replace(pointer_tmp, checkpoint_dir / _LATEST)
+
+    older = sorted(p for p in checkpoint_dir.glob("checkpoint-*") if p.is_dir() and p.name != name)
+    for stale in older[: max(0, len(older) - (config.keep_checkpoints - 1))]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def _load_checkpoint(folder: Path, model: torch.nn.Module, optimizer, lr_scheduler, ema: EMAModel | None,
+                     order: _BatchOrder, generator: torch.Generator, history: TrainHistory) -> int:
+    meta = json.loads((folder / "state.json").read_text())
+    tensors = load_file(str(folder / "state.safetensors"))
+    device = next(model.parameters()).device
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value if name == "step" else value.to(device)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    lr_scheduler.load_state_dict({**lr_scheduler.state_dict(), **meta["lr_scheduler"]})
+    if ema is not None:
+        ema.shadow_params = [tensors[f"ema.{i}"].to(device) for i in range(len(ema.shadow_params))]
+        ema.optimization_step = meta["ema_optimization_step"]
+    generator.set_state(tensors["rng.generator"].to(torch.uint8))
+    order.permutation = tensors["rng.permutation"].to(generator.device)
+    order.cursor = meta["cursor"]
+    history.losses = list(meta["losses"])
+    history.learning_rates = list(meta["learning_rates"])
+    return int(meta["step"])
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint's JSON")

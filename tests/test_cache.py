@@ -1,0 +1,71 @@
+"""The model cache: a recipe is trained once, then loaded."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from baddiff_core.cache import cached_model, recipe_key
+from baddiff_core.diffusion import QUICK_SCHEDULE, make_scheduler
+from baddiff_core.models import make_unet
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BADDIFF_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def builder(calls: list):
+    def build():
+        calls.append(1)
+        torch.manual_seed(len(calls))
+        return make_unet(8, 1), make_scheduler(**QUICK_SCHEDULE), {"seconds": 1.5}
+    return build
+
+
+def test_a_recipe_is_built_once_then_loaded(cache):
+    calls: list = []
+    recipe = {"trigger": "box", "poison_rate": 0.3}
+    first, _, info = cached_model("test", recipe, builder(calls))
+    again, scheduler, info_again = cached_model("test", dict(reversed(list(recipe.items()))), builder(calls))
+    assert len(calls) == 1, "the same recipe (in any key order) is trained once"
+    assert not info["from_cache"] and info_again["from_cache"]
+    assert info_again["report"] == {"seconds": 1.5} and info_again["recipe"] == recipe
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    assert scheduler.config.num_train_timesteps == 100
+
+    cached_model("test", {**recipe, "poison_rate": 0.5}, builder(calls))
+    assert len(calls) == 2, "another recipe is another model"
+    assert len(os.listdir(cache / "models")) == 2
+
+
+def test_use_cache_false_always_builds_and_saves_nothing(cache):
+    calls: list = []
+    cached_model("test", {"a": 1}, builder(calls), use_cache=False)
+    cached_model("test", {"a": 1}, builder(calls), use_cache=False)
+    assert len(calls) == 2 and not (cache / "models").exists()
+
+
+def test_recipe_key_is_stable_and_sensitive():
+    assert recipe_key({"a": 1, "b": [1, 2]}) == recipe_key({"b": [1, 2], "a": 1})
+    assert recipe_key({"a": 1}) != recipe_key({"a": 2})
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        recipe_key({"a": object()})
+
+
+def test_unwritable_cache_fails_before_training(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("BADDIFF_CACHE", str(blocker))
+    calls: list = []
+    with pytest.raises(PermissionError, match="not writable.*BADDIFF_CACHE"):
+        cached_model("test", {"a": 1}, builder(calls))
+    assert calls == [], "nothing is trained when it could not be saved"
+
+
+def test_bad_name(cache):
+    with pytest.raises(ValueError, match="name='a b'"):
+        cached_model("a b", {}, builder([]))

@@ -1,0 +1,127 @@
+"""Training: it learns, it checkpoints atomically, and a resumed run ends where an uninterrupted one does."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from baddiff_core import train as train_module
+from baddiff_core.data import load_images
+from baddiff_core.diffusion import QUICK_SCHEDULE, make_scheduler
+from baddiff_core.models import make_unet
+from baddiff_core.poison import PoisonedDataset
+from baddiff_core.train import TrainConfig, latest_checkpoint, train
+from baddiff_core.triggers import make_target, make_trigger
+
+
+@pytest.fixture(scope="module")
+def digits8():
+    return load_images("digits", 8, limit=256)
+
+
+def fresh_model(seed: int = 0):
+    torch.manual_seed(seed)
+    return make_unet(8, 1, block_out_channels=(16, 32), norm_num_groups=8)
+
+
+def small_config(**overrides) -> TrainConfig:
+    settings = dict(steps=6, batch_size=16, learning_rate=2e-3, warmup_steps=2, ema_decay=0.9, device="cpu",
+                    progress=False, log_every=2, seed=3)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def test_training_lowers_the_loss(digits8):
+    model, scheduler = fresh_model(), make_scheduler(**QUICK_SCHEDULE)
+    history = train(model, scheduler, digits8, small_config(steps=60, batch_size=32, ema_decay=None))
+    assert len(history.losses) == 60 and len(history.learning_rates) == 60
+    first, last = sum(history.losses[:10]) / 10, sum(history.losses[-10:]) / 10
+    assert last < 0.5 * first, f"the loss should fall: {first:.3f} -> {last:.3f}"
+    assert history.images_per_second > 0 and not model.training
+
+
+def test_cosine_schedule_with_warmup(digits8):
+    history = train(fresh_model(), make_scheduler(**QUICK_SCHEDULE), digits8,
+                    small_config(steps=10, warmup_steps=4, learning_rate=1e-3))
+    lrs = history.learning_rates
+    assert lrs[0] == pytest.approx(1e-3 * 1 / 4) and lrs[3] == pytest.approx(1e-3)   # linear warm-up
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_same_seed_same_weights(digits8):
+    a, b = fresh_model(), fresh_model()
+    train(a, make_scheduler(**QUICK_SCHEDULE), digits8, small_config())
+    train(b, make_scheduler(**QUICK_SCHEDULE), digits8, small_config())
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_resumed_run_equals_an_uninterrupted_one(digits8, tmp_path, monkeypatch):
+    trigger = make_trigger("box", 8, 1)
+    dataset = PoisonedDataset(digits8, trigger=trigger, target=make_target("corner", 8, 1), poison_rate=0.3, seed=0)
+    config = small_config(steps=8, checkpoint_every=3, hflip=True, checkpoint_dir=str(tmp_path / "ckpt"))
+
+    reference = fresh_model()
+    train(reference, make_scheduler(**QUICK_SCHEDULE), dataset, small_config(steps=8, hflip=True))
+
+    real_save = train_module._save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        folder = real_save(*args, **kwargs)
+        if args[1] == 6:
+            raise KeyboardInterrupt("killed after the step-6 checkpoint")
+        return folder
+
+    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_crash)
+    interrupted = fresh_model()
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted, make_scheduler(**QUICK_SCHEDULE), dataset, config)
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path / "ckpt").name == "checkpoint-0000006"
+
+    resumed = fresh_model(seed=99)   # other initial weights: everything must come from the checkpoint
+    history = train(resumed, make_scheduler(**QUICK_SCHEDULE), dataset, config)
+    assert history.resumed_from_step == 6 and len(history.losses) == 8
+    for (name, x), y in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(x, y, msg=name, atol=0, rtol=0)
+
+
+def test_checkpoints_are_complete_and_pruned(digits8, tmp_path):
+    config = small_config(steps=6, checkpoint_every=2, keep_checkpoints=2, checkpoint_dir=str(tmp_path))
+    train(fresh_model(), make_scheduler(**QUICK_SCHEDULE), digits8, config)
+    folders = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert folders == ["checkpoint-0000004", "checkpoint-0000006"], "older checkpoints are removed"
+    assert (tmp_path / "latest").read_text().strip() == "checkpoint-0000006"
+    meta = json.loads((tmp_path / "checkpoint-0000006" / "state.json").read_text())
+    assert meta["step"] == 6 and len(meta["losses"]) == 6 and meta["config"]["seed"] == 3
+    assert not list(tmp_path.glob(".*")), "no temporary files are left"
+
+
+def test_an_unfinished_checkpoint_is_ignored(digits8, tmp_path):
+    config = small_config(steps=4, checkpoint_every=2, checkpoint_dir=str(tmp_path))
+    train(fresh_model(), make_scheduler(**QUICK_SCHEDULE), digits8, config)
+    # A crash while writing a later checkpoint leaves only a hidden staging folder behind.
+    (tmp_path / ".checkpoint-0000006.partial").mkdir()
+    assert latest_checkpoint(tmp_path).name == "checkpoint-0000004"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(steps=0), "steps must be a positive integer, got steps=0"),
+    (dict(batch_size=-4), "batch_size must be a positive integer"),
+    (dict(learning_rate=0.0), "learning_rate must be in"),
+    (dict(ema_decay=1.5), "ema_decay must be in"),
+    (dict(mixed_precision="fp8"), "mixed_precision='fp8' is not known"),
+    (dict(solver="euler"), "solver='euler' is not known"),
+    (dict(lr_schedule="linear"), "lr_schedule='linear' is not known"),
+])
+def test_bad_configurations(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        small_config(**overrides)
+
+
+def test_images_must_fit_the_model(digits8):
+    with pytest.raises(ValueError, match="do not fit the model"):
+        train(make_unet(16, 1), make_scheduler(**QUICK_SCHEDULE), digits8, small_config())
+    with pytest.raises(ValueError, match=r"must lie in \[-1, 1\]"):
+        train(fresh_model(), make_scheduler(**QUICK_SCHEDULE), digits8 * 3, small_config())
