@@ -187,16 +187,12 @@ def digits_images(*, size: int = INPUT_SIZE) -> tuple[Tensor, Tensor]:
     Returns:
         ``(images, labels)``: ``(1797, 1, size, size)`` float32 in [0, 1] and ``(1797,)`` int64 in 0..9.
     """
-    from sklearn.datasets import load_digits
+    from baddiff_core.data import load_images
 
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive integer, got size={size!r}")
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    if size != 8:
-        images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
-    labels = torch.tensor(digits.target, dtype=torch.int64)
-    return images.clamp(0.0, 1.0), labels
+    if isinstance(size, bool) or not isinstance(size, int) or size < 4:
+        raise ValueError(f"size must be an integer >= 4, got size={size!r}")
+    images, labels = load_images("digits", size, with_labels=True)   # the diffusion models' data, in [-1, 1]
+    return ((images + 1) / 2).clamp(0.0, 1.0), labels
 
 
 def digits_split(*, split_seed: int = 0, test_fraction: float = _TEST_FRACTION) -> tuple[Tensor, Tensor]:
