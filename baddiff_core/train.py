@@ -33,7 +33,7 @@ from baddiff_core.devices import resolve_device
 from baddiff_core.diffusion import SOLVERS, diffusion_loss
 from baddiff_core.poison import PoisonedDataset, poison_pairs
 
-__all__ = ["TrainConfig", "TrainHistory", "train", "latest_checkpoint"]
+__all__ = ["TrainConfig", "TrainHistory", "train", "latest_checkpoint", "list_checkpoints", "load_checkpoint_weights"]
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("cosine", "constant")
@@ -278,6 +278,27 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
         return None
     folder = Path(checkpoint_dir) / pointer.read_text().strip()
     return folder if (folder / "state.safetensors").is_file() and (folder / "state.json").is_file() else None
+
+
+def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
+    """The complete checkpoint folders in ``checkpoint_dir``, oldest first."""
+    folders = sorted(Path(checkpoint_dir).glob("checkpoint-*"))
+    return [f for f in folders if (f / "state.safetensors").is_file() and (f / "state.json").is_file()]
+
+
+def load_checkpoint_weights(folder: str | os.PathLike, model: torch.nn.Module, *, ema: bool = True) -> int:
+    """Load a checkpoint's weights into ``model`` (its EMA weights if it has them and ``ema``).
+
+    Useful to look at a run part-way, e.g. samples after 150, 300, ... steps. Returns the step.
+    """
+    folder = Path(folder)
+    tensors = load_file(str(folder / "state.safetensors"))
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    if ema and "ema.0" in tensors:
+        with torch.no_grad():
+            for index, parameter in enumerate(p for p in model.parameters() if p.requires_grad):
+                parameter.copy_(tensors[f"ema.{index}"])
+    return int(json.loads((folder / "state.json").read_text())["step"])
 
 
 def _save_checkpoint(checkpoint_dir: Path, step: int, model: torch.nn.Module, optimizer, lr_scheduler,

@@ -125,3 +125,16 @@ def test_images_must_fit_the_model(digits8):
         train(make_unet(16, 1), make_scheduler(**QUICK_SCHEDULE), digits8, small_config())
     with pytest.raises(ValueError, match=r"must lie in \[-1, 1\]"):
         train(fresh_model(), make_scheduler(**QUICK_SCHEDULE), digits8 * 3, small_config())
+
+
+def test_checkpoint_weights_reproduce_the_final_model(digits8, tmp_path):
+    model = fresh_model()
+    train(model, make_scheduler(**QUICK_SCHEDULE), digits8,
+          small_config(steps=4, checkpoint_every=2, keep_checkpoints=5, checkpoint_dir=str(tmp_path)))
+    folders = train_module.list_checkpoints(tmp_path)
+    assert [f.name for f in folders] == ["checkpoint-0000002", "checkpoint-0000004"]
+    loaded = fresh_model(seed=5)
+    assert train_module.load_checkpoint_weights(folders[-1], loaded) == 4
+    # The trained model ends holding its EMA weights, which the last checkpoint stores.
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
