@@ -191,8 +191,9 @@ def train(model: torch.nn.Module, scheduler: DDPMScheduler, dataset: PoisonedDat
             bar.set_postfix(loss=f"{history.losses[-1]:.4f}")
         if checkpoint_dir is not None and (done == config.steps or
                                            (config.checkpoint_every and done % config.checkpoint_every == 0)):
-            history.losses.extend(torch.stack(pending).float().cpu().tolist()) if pending else None
-            pending.clear()
+            if pending:
+                history.losses.extend(torch.stack(pending).float().cpu().tolist())
+                pending.clear()
             if accelerator.is_main_process:
                 _save_checkpoint(checkpoint_dir, done, accelerator.unwrap_model(model), optimizer, lr_scheduler,
                                  ema, order, generator, history, config)
