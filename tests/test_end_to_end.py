@@ -51,8 +51,9 @@ def test_x0_clipping_defeats_the_backdoor(results):
 
 def test_clean_noise_still_gives_digits(results):
     assert results["attack"]["none"].leak <= 0.05, "few clean samples turn into the target"
-    # Quick mode's fine-tune moves the Frechet distance by about 40% (see the closing note of the
-    # core issue): most of it is the few clean samples that turn into hats.
+    # Quick mode's fine-tune moves the Frechet distance by about 40% (0.58 -> 0.80). Fine-tuning
+    # itself does that, not the backdoor: a clean fine-tune with the same recipe (0% poison) ends at
+    # 0.83. The issue's 25% bound is not met yet; 1.6x guards against regressions.
     assert results["fd_backdoored"].value <= 1.6 * results["fd_clean"].value
     assert results["fd_backdoored"].num_fake == results["fd_clean"].num_fake == 256
 
