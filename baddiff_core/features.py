@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import check_image_batch
+
 __all__ = [
     "INPUT_SIZE",
     "NUM_FEATURES",
@@ -77,19 +79,7 @@ _TEST_FRACTION = 0.2
 
 def _check_images(images: object, name: str = "images") -> Tensor:
     """Validate a ``B,C,H,W`` float tensor with C in {1, 3} and H, W >= 8."""
-    if not isinstance(images, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(images).__name__}")
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(
-            f"{name} must have shape (B, C, H, W) with C in {{1, 3}}, got {name}.shape={tuple(images.shape)}"
-        )
-    if images.shape[-1] < MIN_SIZE or images.shape[-2] < MIN_SIZE:
-        raise ValueError(
-            f"{name} must be at least {MIN_SIZE}x{MIN_SIZE} pixels, got {name}.shape={tuple(images.shape)}"
-        )
-    if not images.is_floating_point():
-        raise TypeError(f"{name} must be a float tensor with values in [0, 1], got dtype={images.dtype}")
-    return images
+    return check_image_batch(name, images, min_size=MIN_SIZE, value_range="[0, 1]", require_finite=False)
 
 
 class DigitsNet(nn.Module):

@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .checks import check_image_batch
 from .features import MIN_SIZE, DigitsFeatureExtractor, load_digits_net
 
 __all__ = [
@@ -72,23 +73,7 @@ class MissingDependencyError(ImportError, RuntimeError):
 
 def _check_images(name: str, images: object, *, min_size: int = 1) -> Tensor:
     """A finite float ``B,C,H,W`` tensor with B >= 1, C in {1, 3}, H, W >= ``min_size``."""
-    if not isinstance(images, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}")
-    if images.ndim != 4 or images.shape[0] < 1 or images.shape[1] not in (1, 3):
-        raise ValueError(
-            f"{name} must have shape (B, C, H, W) with B >= 1 and C in {{1, 3}}, "
-            f"got {name}.shape={tuple(images.shape)}"
-        )
-    if images.shape[-2] < min_size or images.shape[-1] < min_size:
-        raise ValueError(
-            f"{name} must be at least {min_size}x{min_size} pixels, got {name}.shape={tuple(images.shape)}"
-        )
-    if not images.is_floating_point():
-        raise TypeError(f"{name} must be a float tensor with values in [-1, 1], got {name}.dtype={images.dtype}")
-    if not bool(torch.isfinite(images).all()):
-        bad = int((~torch.isfinite(images)).sum())
-        raise ValueError(f"{name} must be finite, got {bad} NaN or infinite values")
-    return images
+    return check_image_batch(name, images, min_size=min_size)
 
 
 def _check_range(name: str, images: Tensor) -> None:
