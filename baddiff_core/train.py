@@ -44,8 +44,11 @@ class TrainConfig:
     """How to train. Defaults suit quick mode on a CPU; :meth:`paper_finetune` is the authors' recipe.
 
     ``steps`` counts optimizer steps; each sees ``batch_size * gradient_accumulation_steps`` images.
-    ``ema_decay`` goes to diffusers' ``EMAModel``, which caps the decay at ``(1 + k) / (10 + k)`` at
-    step ``k``: below about 1,800 steps a decay of 0.995 or 0.999 behaves the same.
+    ``ema_decay`` goes to diffusers' ``EMAModel``. With ``ema_warmup`` (right for training from
+    scratch) it caps the decay at ``(1 + k) / (10 + k)`` at step ``k``, so that below about 1,800
+    steps a decay of 0.995 or 0.999 behaves the same. A fine-tune starts from good weights and
+    wants ``ema_warmup=False``: the decay is constant from the first step, so the average starts
+    at the pre-trained weights and forgets them at the rate ``ema_decay`` says.
     """
 
     steps: int = 500
@@ -58,6 +61,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     ema_decay: float | None = None
+    ema_warmup: bool = True
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     solver: Literal["sde", "ode"] = "sde"
     hflip: bool = False
@@ -148,7 +152,10 @@ def train(model: torch.nn.Module, scheduler: DDPMScheduler, dataset: PoisonedDat
     lr_scheduler = get_scheduler(config.lr_schedule if config.lr_schedule == "cosine" else "constant_with_warmup",
                                  optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    ema = EMAModel(model.parameters(), decay=config.ema_decay) if config.ema_decay else None
+    ema = None
+    if config.ema_decay:
+        ema = EMAModel(model.parameters(), decay=config.ema_decay,
+                       min_decay=0.0 if config.ema_warmup else config.ema_decay)
     generator = torch.Generator(device=accelerator.device).manual_seed(config.seed + accelerator.process_index)
     order = _BatchOrder(len(data.images), generator)
     history = TrainHistory()

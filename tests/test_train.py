@@ -138,3 +138,30 @@ def test_checkpoint_weights_reproduce_the_final_model(digits8, tmp_path):
     # The trained model ends holding its EMA weights, which the last checkpoint stores.
     for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_is_the_moving_average_of_the_raw_weights(digits8, tmp_path, warmup):
+    """The EMA weights equal an EMA computed by hand from the raw weights after every step.
+
+    Without warm-up (a fine-tune) the decay is ``ema_decay`` from the first step; with it, diffusers'
+    ``min(ema_decay, (1 + k) / (10 + k))`` (0 at the first step, so the average starts there).
+    """
+    decay, steps = 0.7, 4
+    raw = fresh_model()
+    start = [p.detach().clone() for p in raw.parameters()]
+    train(raw, make_scheduler(**QUICK_SCHEDULE), digits8,
+          small_config(steps=steps, ema_decay=None, checkpoint_every=1, keep_checkpoints=steps,
+                       checkpoint_dir=str(tmp_path)))
+    expected = start
+    for k, folder in enumerate(train_module.list_checkpoints(tmp_path), start=1):
+        snapshot = fresh_model(seed=9)
+        train_module.load_checkpoint_weights(folder, snapshot, ema=False)
+        d = min(decay, (k - 1 + 1) / (k - 1 + 10)) if warmup and k > 1 else (0.0 if warmup else decay)
+        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, snapshot.parameters())]
+
+    averaged = fresh_model()
+    train(averaged, make_scheduler(**QUICK_SCHEDULE), digits8,
+          small_config(steps=steps, ema_decay=decay, ema_warmup=warmup))
+    for e, p in zip(expected, averaged.parameters()):
+        torch.testing.assert_close(p.detach(), e, atol=1e-6, rtol=1e-5)
