@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import sys
 from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 
 from baddiff_core.devices import resolve_device
 
-__all__ = ["ChapterSettings", "chapter_settings", "seed_everything", "glue", "in_colab"]
+__all__ = ["ChapterSettings", "chapter_settings", "seed_everything", "glue", "in_colab", "markdown_table"]
 
 
 @dataclass(frozen=True)
@@ -89,3 +90,31 @@ def glue(name: str, value: Any, *, display: bool = False) -> None:
     except ImportError:  # pragma: no cover - depends on the environment
         return
     _myst_glue(name, value, display=display)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], formats: Mapping[str, str] | None = None) -> str:
+    """A Markdown table of ``rows`` (dicts with the same keys, in column order).
+
+    ``formats`` maps a column to a format spec (``{"asr": ".2f"}``) for its numbers; other values
+    (and text in a formatted column, such as ``"-"`` for "not applicable") are printed with ``str``. Show it with ``IPython.display.Markdown``: the built book renders it as a real table.
+    """
+    rows = list(rows)
+    if not rows:
+        raise ValueError("rows must hold at least one row, got none")
+    columns = list(rows[0])
+    for index, row in enumerate(rows):
+        if list(row) != columns:
+            raise ValueError(f"row {index} has columns {list(row)}, expected {columns} (as row 0)")
+    formats = dict(formats or {})
+    unknown = sorted(set(formats) - set(columns))
+    if unknown:
+        raise ValueError(f"formats names columns {unknown} that no row has; columns: {columns}")
+
+    def cell(column: str, value: Any) -> str:
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        text = format(value, formats[column]) if column in formats and numeric else str(value)
+        return text.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(c, row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)

@@ -102,3 +102,25 @@ def test_show_images_and_animation():
     assert html.count("data:image/png;base64") == 5
     with pytest.raises(ValueError, match="titles"):
         show_images(batch, titles=["a"])
+
+
+def test_markdown_table_formats_columns_and_escapes_pipes():
+    from baddiff_core.book import markdown_table
+
+    text = markdown_table([{"attack": "a|b", "asr": 0.9061}, {"attack": "c", "asr": 1},
+                           {"attack": "d", "asr": "-"}],
+                          {"asr": ".2f"})
+    assert text.splitlines() == ["| attack | asr |", "|---|---|", "| a\\|b | 0.91 |",
+                                 "| c | 1.00 |", "| d | - |"]
+
+
+@pytest.mark.parametrize("rows, formats, message", [
+    ([], None, "at least one row"),
+    ([{"a": 1}, {"b": 2}], None, "row 1 has columns"),
+    ([{"a": 1}], {"z": ".2f"}, "formats names columns"),
+])
+def test_markdown_table_bad_input(rows, formats, message):
+    from baddiff_core.book import markdown_table
+
+    with pytest.raises(ValueError, match=message):
+        markdown_table(rows, formats)
