@@ -138,6 +138,23 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu"
         source = str(path)  # a hub id such as "google/ddpm-cifar10-32": downloads
     else:
         raise FileNotFoundError(f"model folder {str(path)!r} does not exist (nor is it a hub id 'owner/name')")
-    unet = UNet2DModel.from_pretrained(source, subfolder="unet", use_safetensors=True)
-    scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
+    if source == str(local):
+        unet = UNet2DModel.from_pretrained(source, subfolder="unet", use_safetensors=True)
+        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
+    else:
+        unet, scheduler = _load_from_hub(source)
     return unet.to(device).eval(), scheduler
+
+
+def _load_from_hub(repo_id: str) -> tuple[UNet2DModel, DDPMScheduler]:
+    """A hub repository in the pipeline layout (``unet/``, ``scheduler/``) or, like the early
+    ``google/ddpm-*`` repositories, with the UNet and scheduler files at its root."""
+    try:
+        unet = UNet2DModel.from_pretrained(repo_id, subfolder="unet", use_safetensors=True)
+    except OSError:
+        unet = UNet2DModel.from_pretrained(repo_id, use_safetensors=True)
+    try:
+        scheduler = DDPMScheduler.from_pretrained(repo_id, subfolder="scheduler")
+    except OSError:
+        scheduler = DDPMScheduler.from_pretrained(repo_id)
+    return unet, scheduler
