@@ -1,0 +1,58 @@
+"""Numbers the BadDiffusion authors published, to print beside the book's own measurements.
+
+Introduced in chapter 4 (Measuring the backdoor). Source: the authors' result files for CIFAR-10
+(Chou, Chen, Ho, CVPR 2023), as collected in the book's math reference (MATH.md section 5): a fine-tune
+of ``google/ddpm-cifar10-32`` for 50 epochs, DDPM sampling with 1000 steps, MSE and SSIM between
+triggered samples and the target on the [0, 1] scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["PublishedResult", "BADDIFFUSION_CIFAR10", "published_results"]
+
+
+@dataclass(frozen=True)
+class PublishedResult:
+    """One published BadDiffusion result on CIFAR-10.
+
+    Attributes:
+        trigger, trigger_size, target, poison_rate: the attack (size at 32 px, rate in [0, 1]).
+        mse, ssim: triggered samples against the target, without clipping (``None``: not published).
+        mse_clip, ssim_clip: the same with the x0-clipping defence.
+    """
+
+    trigger: str
+    trigger_size: int
+    target: str
+    poison_rate: float
+    mse: float | None
+    ssim: float | None
+    mse_clip: float | None = None
+    ssim_clip: float | None = None
+
+    @property
+    def fired(self) -> bool | None:
+        """Whether the backdoor worked without clipping (MSE below 0.01 or SSIM above 0.5)."""
+        if self.mse is not None:
+            return self.mse < 0.01
+        return None if self.ssim is None else self.ssim > 0.5
+
+
+#: The authors' CIFAR-10 results used in the book.
+BADDIFFUSION_CIFAR10: tuple[PublishedResult, ...] = (
+    PublishedResult("stop_sign", 14, "corner", 0.9, mse=3.85e-6, ssim=0.997, mse_clip=0.063, ssim_clip=0.145),
+    PublishedResult("stop_sign", 14, "shift", 0.9, mse=3.80e-6, ssim=0.999, mse_clip=0.083, ssim_clip=0.103),
+    PublishedResult("box", 14, "corner", 0.9, mse=3.85e-6, ssim=0.997, mse_clip=0.012, ssim_clip=0.793),
+    PublishedResult("box", 18, "noshift", 0.05, mse=0.0068, ssim=None),
+    PublishedResult("box", 8, "shoe", 0.05, mse=None, ssim=0.11),
+)
+
+
+def published_results(*, trigger: str | None = None, target: str | None = None,
+                      poison_rate: float | None = None) -> list[PublishedResult]:
+    """The published results that match every given field."""
+    return [r for r in BADDIFFUSION_CIFAR10
+            if (trigger is None or r.trigger == trigger) and (target is None or r.target == target)
+            and (poison_rate is None or r.poison_rate == poison_rate)]
