@@ -138,7 +138,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu"
         source = str(path)  # a hub id such as "google/ddpm-cifar10-32": downloads
     else:
         raise FileNotFoundError(f"model folder {str(path)!r} does not exist (nor is it a hub id 'owner/name')")
-    if source == str(local):
+    if local.exists():
         unet = UNet2DModel.from_pretrained(source, subfolder="unet", use_safetensors=True)
         scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
     else:

@@ -93,3 +93,27 @@ def test_make_unet_rejects_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_unet(**kwargs)
 
+
+
+def test_hub_ids_fall_back_to_files_at_the_repository_root(monkeypatch):
+    """Early hub repositories (google/ddpm-cifar10-32) keep the UNet and scheduler at their root."""
+    from baddiff_core import models
+
+    calls = []
+
+    def fake_loader(result):
+        def from_pretrained(source, subfolder=None, **kwargs):
+            calls.append((source, subfolder))
+            if subfolder is not None:
+                raise OSError(f"{source} has no {subfolder}/ folder")
+            return result
+        return from_pretrained
+
+    unet = models.make_unet(8, 1, block_out_channels=(16, 32), norm_num_groups=8)
+    scheduler = models.DDPMScheduler()
+    monkeypatch.setattr(models.UNet2DModel, "from_pretrained", fake_loader(unet))
+    monkeypatch.setattr(models.DDPMScheduler, "from_pretrained", fake_loader(scheduler))
+    loaded_unet, loaded_scheduler = models.load_model("someone/old-layout")
+    assert loaded_unet is unet and loaded_scheduler is scheduler
+    assert calls == [("someone/old-layout", "unet"), ("someone/old-layout", None),
+                     ("someone/old-layout", "scheduler"), ("someone/old-layout", None)]
