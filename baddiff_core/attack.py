@@ -11,6 +11,15 @@ half, with a white box (18 at 32 px, so 9 x 9 pixels) and a hat target at 10% po
 paper's stop sign is a blob a few pixels wide; in our calibration runs (600 steps, 30% poison) the
 grey box and the stop sign reached an attack success rate of 0.80 with 20% of clean samples turning
 into the target, the white box 0.97 with 6%: the highest-contrast trigger is what quick mode uses.
+
+The fine-tune's recipe (lr 5e-4, 100 warm-up steps, then constant; EMA 0.995) was chosen among
+eleven calibrated variants for a reliable backdoor: attack success 0.92 and 0.95 on two sampling
+seeds. A cosine decay keeps clean samples closer to the clean model's (Frechet distance 0.40 and
+0.60 against 0.73 and 0.66, 512 samples each; the clean model scores 0.31 and 0.46) but fires less
+often (0.78 and 0.88); lower rates, longer or larger-batch runs were weaker or no cleaner. A clean
+fine-tune (0% poison) with the same recipe moves the Frechet distance as much as the backdoored one:
+the cost is the fine-tuning of a 1.1 M-parameter model that had converged, not the backdoor.
+
 :meth:`BackdoorRecipe.paper` is the paper's CIFAR-10 setting (a GPU and downloads).
 """
 
@@ -36,8 +45,8 @@ from baddiff_core.triggers import make_target, make_trigger
 __all__ = ["QUICK_FINETUNE", "BackdoorRecipe", "BackdooredModel", "plant_backdoor"]
 
 #: Quick mode's fine-tune of the shipped clean model (CPU, about a minute and a half on 2 cores).
-QUICK_FINETUNE = TrainConfig(steps=900, batch_size=64, learning_rate=5e-4, lr_schedule="constant",
-                             ema_decay=0.995, log_every=25)
+QUICK_FINETUNE = TrainConfig(steps=800, batch_size=64, learning_rate=5e-4, lr_schedule="constant",
+                             warmup_steps=100, ema_decay=0.995, log_every=25)
 
 # Settings that change how a run is executed, not what it produces: not part of the cache key.
 _RUN_ONLY = ("device", "progress", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "log_every")
