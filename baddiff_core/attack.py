@@ -13,8 +13,9 @@ grey box and the stop sign reached an attack success rate of 0.80 with 20% of cl
 into the target, the white box 0.97 with 6%: the highest-contrast trigger is what quick mode uses.
 
 The fine-tune's recipe (lr 5e-4, 100 warm-up steps, then constant; EMA 0.995) was chosen among
-eleven calibrated variants for a reliable backdoor: attack success 0.92 and 0.95 on two sampling
-seeds. A cosine decay keeps clean samples closer to the clean model's (Frechet distance 0.40 and
+eleven calibrated variants (900 steps each) for a reliable backdoor: attack success 0.92 and 0.95
+on two sampling seeds; 800 steps, the default that keeps chapter 3 within its time budget, gives
+0.91. A cosine decay keeps clean samples closer to the clean model's (Frechet distance 0.40 and
 0.60 against 0.73 and 0.66, 512 samples each; the clean model scores 0.31 and 0.46) but fires less
 often (0.78 and 0.88); lower rates, longer or larger-batch runs were weaker or no cleaner. A clean
 fine-tune (0% poison) with the same recipe moves the Frechet distance as much as the backdoored one:
