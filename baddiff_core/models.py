@@ -8,13 +8,15 @@ Introduced in chapter 2 (Denoising diffusion models). A saved model is a folder 
     scheduler/scheduler_config.json
     baddiff.json                      (optional: how the model was made, for people and the cache)
 
-Weights are written and read as safetensors only; a pickle file is never loaded.
+Weights are written and read as safetensors; a pickle file is loaded only on an explicit opt-in, and
+then as tensors only (:func:`load_model`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -25,7 +27,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 __all__ = ["UNET_PRESETS", "make_unet", "ddpm_cifar10_unet", "count_parameters", "save_model",
-           "load_model", "PRETRAINED_CIFAR10"]
+           "load_model", "PICKLE_SUFFIXES", "PRETRAINED_CIFAR10"]
 
 #: The paper's clean pre-trained CIFAR-10 model on the Hugging Face hub (full mode; downloads).
 PRETRAINED_CIFAR10 = "google/ddpm-cifar10-32"
@@ -117,22 +119,32 @@ def _make_readable(folder: Path) -> None:
         item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
 
 
-def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu"
+def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", allow_pickle: bool = False
                ) -> tuple[UNet2DModel, DDPMScheduler]:
     """Load ``(unet, scheduler)`` from a folder in the diffusers layout, or a hub id (network needed).
 
-    Only safetensors weights are read. The UNet is returned in eval mode on ``device``.
+    Weights are read from safetensors, which holds tensors and nothing else. A folder that only has
+    pickle-based weights (``.bin``, ``.pt``, ``.ckpt``: loading a pickle can run any code its
+    author put in it) is refused unless ``allow_pickle=True``, and even then read with
+    ``torch.load(weights_only=True)``, which rebuilds tensors only and rejects anything else.
+    The UNet is returned in eval mode on ``device``.
 
     Raises:
         FileNotFoundError: a local ``path`` does not exist or holds no ``unet/`` weights.
+        ValueError: the weights are a pickle and ``allow_pickle`` is False, or the pickle holds
+            more than tensors.
     """
     local = Path(path).expanduser()
     if local.exists():
         weights = local / "unet" / "diffusion_pytorch_model.safetensors"
         if not weights.is_file():
+            pickles = sorted(p for p in (local / "unet").glob("*") if p.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                unet = _load_pickled_unet(local / "unet", pickles[0], allow_pickle)
+                scheduler = DDPMScheduler.from_pretrained(str(local), subfolder="scheduler")
+                return unet.to(device).eval(), scheduler
             raise FileNotFoundError(f"{str(path)!r} is not a model folder in the diffusers layout: "
-                                    "unet/diffusion_pytorch_model.safetensors is missing "
-                                    "(only safetensors weights are loaded)")
+                                    "unet/diffusion_pytorch_model.safetensors is missing")
         source = str(local)
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
         source = str(path)  # a hub id such as "google/ddpm-cifar10-32": downloads
@@ -144,6 +156,26 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu"
     else:
         unet, scheduler = _load_from_hub(source)
     return unet.to(device).eval(), scheduler
+
+
+#: Weight files that are Python pickles (refused by default, see :func:`load_model`).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _load_pickled_unet(folder: Path, weights: Path, allow_pickle: bool) -> UNet2DModel:
+    """A UNet from ``folder/config.json`` and the pickled state dict ``weights`` (tensors only)."""
+    if not allow_pickle:
+        raise ValueError(f"{str(weights)!r} is a pickle file, and loading a pickle can run code hidden "
+                         "in it; refusing. Convert the weights to safetensors, or pass "
+                         "allow_pickle=True to read tensors only, with torch.load(weights_only=True)")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{str(weights)!r} holds more than tensors; torch.load(weights_only=True) "
+                         f"refused it: {str(error).splitlines()[0]}") from error
+    unet = UNet2DModel.from_config(UNet2DModel.load_config(str(folder)))
+    unet.load_state_dict(state)
+    return unet
 
 
 def _load_from_hub(repo_id: str) -> tuple[UNet2DModel, DDPMScheduler]:

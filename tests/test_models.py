@@ -117,3 +117,52 @@ def test_hub_ids_fall_back_to_files_at_the_repository_root(monkeypatch):
     assert loaded_unet is unet and loaded_scheduler is scheduler
     assert calls == [("someone/old-layout", "unet"), ("someone/old-layout", None),
                      ("someone/old-layout", "scheduler"), ("someone/old-layout", None)]
+
+
+class _RunsCodeOnLoad:
+    """Unpickling this calls Path.touch(marker): a stand-in for any code an attacker could run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+        return (Path.touch, (Path(self.marker),))
+
+
+def _pickled_model_folder(tmp_path, payload) -> str:
+    """A diffusers-layout folder whose UNet weights are a pickle (``.bin``) holding ``payload``."""
+    unet = make_unet(8, 1, block_out_channels=(16, 32), norm_num_groups=8)
+    folder = save_model(tmp_path / "model", unet, make_scheduler(**QUICK_SCHEDULE))
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save(payload(unet), folder / "unet" / "diffusion_pytorch_model.bin")
+    return str(folder)
+
+
+def test_pickled_weights_are_refused_without_opt_in(tmp_path):
+    marker = tmp_path / "code-ran"
+    folder = _pickled_model_folder(tmp_path, lambda unet: {"weights": _RunsCodeOnLoad(marker)})
+    with pytest.raises(ValueError, match=r"diffusion_pytorch_model\.bin' is a pickle file.*allow_pickle=True"):
+        load_model(folder)
+    assert not marker.exists()
+
+
+def test_opted_in_pickles_are_read_as_tensors_only(tmp_path):
+    marker = tmp_path / "code-ran"
+    folder = _pickled_model_folder(tmp_path, lambda unet: {"weights": _RunsCodeOnLoad(marker)})
+    with pytest.raises(ValueError, match=r"holds more than tensors"):
+        load_model(folder, allow_pickle=True)
+    assert not marker.exists(), "weights_only=True must refuse to run the payload"
+
+
+def test_opted_in_plain_state_dict_loads(tmp_path):
+    original = {}
+
+    def state(unet):
+        original.update({k: v.clone() for k, v in unet.state_dict().items()})
+        return unet.state_dict()
+
+    folder = _pickled_model_folder(tmp_path, state)
+    unet, scheduler = load_model(folder, allow_pickle=True)
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in original.items())
+    assert scheduler.config.num_train_timesteps == QUICK_SCHEDULE["num_train_timesteps"]
