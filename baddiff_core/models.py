@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from safetensors import SafetensorError
 
 __all__ = ["UNET_PRESETS", "make_unet", "ddpm_cifar10_unet", "count_parameters", "save_model",
            "load_model", "PICKLE_SUFFIXES", "PRETRAINED_CIFAR10"]
@@ -131,8 +132,8 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", a
 
     Raises:
         FileNotFoundError: a local ``path`` does not exist or holds no ``unet/`` weights.
-        ValueError: the weights are a pickle and ``allow_pickle`` is False, or the pickle holds
-            more than tensors.
+        ValueError: the weights are truncated or corrupt, or a pickle and ``allow_pickle`` is
+            False, or a pickle that holds more than tensors.
     """
     local = Path(path).expanduser()
     if local.exists():
@@ -151,7 +152,11 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", a
     else:
         raise FileNotFoundError(f"model folder {str(path)!r} does not exist (nor is it a hub id 'owner/name')")
     if local.exists():
-        unet = UNet2DModel.from_pretrained(source, subfolder="unet", use_safetensors=True)
+        try:
+            unet = UNet2DModel.from_pretrained(source, subfolder="unet", use_safetensors=True)
+        except (OSError, SafetensorError) as error:
+            raise ValueError(f"the weights in {str(weights)!r} are truncated or corrupt and cannot be read "
+                             f"({str(error).splitlines()[0]})") from error
         scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
     else:
         unet, scheduler = _load_from_hub(source)
