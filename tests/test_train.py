@@ -165,3 +165,61 @@ def test_ema_is_the_moving_average_of_the_raw_weights(digits8, tmp_path, warmup)
           small_config(steps=steps, ema_decay=decay, ema_warmup=warmup))
     for e, p in zip(expected, averaged.parameters()):
         torch.testing.assert_close(p.detach(), e, atol=1e-6, rtol=1e-5)
+
+
+_KILLED_RUN = r'''
+import os, signal, sys
+import torch
+from baddiff_core import train as train_module
+from baddiff_core.data import load_images
+from baddiff_core.diffusion import QUICK_SCHEDULE, make_scheduler
+from baddiff_core.models import make_unet
+
+checkpoint_dir, kill_at_step, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(threads)
+real_save_file = train_module.save_file
+
+def save_file_then_die(tensors, path):
+    """Die by SIGKILL half-way through writing the checkpoint of ``kill_at_step``."""
+    if f"checkpoint-{kill_at_step:07d}" in path:
+        with open(path, "wb") as handle:
+            handle.write(b"half a file")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save_file(tensors, path)
+
+train_module.save_file = save_file_then_die
+torch.manual_seed(0)
+model = make_unet(8, 1, block_out_channels=(16, 32), norm_num_groups=8)
+config = train_module.TrainConfig(steps=8, batch_size=16, learning_rate=2e-3, warmup_steps=2, ema_decay=0.9,
+                                  device="cpu", progress=False, log_every=2, seed=3, checkpoint_every=1,
+                                  keep_checkpoints=2, checkpoint_dir=checkpoint_dir)
+train_module.train(model, make_scheduler(**QUICK_SCHEDULE), load_images("digits", 8, limit=256), config)
+'''
+
+
+def test_sigkill_mid_checkpoint_then_resume_equals_an_uninterrupted_run(digits8, tmp_path):
+    """A training process killed with SIGKILL while writing a checkpoint loses nothing: the previous
+    checkpoint is intact, and resuming from it ends with the weights of a run that was never killed."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "killed_run.py"
+    script.write_text(_KILLED_RUN)
+    checkpoints = tmp_path / "ckpt"
+    child = subprocess.run([sys.executable, str(script), str(checkpoints), "6", str(torch.get_num_threads())],
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == -9, child.stderr[-2000:]
+    assert latest_checkpoint(checkpoints).name == "checkpoint-0000005", "the half-written one is ignored"
+    assert not (checkpoints / "checkpoint-0000006").exists()
+
+    config = small_config(steps=8, checkpoint_every=1, keep_checkpoints=2, checkpoint_dir=str(checkpoints))
+    resumed = fresh_model(seed=99)
+    history = train(resumed, make_scheduler(**QUICK_SCHEDULE), digits8, config)
+    assert history.resumed_from_step == 5
+
+    reference = fresh_model()
+    train(reference, make_scheduler(**QUICK_SCHEDULE), digits8, small_config(steps=8))
+    for (name, x), y in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(x, y, msg=name, atol=0, rtol=0)
