@@ -123,3 +123,14 @@ def test_bad_sampling_arguments(model, scheduler, kwargs, error, message):
     args.update(kwargs)
     with pytest.raises(error, match=message):
         sample(model, scheduler, **args)
+
+
+@pytest.mark.parametrize("sampler, clip", [("ddpm", "none"), ("ddpm", "x0"), ("ddim", "xt")])
+def test_same_seed_same_samples_other_seed_other_samples(model, scheduler, sampler, clip):
+    def draw(seed):
+        return sample(model, scheduler, 3, trigger=torch.zeros(1, 8, 8), sampler=sampler, clip=clip,
+                      num_inference_steps=10, generator=torch.Generator().manual_seed(seed), progress=False)
+
+    first, again, other = draw(7), draw(7), draw(8)
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
