@@ -137,30 +137,29 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", a
     """
     local = Path(path).expanduser()
     if local.exists():
-        weights = local / "unet" / "diffusion_pytorch_model.safetensors"
-        if not weights.is_file():
-            pickles = sorted(p for p in (local / "unet").glob("*") if p.suffix in PICKLE_SUFFIXES)
-            if pickles:
-                unet = _load_pickled_unet(local / "unet", pickles[0], allow_pickle)
-                scheduler = DDPMScheduler.from_pretrained(str(local), subfolder="scheduler")
-                return unet.to(device).eval(), scheduler
-            raise FileNotFoundError(f"{str(path)!r} is not a model folder in the diffusers layout: "
-                                    "unet/diffusion_pytorch_model.safetensors is missing")
-        source = str(local)
+        unet = _load_local_unet(local, path, allow_pickle)
+        scheduler = DDPMScheduler.from_pretrained(str(local), subfolder="scheduler")
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
-        source = str(path)  # a hub id such as "google/ddpm-cifar10-32": downloads
+        unet, scheduler = _load_from_hub(str(path))  # a hub id such as "google/ddpm-cifar10-32": downloads
     else:
         raise FileNotFoundError(f"model folder {str(path)!r} does not exist (nor is it a hub id 'owner/name')")
-    if local.exists():
+    return unet.to(device).eval(), scheduler
+
+
+def _load_local_unet(local: Path, path: str | os.PathLike, allow_pickle: bool) -> UNet2DModel:
+    """The UNet of a local diffusers-layout folder: safetensors, else an opted-in pickle."""
+    weights = local / "unet" / "diffusion_pytorch_model.safetensors"
+    if weights.is_file():
         try:
-            unet = UNet2DModel.from_pretrained(source, subfolder="unet", use_safetensors=True)
+            return UNet2DModel.from_pretrained(str(local), subfolder="unet", use_safetensors=True)
         except (OSError, SafetensorError) as error:
             raise ValueError(f"the weights in {str(weights)!r} are truncated or corrupt and cannot be read "
                              f"({str(error).splitlines()[0]})") from error
-        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
-    else:
-        unet, scheduler = _load_from_hub(source)
-    return unet.to(device).eval(), scheduler
+    pickles = sorted(p for p in (local / "unet").glob("*") if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        return _load_pickled_unet(local / "unet", pickles[0], allow_pickle)
+    raise FileNotFoundError(f"{str(path)!r} is not a model folder in the diffusers layout: "
+                            "unet/diffusion_pytorch_model.safetensors is missing")
 
 
 #: Weight files that are Python pickles (refused by default, see :func:`load_model`).

@@ -5,14 +5,14 @@ Introduced in chapter 1 (What is diffusion?).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib import animation
 
-__all__ = ["use_style", "to_display", "show_images", "animate_images"]
+__all__ = ["use_style", "to_display", "show_images", "show_strips", "animate_images"]
 
 _STYLE = {
     "figure.dpi": 100,
@@ -83,6 +83,31 @@ def show_images(images: Sequence[torch.Tensor | np.ndarray] | torch.Tensor, *, t
                 ax.set_title(titles[index])
     if suptitle:
         fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+def show_strips(rows: Mapping[str, torch.Tensor | Sequence[torch.Tensor]], *, width: float = 10.0,
+                row_height: float = 1.25, value_range: tuple[float, float] = (-1.0, 1.0),
+                fontsize: float | None = None) -> plt.Figure:
+    """One titled strip per row: the row's images (``B,C,H,W`` or a list of ``C,H,W``) side by side.
+
+    ``rows`` maps each title to its images, e.g. samples of one model or one checkpoint, so that
+    rows compare at a glance. Returns the figure.
+    """
+    rows = dict(rows)
+    if not rows:
+        raise ValueError("rows must hold at least one row, got none")
+    fig, axes = plt.subplots(len(rows), 1, figsize=(width, row_height * len(rows)), squeeze=False)
+    for ax, (title, images) in zip(axes[:, 0], rows.items()):
+        images = [image.detach().cpu() for image in images]
+        if not images:
+            raise ValueError(f"row {title!r} holds no images")
+        strip = torch.cat(images, dim=-1)  # C,H,B*W
+        ax.imshow(to_display(strip, value_range=value_range), cmap="gray", vmin=0, vmax=1,
+                  interpolation="nearest")
+        ax.set_title(title, loc="left", fontsize=fontsize)
+        ax.axis("off")
     fig.tight_layout()
     return fig
 

@@ -124,3 +124,19 @@ def test_markdown_table_bad_input(rows, formats, message):
 
     with pytest.raises(ValueError, match=message):
         markdown_table(rows, formats)
+
+
+def test_show_strips_puts_each_row_side_by_side():
+    from baddiff_core.viz import show_strips
+
+    grey = -torch.ones(3, 1, 4, 5)
+    grey[1] = 1.0                                   # the middle image of the first row is white
+    fig = show_strips({"first": grey, "second": [torch.zeros(1, 4, 5)] * 2})
+    first, second = fig.axes
+    assert first.get_title(loc="left") == "first" and second.get_title(loc="left") == "second"
+    shown = first.get_images()[0].get_array()
+    assert shown.shape == (4, 15)                   # three 4 x 5 images, side by side
+    assert shown[:, 5:10].min() == 1 and shown[:, :5].max() == 0
+    assert second.get_images()[0].get_array().shape == (4, 10)
+    with pytest.raises(ValueError, match="at least one row"):
+        show_strips({})
