@@ -306,15 +306,12 @@ def load_checkpoint_weights(folder: str | os.PathLike, model: torch.nn.Module, *
         raise FileNotFoundError(f"{str(folder)!r} is not a complete checkpoint: state.safetensors is missing")
     tensors = load_file(str(folder / "state.safetensors"))
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    expected = model.state_dict()
-    wrong = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
-    if wrong or len(state) != len(expected):
-        first = wrong[0] if wrong else sorted(set(state) - set(expected))[0]
-        found = tuple(state[first].shape) if first in state else "missing"
-        wanted = tuple(expected[first].shape) if first in expected else "not in the model"
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:   # torch lists every missing, unexpected or mis-shaped tensor
+        details = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
         raise ValueError(f"the checkpoint {str(folder)!r} does not fit the model (another architecture?): "
-                         f"{first!r} is {found} in the checkpoint, {wanted} in the model")
-    model.load_state_dict(state)
+                         f"{details[0] if details else error}") from error
     if ema and "ema.0" in tensors:
         with torch.no_grad():
             for index, parameter in enumerate(p for p in model.parameters() if p.requires_grad):
