@@ -31,6 +31,13 @@ export PYDEVD_DISABLE_FILE_VALIDATION ?= 1
 
 STAMP := $(VENV)/.installed
 
+# Executed chapters are cached in _build/.jupyter_cache (`execute_notebooks: cache`), so the book that
+# `make test` builds and checks is reused by `make book` without running the chapters again. The
+# cache keys on the notebooks' code only: empty it whenever the library or the pinned versions change.
+JUPYTER_CACHE := _build/.jupyter_cache
+CORE_STAMP := _build/.core-stamp
+CORE_FILES := $(shell find baddiff_core -type f -not -path '*/__pycache__/*' -not -name '*.pyc') pyproject.toml $(CONSTRAINTS)
+
 .PHONY: book test venv lock strip clean
 
 venv: $(STAMP)
@@ -43,12 +50,16 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install $(PIP_CONSTRAINTS) -e ".[book,test]"
 	touch $@
 
-book: $(STAMP)
+book: $(STAMP) $(CORE_STAMP)
 	$(BIN)/jupyter-book build . --all --warningiserror --keep-going
 	@echo "The book is in _build/html/index.html"
 
-test: $(STAMP)
+test: $(STAMP) $(CORE_STAMP)
 	$(BIN)/python -m pytest tests book --nbval-lax --nbval-current-env
+
+$(CORE_STAMP): $(CORE_FILES)
+	rm -rf $(JUPYTER_CACHE)
+	@mkdir -p $(@D) && touch $@
 
 lock: $(STAMP)
 	@{ echo "# Versions resolved by 'make venv' on Python 3.11, Linux x86_64 (make lock writes this file)."; \
