@@ -2,7 +2,8 @@
 #
 #   make book   create .venv if missing, install everything, execute every chapter in quick mode
 #               and write the HTML book to _build/html (Sphinx warnings are errors)
-#   make test   unit tests, plus every chapter executed under nbval in quick mode
+#   make test   unit tests, the built book checked in headless Chromium, plus every chapter executed
+#               under nbval in quick mode (installs Debian's chromium with apt when it is missing)
 #
 # Other targets: make lock (record the resolved versions), make strip (remove notebook outputs),
 # make clean.
@@ -38,7 +39,10 @@ JUPYTER_CACHE := _build/.jupyter_cache
 CORE_STAMP := _build/.core-stamp
 CORE_FILES := $(shell find baddiff_core -type f -not -path '*/__pycache__/*' -not -name '*.pyc') pyproject.toml $(CONSTRAINTS)
 
-.PHONY: book test venv lock strip clean
+# The browser test (tests/test_book_in_browser.py) opens the built book in this headless Chromium.
+export CHROMIUM ?= chromium
+
+.PHONY: book test venv lock strip clean browser
 
 venv: $(STAMP)
 
@@ -54,12 +58,25 @@ book: $(STAMP) $(CORE_STAMP)
 	$(BIN)/jupyter-book build . --all --warningiserror --keep-going
 	@echo "The book is in _build/html/index.html"
 
-test: $(STAMP) $(CORE_STAMP)
+test: $(STAMP) $(CORE_STAMP) browser
 	$(BIN)/python -m pytest tests book --nbval-lax --nbval-current-env
 
 $(CORE_STAMP): $(CORE_FILES)
 	rm -rf $(JUPYTER_CACHE)
 	@mkdir -p $(@D) && touch $@
+
+# Debian's chromium, installed with apt (as root, or through sudo) when it is not on PATH.
+browser:
+	@command -v $(CHROMIUM) >/dev/null 2>&1 || { \
+	  echo "Installing Debian's chromium for tests/test_book_in_browser.py"; \
+	  if [ "$$(id -u)" = 0 ]; then sudo=; elif command -v sudo >/dev/null 2>&1; then sudo=sudo; else sudo=none; fi; \
+	  { [ "$$sudo" != none ] && command -v apt-get >/dev/null 2>&1 \
+	    && $$sudo apt-get update \
+	    && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium \
+	    && command -v $(CHROMIUM) >/dev/null 2>&1; } \
+	  || { echo "make test needs a headless Chromium for tests/test_book_in_browser.py and could not install it." >&2; \
+	       echo "Install Debian's package as root (apt-get install chromium), or set CHROMIUM=/path/to/chromium." >&2; \
+	       exit 1; }; }
 
 lock: $(STAMP)
 	@{ echo "# Versions resolved by 'make venv' on Python 3.11, Linux x86_64 (make lock writes this file)."; \
