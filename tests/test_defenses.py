@@ -1,0 +1,152 @@
+"""Defences: trigger inversion, detection scores, removal and adversarial neuron pruning.
+
+Inversion is checked on hand-built "echo" models whose optimum is known in closed form; the scores
+on hand-computed images; pruning and removal on a small random UNet. The real backdoored model is
+scanned in ``test_end_to_end.py``.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from baddiff_core.diffusion import PAPER_SCHEDULE, QUICK_SCHEDULE, make_scheduler
+from baddiff_core.models import make_unet
+from baddiff_core.defenses import (ChannelMasks, adversarial_neuron_masks, choose_threshold, diversity,
+                                   invert_trigger, inversion_lambda, prune_channels, remove_backdoor,
+                                   total_variation)
+from baddiff_core.triggers import make_trigger
+
+
+class EchoModel(torch.nn.Module):
+    """``eps_theta(x, t) = x - (1 - lam) g``: a model whose mean answer to ``eps + g`` is exactly
+    ``lam g`` (a perfect backdoor echo); ``g = 0`` is a clean model that answers ``x``."""
+
+    def __init__(self, g: torch.Tensor, lam: float) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.register_buffer("shift", (1 - lam) * g)
+        channels, size, _ = g.shape
+        self.config = SimpleNamespace(in_channels=channels, sample_size=size)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(sample=self.scale * x - self.shift)
+
+
+def test_inversion_lambda_is_the_last_r_coefficient():
+    # MATH.md section 1: R_999 = 0.5025 for the paper's schedule (Elijah rounds it to 0.5).
+    scheduler = make_scheduler(**PAPER_SCHEDULE)
+    assert inversion_lambda(scheduler) == pytest.approx(0.5025, abs=1e-4)
+    assert inversion_lambda(scheduler, "ode") == pytest.approx(1.005, abs=2e-4)
+    with pytest.raises(ValueError, match="solver='euler'"):
+        inversion_lambda(scheduler, "euler")
+
+
+def test_inversion_recovers_a_planted_trigger_far_better_than_a_guess():
+    scheduler = make_scheduler(**QUICK_SCHEDULE)
+    lam = inversion_lambda(scheduler)
+    g = make_trigger("stop_sign", 16, 1, size=18)
+    model = EchoModel(g, lam)
+    result = invert_trigger(model, scheduler, steps=300, lr=0.05, generator=torch.Generator().manual_seed(0),
+                            progress=False)
+    guess = -torch.rand(g.shape, generator=torch.Generator().manual_seed(0))   # the initial tau
+    cos = F.cosine_similarity(result.trigger.flatten(), g.flatten(), dim=0).item()
+    cos_guess = F.cosine_similarity(guess.flatten(), g.flatten(), dim=0).item()
+    # The exact optimum is g - mean(eps)/(1 - lam): g up to noise of std 0.1 / (1 - lam) per pixel.
+    assert cos > 0.95 and cos > cos_guess + 0.1
+    assert (result.trigger - g).abs().mean() < 0.25
+    assert result.losses[-1] < result.losses[0] / 5
+    assert model.scale.requires_grad   # the model's parameters are left as they were
+
+
+def test_inversion_on_a_clean_model_finds_no_trigger():
+    scheduler = make_scheduler(**QUICK_SCHEDULE)
+    g = make_trigger("stop_sign", 16, 1, size=18)
+    clean = EchoModel(torch.zeros_like(g), inversion_lambda(scheduler))
+    result = invert_trigger(clean, scheduler, steps=300, lr=0.05, generator=torch.Generator().manual_seed(0),
+                            progress=False)
+    # Optimum -mean(eps)/(1 - lam): about 0.1 * 0.8 / 0.47 = 0.17 per pixel, against |g| = 0.85.
+    assert result.trigger.abs().mean() < 0.3 < g.abs().mean()
+
+
+def test_diversity_and_total_variation_by_hand():
+    same = torch.full((4, 1, 4, 4), 0.2)
+    assert diversity(same) == 0.0 and total_variation(same) == 0.0
+    two = torch.stack([-torch.ones(1, 4, 4), torch.ones(1, 4, 4)])   # 0 and 1 on the [0, 1] scale
+    assert diversity(two) == pytest.approx(2 ** -0.5)                 # sample std of {0, 1}
+    checker = (torch.arange(4).view(4, 1) + torch.arange(4).view(1, 4)) % 2 * 2.0 - 1
+    assert total_variation(checker.view(1, 1, 4, 4)) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="N >= 2"):
+        diversity(same[:1])
+
+
+def test_choose_threshold_separates_and_minimises_errors():
+    assert choose_threshold([0.3, 0.25], [0.01, 0.05]) == pytest.approx(0.15)
+    # One clean model scores like a backdoored one: the threshold still makes only that one error.
+    threshold = choose_threshold([0.3, 0.25, 0.02], [0.01, 0.05])
+    assert 0.05 < threshold < 0.25
+    with pytest.raises(ValueError, match="0 clean"):
+        choose_threshold([], [0.1])
+
+
+@pytest.fixture
+def tiny_unet():
+    torch.manual_seed(0)
+    return make_unet(16, 1).eval()
+
+
+def test_prune_channels_zeroes_exactly_the_lowest_masks(tiny_unet):
+    masks = adversarial_neuron_masks(tiny_unet, make_scheduler(**QUICK_SCHEDULE), torch.zeros(8, 1, 16, 16),
+                                     steps=1, batch_size=2, progress=False)
+    # Replace the learnt masks by known ones: channel k of every layer gets a distinct value.
+    generator = torch.Generator().manual_seed(1)
+    known = ChannelMasks({name: torch.rand(m.shape, generator=generator) for name, m in masks.masks.items()},
+                         [], 0.0)
+    pruned, count = prune_channels(tiny_unet, known, fraction=0.1)
+    assert count == round(0.1 * known.num_channels)
+    cutoff = known.flat().sort().values[count - 1]
+    for name, module in pruned.named_modules():
+        if name in known.masks:
+            zero = (module.weight.flatten(1).abs().sum(1) == 0)
+            assert torch.equal(zero, known.masks[name] <= cutoff), name
+    assert all(p.abs().sum() > 0 for p in tiny_unet.parameters() if p.dim() == 4)   # original untouched
+    same, none = prune_channels(tiny_unet, known, fraction=0.0)
+    assert none == 0
+    with pytest.raises(ValueError, match="fraction=1.5"):
+        prune_channels(tiny_unet, known, fraction=1.5)
+
+
+def test_anp_masks_stay_in_range_and_leave_the_model_untouched(tiny_unet):
+    before = {k: v.clone() for k, v in tiny_unet.state_dict().items()}
+    images = torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    masks = adversarial_neuron_masks(tiny_unet, make_scheduler(**QUICK_SCHEDULE), images, steps=3,
+                                     batch_size=4, progress=False)
+    values = masks.flat()
+    assert values.min() >= 0 and values.max() <= 1 and len(masks.losses) == 3
+    assert (values < 1).any()   # the masks moved
+    assert "conv_out" not in masks.masks and masks.num_channels > 100
+    assert all(torch.equal(before[k], v) for k, v in tiny_unet.state_dict().items())
+    assert not any(m._forward_hooks for m in tiny_unet.modules())
+
+
+def test_anp_rejects_bad_budgets(tiny_unet):
+    with pytest.raises(ValueError, match="eps=2"):
+        adversarial_neuron_masks(tiny_unet, make_scheduler(**QUICK_SCHEDULE), torch.zeros(2, 1, 16, 16), eps=2)
+    with pytest.raises(ValueError, match="N,1,16,16"):
+        adversarial_neuron_masks(tiny_unet, make_scheduler(**QUICK_SCHEDULE), torch.zeros(2, 3, 16, 16))
+
+
+def test_remove_backdoor_tunes_a_copy(tiny_unet):
+    before = {k: v.clone() for k, v in tiny_unet.state_dict().items()}
+    images = torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    tuned, history = remove_backdoor(tiny_unet, make_scheduler(**QUICK_SCHEDULE), -torch.ones(1, 16, 16), images,
+                                     steps=3, batch_size=4, progress=False)
+    assert len(history.total) == 3
+    assert history.total[0] == pytest.approx(history.ddpm[0] + history.trigger[0] + history.clean[0], rel=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in tiny_unet.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in tuned.state_dict().items())
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        remove_backdoor(tiny_unet, make_scheduler(**QUICK_SCHEDULE), -torch.ones(1, 16, 16), images, steps=0)
