@@ -13,7 +13,7 @@ that `_toc.yml` lists as a chapter notebook in headless Chromium. For each chapt
    every widget view on the page refers to a model in that state.
 
 The front page is checked to render too. A full-page screenshot of every page it opens is kept in
-`_build/html/_screenshots/<page>.png`.
+`_build/screenshots/<page>.png` (beside the HTML, so that it is not published with it).
 
 Time: the build executes the chapters unless the jupyter cache (`_build/.jupyter_cache`) already
 holds them: 4-5 minutes on 2 CPU cores with the chapters' models already in `~/.cache/baddiff`
@@ -56,7 +56,7 @@ from PIL import Image
 from conftest import ROOT, chapter_notebooks, toc_files
 
 HTML = ROOT / "_build" / "html"
-SCREENSHOTS = HTML / "_screenshots"
+SCREENSHOTS = ROOT / "_build" / "screenshots"
 BUILD_LOG = ROOT / "_build" / "book-build.log"
 BUILD_ARGS = ["build", ".", "--all", "--warningiserror", "--keep-going"]  # as `make book`
 REPOSITORY = {"owner": "baddiff-book", "name": "backdooring-diffusion-models", "branch": "main"}
