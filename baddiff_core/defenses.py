@@ -46,8 +46,10 @@ __all__ = [
     "diversity",
     "total_variation",
     "BackdoorScan",
+    "DEFAULT_THRESHOLD",
     "scan_model",
     "choose_threshold",
+    "RemovalHistory",
     "remove_backdoor",
     "ChannelMasks",
     "adversarial_neuron_masks",
@@ -215,9 +217,9 @@ class BackdoorScan:
         return "BACKDOORED" if self.backdoored else "clean"
 
 
-#: The diversity below which :func:`scan_model` calls a model backdoored. Chosen in the chapter
-#: "Detecting and removing a backdoor" on the book's digits models (backdoored models score below
-#: 0.05, clean ones above 0.2), and checked there on models not used to choose it.
+#: The diversity below which :func:`scan_model` calls a model backdoored: half the diversity of a
+#: clean digits model (0.20 for the shipped model and 0.195 for a clean fine-tune, 16 samples each
+#: from ``eps + tau``). Provisional: :func:`choose_threshold` fits one on labelled models.
 DEFAULT_THRESHOLD = 0.1
 
 
