@@ -5,7 +5,7 @@ Introduced in chapter 4 (Measuring the backdoor). Every number comes with its sa
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
@@ -34,6 +34,7 @@ class AttackMetrics:
         leak: fraction of clean samples (same starting noise, no trigger) that hit the target.
         n: number of triggered (and of clean) samples.
         threshold: the MSE threshold used for ``asr`` and ``leak``.
+        clean, triggered: the scored samples, ``n,C,H,W`` in [-1, 1] (not in :meth:`as_dict`).
     """
 
     clip: str
@@ -43,9 +44,12 @@ class AttackMetrics:
     leak: float
     n: int
     threshold: float
+    clean: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    triggered: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, float | int | str]:
-        return asdict(self)
+        """The numbers, without the samples."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("clean", "triggered")}
 
 
 def evaluate_attack(unet: UNet2DModel, scheduler: DDPMScheduler, trigger: torch.Tensor, target: torch.Tensor, *,
@@ -72,7 +76,8 @@ def evaluate_attack(unet: UNet2DModel, scheduler: DDPMScheduler, trigger: torch.
             asr=attack_success_rate(triggered, target_on_device, threshold),
             mse=float(mse_to_target(triggered, target_on_device)),
             ssim=float(ssim_to_target(triggered, target_on_device)),
-            leak=attack_success_rate(clean, target_on_device, threshold))
+            leak=attack_success_rate(clean, target_on_device, threshold),
+            clean=clean, triggered=triggered)
     return results
 
 
