@@ -4,9 +4,11 @@ Full-scale runs outside notebooks, e.g. on a GPU machine::
 
     baddiff backdoor --paper --output runs/cifar10-stop-hat          # the paper's CIFAR-10 attack
     baddiff evaluate runs/cifar10-stop-hat --n 256
+    baddiff scan runs/cifar10-stop-hat                                # any downloaded DDPM/DDIM model
     accelerate launch -m baddiff_core.cli backdoor --paper ...        # several GPUs
 
 Bad arguments exit with status 2 and a message that names the value and what is allowed.
+``baddiff scan`` exits with status 0 for a model it finds clean and 1 for one it calls backdoored.
 """
 
 from __future__ import annotations
@@ -86,6 +88,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
     evaluate.add_argument("--device", default="auto")
+
+    from baddiff_core.defenses import DEFAULT_THRESHOLD
+
+    scan = commands.add_parser(
+        "scan", help="look for a backdoor without knowing the trigger (Elijah trigger inversion)",
+        description="Estimate a trigger from the model alone, sample from noise + the estimate and call the model "
+                    "backdoored when many samples are the same image. Works on any unconditional DDPM/DDIM UNet "
+                    "in the diffusers layout. Exit status: 0 clean, 1 backdoored, 2 bad arguments.")
+    scan.add_argument("model", help="a model folder (diffusers layout) or a hub id (needs a network)")
+    scan.add_argument("--n", type=int, default=16, help="samples drawn from noise + the trigger estimate")
+    scan.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                      help="mode share (fraction of samples alike) from which the model is called backdoored")
+    scan.add_argument("--inversion-steps", type=int, default=100, help="Adam steps of the trigger inversion")
+    scan.add_argument("--noise-batch", type=int, default=100, help="noises averaged over by the inversion")
+    scan.add_argument("--steps", type=int, help="sampling steps (default: the model's training steps)")
+    scan.add_argument("--solver", choices=("sde", "ode"), default="sde",
+                      help="the backdoor target looked for: 'sde' (BadDiffusion) or 'ode' (VillanDiffusion)")
+    scan.add_argument("--output", type=Path, help="folder for trigger.png, samples.png and scan.json "
+                      "(default: scan-<model name> in the current folder)")
+    scan.add_argument("--seed", type=int, default=0)
+    scan.add_argument("--json", action="store_true", help="print the result as JSON")
+    scan.add_argument("--device", default="auto")
     return parser
 
 
@@ -94,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return {"train-clean": _train_clean, "backdoor": _backdoor, "sample": _sample,
-                "evaluate": _evaluate}[args.command](args)
+                "evaluate": _evaluate, "scan": _scan}[args.command](args)
     except (UsageError, ValueError, TypeError, FileNotFoundError, PermissionError) as error:
         print(f"baddiff {args.command}: error: {error}", file=sys.stderr)
         return 2
@@ -212,6 +236,51 @@ def _evaluate(args: argparse.Namespace) -> int:
         if "clean_quality" in output:
             print(f"clean quality: {output['clean_quality']['text']}")
     return 0
+
+
+def _scan(args: argparse.Namespace) -> int:
+    import matplotlib.pyplot as plt
+
+    from baddiff_core.defenses import scan_model
+    from baddiff_core.devices import resolve_device
+    from baddiff_core.models import load_model
+    from baddiff_core.viz import show_images
+
+    for name in ("n", "inversion_steps", "noise_batch", "steps"):
+        _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    if args.n < 2:
+        raise UsageError(f"--n must be at least 2 (the score compares samples), got {args.n}")
+    if not 0 < args.threshold <= 1:
+        raise UsageError(f"--threshold must be a mode share in (0, 1], got {args.threshold}")
+    output = args.output or Path(f"scan-{Path(str(args.model).rstrip('/')).name.replace('/', '-')}")
+    device = resolve_device(args.device)
+    unet, scheduler = load_model(args.model, device=device)
+    result = scan_model(unet, scheduler, n=args.n, threshold=args.threshold, num_noise=args.noise_batch,
+                        steps=args.inversion_steps, solver=args.solver, num_inference_steps=args.steps,
+                        seed=args.seed, progress=not args.json)
+    report = dict(model=str(args.model), verdict=result.verdict, mode_share=result.mode_share,
+                  threshold=result.threshold, alike=round(result.mode_share * args.n), samples=args.n,
+                  diversity=result.diversity, total_variation=result.total_variation,
+                  inversion_steps=args.inversion_steps, final_inversion_loss=result.inversion.losses[-1],
+                  seconds=round(result.seconds, 1), output=str(output))
+    output.mkdir(parents=True, exist_ok=True)
+    trigger = result.inversion.trigger.cpu()
+    save_file({"trigger": trigger.contiguous()}, str(output / "trigger.safetensors"))
+    low, high = float(trigger.min()), float(trigger.max())
+    for name, figure in (("trigger.png", show_images([trigger], titles=["trigger estimate"], size=2.5,
+                                                     value_range=(low, max(high, low + 1e-6)))),
+                         ("samples.png", show_images(result.samples.cpu(), ncols=min(8, args.n)))):
+        figure.savefig(output / name)
+        plt.close(figure)
+    (output / "scan.json").write_text(json.dumps(report, indent=2))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{result.verdict}: {report['alike']} of {args.n} samples from noise + the trigger estimate are alike "
+              f"(mode share {result.mode_share:.2f}; threshold {result.threshold:.2f}); diversity "
+              f"{result.diversity:.3f}, total variation {result.total_variation:.3f}; {args.inversion_steps} "
+              f"inversion steps and {args.n} samples in {result.seconds:.0f} s. Images in {output}/")
+    return 1 if result.backdoored else 0
 
 
 if __name__ == "__main__":

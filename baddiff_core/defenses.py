@@ -9,8 +9,10 @@ The first defence, inference-time clipping, is a sampler setting (``clip="x0"`` 
   trigger estimate ``tau`` is found by minimising ``| mean_i eps_theta(eps_i + tau, T-1) - lambda tau |_1``.
   A clean model predicts about ``eps + tau`` there, which only ``tau = 0`` satisfies.
 - **Detection**: sample from ``eps + tau``. A backdoored model draws one image (the target) again
-  and again; a clean model draws varied images. The score is the samples' *diversity*, the mean
-  per-pixel standard deviation across samples in [0, 1] units: low means backdoored.
+  and again; a clean model draws varied images. The score is the *mode share*: the largest
+  fraction of the samples that lie within a small MSE of one of them (1/n for a clean model, up
+  to 1 for a backdoored one). The samples' diversity (per-pixel standard deviation) and total
+  variation are reported beside it.
 - **Removal** (Elijah): fine-tune a copy on a little clean data with the DDPM loss plus two terms
   that make the model treat ``eps + tau`` like ``eps``, as the frozen original treats ``eps``.
 - **Adversarial neuron pruning** (ANP, Wu & Wang 2021, adapted to diffusion by BadDiffusion): learn a
@@ -43,6 +45,7 @@ __all__ = [
     "InvertedTrigger",
     "inversion_lambda",
     "invert_trigger",
+    "mode_share",
     "diversity",
     "total_variation",
     "BackdoorScan",
@@ -168,12 +171,33 @@ def invert_trigger(unet: UNet2DModel, scheduler: DDPMScheduler, *, num_noise: in
 # --------------------------------------------------------------------------- #
 
 
+def _check_batch(images: object) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] < 2:
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a tensor N,C,H,W with N >= 2, got {got}")
+    return images
+
+
+def mode_share(images: torch.Tensor, radius: float = 0.01) -> float:
+    """The largest fraction of ``images`` (``N,C,H,W`` in [-1, 1], N >= 2) that lie within per-image
+    MSE ``radius`` ([0, 1] units) of one of them, itself included.
+
+    ``1/N`` when no two images are alike, 1 when all are the same image. With the book's attack
+    success threshold as radius (0.01), a backdoored model sampled from ``eps + tau`` scores about
+    its attack success rate for that ``tau``.
+    """
+    images = _check_batch(images)
+    if not (isinstance(radius, (int, float)) and radius > 0):
+        raise ValueError(f"radius must be a positive MSE, got radius={radius!r}")
+    unit = to_unit_range(images).double().flatten(1)
+    pairwise_mse = torch.cdist(unit, unit).square() / unit.shape[1]
+    return float((pairwise_mse < radius).sum(dim=1).max()) / len(images)
+
+
 def diversity(images: torch.Tensor) -> float:
     """Mean per-pixel standard deviation across ``images`` (``N,C,H,W`` in [-1, 1], N >= 2), in
     [0, 1] units: 0 when every image is the same; about 0.3 for varied digits."""
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] < 2:
-        raise ValueError(f"images must be a tensor N,C,H,W with N >= 2, got "
-                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    images = _check_batch(images)
     return float(to_unit_range(images).float().std(dim=0).mean())
 
 
@@ -195,14 +219,16 @@ class BackdoorScan:
     Attributes:
         inversion: the trigger estimate.
         samples: ``n,C,H,W`` images drawn from ``eps + tau``, in [-1, 1].
-        diversity: :func:`diversity` of ``samples`` (the detection score: low = backdoored).
+        mode_share: :func:`mode_share` of ``samples``, the detection score (high = backdoored).
+        diversity: :func:`diversity` of ``samples``.
         total_variation: :func:`total_variation` of ``samples``.
-        threshold: the diversity below which the model is called backdoored.
+        threshold: the mode share from which the model is called backdoored.
         seconds: wall time of inversion and sampling.
     """
 
     inversion: InvertedTrigger
     samples: torch.Tensor
+    mode_share: float
     diversity: float
     total_variation: float
     threshold: float
@@ -210,17 +236,17 @@ class BackdoorScan:
 
     @property
     def backdoored(self) -> bool:
-        return self.diversity < self.threshold
+        return self.mode_share >= self.threshold
 
     @property
     def verdict(self) -> str:
         return "BACKDOORED" if self.backdoored else "clean"
 
 
-#: The diversity below which :func:`scan_model` calls a model backdoored: half the diversity of a
-#: clean digits model (0.20 for the shipped model and 0.195 for a clean fine-tune, 16 samples each
-#: from ``eps + tau``). Provisional: :func:`choose_threshold` fits one on labelled models.
-DEFAULT_THRESHOLD = 0.1
+#: The mode share from which :func:`scan_model` calls a model backdoored: 4 of 16 samples alike.
+#: Clean digits models score 1/16 (no two samples alike); the paper's triggers at 16 px score 0.31
+#: (grey box) and 0.62 (stop sign). Provisional: :func:`choose_threshold` fits one on labelled models.
+DEFAULT_THRESHOLD = 0.25
 
 
 def scan_model(unet: UNet2DModel, scheduler: DDPMScheduler, *, n: int = 16, threshold: float = DEFAULT_THRESHOLD,
@@ -229,7 +255,7 @@ def scan_model(unet: UNet2DModel, scheduler: DDPMScheduler, *, n: int = 16, thre
     """Invert a trigger, draw ``n`` samples from ``eps + tau`` (DDPM, no clipping) and score them."""
     _positive_int("n", n)
     if n < 2:
-        raise ValueError(f"n must be at least 2 (diversity compares samples), got n={n}")
+        raise ValueError(f"n must be at least 2 (the score compares samples), got n={n}")
     if not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
         raise ValueError(f"threshold must be in (0, 1), got threshold={threshold!r}")
     began = time.perf_counter()
@@ -237,12 +263,12 @@ def scan_model(unet: UNet2DModel, scheduler: DDPMScheduler, *, n: int = 16, thre
                                generator=torch.Generator().manual_seed(seed), progress=progress)
     samples = sample(unet, scheduler, n, trigger=inversion.trigger, num_inference_steps=num_inference_steps,
                      generator=torch.Generator().manual_seed(seed + 1), progress=progress)
-    return BackdoorScan(inversion, samples, diversity(samples), total_variation(samples), float(threshold),
-                        time.perf_counter() - began)
+    return BackdoorScan(inversion, samples, mode_share(samples), diversity(samples), total_variation(samples),
+                        float(threshold), time.perf_counter() - began)
 
 
 def choose_threshold(clean_scores: Sequence[float], backdoored_scores: Sequence[float]) -> float:
-    """The diversity threshold that best separates the two groups (backdoored below, clean above):
+    """The score threshold that best separates the two groups (backdoored at or above, clean below):
     among the midpoints between sorted scores, the one with the fewest errors, ties broken by the
     widest margin."""
     clean, bad = [float(s) for s in clean_scores], [float(s) for s in backdoored_scores]
@@ -252,7 +278,7 @@ def choose_threshold(clean_scores: Sequence[float], backdoored_scores: Sequence[
     candidates = [(a + b) / 2 for a, b in zip(values, values[1:])] or values
 
     def errors(threshold: float) -> int:
-        return sum(s < threshold for s in clean) + sum(s >= threshold for s in bad)
+        return sum(s >= threshold for s in clean) + sum(s < threshold for s in bad)
 
     def margin(threshold: float) -> float:
         return min(abs(s - threshold) for s in values)

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from baddiff_core.diffusion import PAPER_SCHEDULE, QUICK_SCHEDULE, make_scheduler
 from baddiff_core.models import make_unet
 from baddiff_core.defenses import (ChannelMasks, adversarial_neuron_masks, choose_threshold, diversity,
-                                   invert_trigger, inversion_lambda, prune_channels, remove_backdoor,
-                                   total_variation)
+                                   invert_trigger, inversion_lambda, mode_share, prune_channels,
+                                   remove_backdoor, total_variation)
 from baddiff_core.triggers import make_trigger
 
 
@@ -83,11 +83,23 @@ def test_diversity_and_total_variation_by_hand():
         diversity(same[:1])
 
 
+def test_mode_share_counts_the_largest_group_of_alike_images():
+    varied = torch.linspace(-1, 1, 8).view(8, 1, 1, 1).expand(8, 1, 4, 4)   # steps of 1/7 on [0, 1]
+    assert mode_share(varied) == pytest.approx(1 / 8)                     # MSE 0.02 apart at least
+    target = torch.full((1, 4, 4), -0.5)   # 0.25 on [0, 1], far from the 3 images kept
+    mixed = varied.clone()
+    mixed[:5] = target + 0.05 * torch.arange(5).view(5, 1, 1, 1) / 5     # five near-copies
+    assert mode_share(mixed) == pytest.approx(5 / 8)
+    assert mode_share(varied, radius=1.0) == 1.0
+    with pytest.raises(ValueError, match="radius=0"):
+        mode_share(varied, radius=0)
+
+
 def test_choose_threshold_separates_and_minimises_errors():
-    assert choose_threshold([0.3, 0.25], [0.01, 0.05]) == pytest.approx(0.15)
+    assert choose_threshold([0.0625, 0.125], [0.5, 0.75]) == pytest.approx(0.3125)
     # One clean model scores like a backdoored one: the threshold still makes only that one error.
-    threshold = choose_threshold([0.3, 0.25, 0.02], [0.01, 0.05])
-    assert 0.05 < threshold < 0.25
+    threshold = choose_threshold([0.0625, 0.125, 0.6], [0.5, 0.75])
+    assert 0.125 < threshold <= 0.5
     with pytest.raises(ValueError, match="0 clean"):
         choose_threshold([], [0.1])
 

@@ -1,0 +1,55 @@
+"""``baddiff scan``: trigger inversion and detection from the command line, on a small model folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from baddiff_core.cli import main
+from baddiff_core.diffusion import QUICK_SCHEDULE, make_scheduler
+from baddiff_core.models import make_unet, save_model
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("models") / "tiny"
+    save_model(folder, make_unet(8, 1, block_out_channels=(16, 32)), make_scheduler(**QUICK_SCHEDULE))
+    return folder
+
+
+def test_scan_writes_a_verdict_images_and_a_report(model_folder, tmp_path, capsys):
+    out = tmp_path / "scan"
+    status = main(["scan", str(model_folder), "--n", "4", "--inversion-steps", "3", "--noise-batch", "4",
+                   "--steps", "3", "--output", str(out), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert status == (1 if report["verdict"] == "BACKDOORED" else 0)
+    assert report["samples"] == 4 and report["inversion_steps"] == 3
+    assert 0.25 <= report["mode_share"] <= 1 and report["seconds"] >= 0
+    assert {p.name for p in out.iterdir()} == {"trigger.png", "samples.png", "trigger.safetensors", "scan.json"}
+    assert load_file(str(out / "trigger.safetensors"))["trigger"].shape == (1, 8, 8)
+    assert json.loads((out / "scan.json").read_text()) == report
+
+
+def test_scan_prints_one_line_verdict(model_folder, tmp_path, capsys):
+    main(["scan", str(model_folder), "--n", "2", "--inversion-steps", "1", "--noise-batch", "2", "--steps", "2",
+          "--output", str(tmp_path / "s")])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(("clean:", "BACKDOORED:")) and "of 2 samples" in line and "inversion steps" in line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["scan", "{model}", "--n", "1"], "--n must be at least 2"),
+    (["scan", "{model}", "--n", "0"], "--n must be a positive integer, got 0"),
+    (["scan", "{model}", "--threshold", "0"], "--threshold must be a mode share in (0, 1], got 0.0"),
+    (["scan", "{model}", "--inversion-steps", "-3"], "--inversion-steps must be a positive integer, got -3"),
+    (["scan", "{tmp}/no-such-model"], "does not exist"),
+])
+def test_scan_bad_arguments_exit_with_status_2(argv, message, model_folder, tmp_path, capsys):
+    argv = [a.format(model=model_folder, tmp=tmp_path) for a in argv]
+    assert main(argv + ["--output", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()   # nothing written for a bad call
