@@ -16,8 +16,8 @@ The front page is checked to render too. A full-page screenshot of every page it
 `_build/screenshots/<page>.png` (beside the HTML, so that it is not published with it).
 
 Time: the build executes the chapters unless the jupyter cache (`_build/.jupyter_cache`) already
-holds them: 4-5 minutes on 2 CPU cores with the chapters' models already in `~/.cache/baddiff`
-(about 10 without), a few seconds with the jupyter cache warm, when the whole module takes about
+holds them: about 8 minutes on 2 CPU cores with the chapters' models already in `~/.cache/baddiff`
+(about 17 without), a few seconds with the jupyter cache warm, when the whole module takes about
 25 seconds. The cache is emptied when `baddiff_core` changed (the Makefile's `_build/.core-stamp`
 rule, which this module runs too). The build's log is kept in `_build/book-build.log`. Chromium
 takes about 4 seconds per page. The checking helpers are tested on small HTML snippets at the end of
