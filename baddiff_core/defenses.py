@@ -20,7 +20,7 @@ The first defence, inference-time clipping, is a sampler setting (``clip="x0"`` 
   per-channel perturbation ``(delta, xi)`` of size ``eps``; channels whose mask falls are the
   fragile ones, and pruning them may remove the backdoor.
 
-Introduced in the chapters "Detecting and removing a backdoor" and "Pruning neurons".
+Used by `baddiff scan`; the defence chapters after "Samplers change the attack" build on it.
 """
 
 from __future__ import annotations
