@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
+from baddiff_core.checks import check_image_batch
 from baddiff_core.diffusion import SOLVERS, diffusion_loss, r_coefficients
 from baddiff_core.metrics import to_unit_range
 from baddiff_core.sampling import sample
@@ -172,9 +173,9 @@ def invert_trigger(unet: UNet2DModel, scheduler: DDPMScheduler, *, num_noise: in
 
 
 def _check_batch(images: object) -> torch.Tensor:
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] < 2:
-        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images must be a tensor N,C,H,W with N >= 2, got {got}")
+    images = check_image_batch("images", images)
+    if images.shape[0] < 2:
+        raise ValueError(f"images must hold N >= 2 images to be compared, got images.shape={tuple(images.shape)}")
     return images
 
 
@@ -204,10 +205,7 @@ def diversity(images: torch.Tensor) -> float:
 def total_variation(images: torch.Tensor) -> float:
     """Mean absolute difference between neighbouring pixels (both directions), in [0, 1] units,
     averaged over ``images`` (``N,C,H,W`` in [-1, 1])."""
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise ValueError(f"images must be a tensor N,C,H,W, got "
-                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-    unit = to_unit_range(images).float()
+    unit = to_unit_range(check_image_batch("images", images)).float()
     return float(((unit[..., 1:, :] - unit[..., :-1, :]).abs().mean()
                   + (unit[..., :, 1:] - unit[..., :, :-1]).abs().mean()) / 2)
 
@@ -303,13 +301,13 @@ class RemovalHistory:
 
 
 def _check_images_for(unet: UNet2DModel, images: object) -> torch.Tensor:
+    images = check_image_batch("clean_images", images)
     shape = _image_shape(unet)
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != shape:
-        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"clean_images must be a tensor N,{shape[0]},{shape[1]},{shape[2]} (the model's C,H,W), "
-                         f"got {got}")
-    if images.shape[0] == 0 or not torch.isfinite(images).all() or images.abs().max() > 1 + 1e-3:
-        raise ValueError("clean_images must be a non-empty batch of finite values in [-1, 1]")
+    if tuple(images.shape[1:]) != shape:
+        raise ValueError(f"clean_images must have shape N,{shape[0]},{shape[1]},{shape[2]} (the model's C,H,W), "
+                         f"got {tuple(images.shape)}")
+    if images.abs().max() > 1 + 1e-3:
+        raise ValueError(f"clean_images must lie in [-1, 1], got values up to {float(images.abs().max()):.3g}")
     return images
 
 
