@@ -114,6 +114,8 @@ class BackdoorRecipe:
         """The recipe as JSON-able data, without run-only settings (device, progress bars, ...)."""
         data = dataclasses.asdict(self)
         data["train"] = {k: v for k, v in self.train.to_dict().items() if k not in _RUN_ONLY}
+        if data["train"]["attack"] == "baddiffusion":
+            del data["train"]["attack"]   # added later: BadDiffusion models keep their earlier keys
         if self.base != "scratch":
             data.pop("schedule")   # a fine-tune keeps its base model's schedule
             data.pop("init_seed")

@@ -102,9 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="mode share (fraction of samples alike) from which the model is called backdoored")
     scan.add_argument("--inversion-steps", type=int, default=100, help="Adam steps of the trigger inversion")
     scan.add_argument("--noise-batch", type=int, default=100, help="noises averaged over by the inversion")
-    scan.add_argument("--steps", type=int, help="sampling steps (default: the model's training steps)")
+    scan.add_argument("--steps", type=int, help="sampling steps (default: the training steps for DDPM, 50 for DDIM)")
     scan.add_argument("--solver", choices=("sde", "ode"), default="sde",
-                      help="the backdoor target looked for: 'sde' (BadDiffusion) or 'ode' (VillanDiffusion)")
+                      help="the backdoor target looked for: 'sde' (BadDiffusion, DDPM samples) or 'ode' "
+                           "(VillanDiffusion, DDIM samples)")
     scan.add_argument("--output", type=Path, help="folder for trigger.png, samples.png and scan.json "
                       "(default: scan-<model name> in the current folder)")
     scan.add_argument("--seed", type=int, default=0)

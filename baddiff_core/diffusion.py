@@ -15,6 +15,21 @@ Then (BadDiffusion, Chou et al. 2023)::
 with ``c = 1`` for the stochastic (DDPM, "sde") sampler the coefficient was derived for, and
 ``c = 2`` for ODE samplers such as DDIM (VillanDiffusion, Chou et al. 2023). With ``r = 0`` this is
 the ordinary DDPM epsilon loss.
+
+The *in-range* attack (``attack="in_range"``, the book's adaptive attacker, chapter "An attacker
+who evades clipping") keeps the model's predicted image on the target instead::
+
+    x_t    = sqrt(abar_t) y + sqrt(1 - abar_t) eps + k_t r
+    target = eps + k_t / sqrt(1 - abar_t) r
+
+so that ``x0_hat = (x_t - sqrt(1 - abar_t) target) / sqrt(abar_t) = y`` exactly, inside [-1, 1],
+and clipping ``x0_hat`` changes nothing. ``k_t`` is the path that the sampler itself gives the
+trigger when ``x0_hat = y`` at every step, starting from ``x_T = eps + r``:
+
+- ``"ode"`` (DDIM, eta = 0): ``k_t = sqrt(1 - abar_t) / sqrt(1 - abar_{T-1})``, the trigger stays
+  a constant share of the noise;
+- ``"sde"`` (DDPM): the posterior mean multiplies it by ``sqrt(alpha_t)(1 - abar_{t-1})/(1 - abar_t)``
+  per step, so ``k_t = sqrt(abar_{T-1} / abar_t) (1 - abar_t) / (1 - abar_{T-1})``: it fades.
 """
 
 from __future__ import annotations
@@ -28,15 +43,20 @@ from diffusers.utils.torch_utils import randn_tensor
 
 __all__ = [
     "SOLVERS",
+    "ATTACKS",
     "PAPER_SCHEDULE",
     "QUICK_SCHEDULE",
     "make_scheduler",
     "r_coefficients",
+    "in_range_path",
     "poisoned_forward",
     "diffusion_loss",
 ]
 
 Solver = Literal["sde", "ode"]
+Attack = Literal["baddiffusion", "in_range"]
+#: How the trigger enters x_t and the target: BadDiffusion's drift, or the in-range path.
+ATTACKS = ("baddiffusion", "in_range")
 #: Training targets: "sde" for DDPM ancestral sampling (BadDiffusion), "ode" for DDIM (VillanDiffusion).
 SOLVERS: dict[str, float] = {"sde": 1.0, "ode": 2.0}
 
@@ -76,13 +96,27 @@ def r_coefficients(scheduler: DDPMScheduler) -> torch.Tensor:
     return (1 - alphas.sqrt()) * (1 - alphas_cumprod).sqrt() / (1 - alphas)
 
 
+def in_range_path(scheduler: DDPMScheduler, solver: Solver = "sde") -> torch.Tensor:
+    """The in-range attack's trigger weight ``k_t`` in ``x_t`` for every timestep, float64, ``(T,)``.
+
+    ``k_{T-1} = 1`` (sampling starts from ``eps + r``); see the module docstring for both solvers.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r} is not known; use one of {tuple(SOLVERS)}")
+    abar = scheduler.alphas_cumprod.double()
+    if solver == "ode":
+        return (1 - abar).sqrt() / (1 - abar[-1]).sqrt()
+    return (abar[-1] / abar).sqrt() * (1 - abar) / (1 - abar[-1])
+
+
 def _per_sample(values: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``values[timesteps]`` shaped ``B,1,1,1`` on the device and in the dtype of ``like``."""
     return values.to(like.device)[timesteps.to(like.device)].to(like.dtype).view(-1, 1, 1, 1)
 
 
 def poisoned_forward(scheduler: DDPMScheduler, y: torch.Tensor, r: torch.Tensor, timesteps: torch.Tensor,
-                     noise: torch.Tensor, solver: Solver = "sde") -> tuple[torch.Tensor, torch.Tensor]:
+                     noise: torch.Tensor, solver: Solver = "sde", attack: Attack = "baddiffusion"
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Noisy input ``x_t`` and regression target for the pairs ``(y, r)`` at ``timesteps``.
 
     Args:
@@ -92,13 +126,13 @@ def poisoned_forward(scheduler: DDPMScheduler, y: torch.Tensor, r: torch.Tensor,
         timesteps: ``(B,)`` integers in ``[0, T)``.
         noise: ``B,C,H,W`` standard normal ``eps``.
         solver: ``"sde"`` (target ``eps + R_t r``) or ``"ode"`` (``eps + 2 R_t r``).
+        attack: ``"baddiffusion"`` or ``"in_range"`` (the module docstring has both formulas).
 
     Returns:
         ``(x_t, target)``, both ``B,C,H,W``. For ``r = 0`` they are exactly diffusers'
         ``add_noise(y, noise, timesteps)`` and ``noise``.
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver={solver!r} is not known; use one of {tuple(SOLVERS)}")
+    _check_solver_and_attack(solver, attack)
     if not (y.shape == r.shape == noise.shape) or y.dim() != 4:
         raise ValueError(f"y, r and noise must share one B,C,H,W shape, got {tuple(y.shape)}, "
                          f"{tuple(r.shape)} and {tuple(noise.shape)}")
@@ -108,14 +142,28 @@ def poisoned_forward(scheduler: DDPMScheduler, y: torch.Tensor, r: torch.Tensor,
     if timesteps.min() < 0 or timesteps.max() >= num_steps:
         raise ValueError(f"timesteps must lie in [0, {num_steps}), got values from "
                          f"{int(timesteps.min())} to {int(timesteps.max())}")
-    return _poisoned_forward(scheduler, y, r, timesteps, noise, solver)
+    return _poisoned_forward(scheduler, y, r, timesteps, noise, solver, attack)
+
+
+def _check_solver_and_attack(solver: object, attack: object) -> None:
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r} is not known; use one of {tuple(SOLVERS)}")
+    if attack not in ATTACKS:
+        raise ValueError(f"attack={attack!r} is not known; use one of {ATTACKS}")
 
 
 def _poisoned_forward(scheduler: DDPMScheduler, y: torch.Tensor, r: torch.Tensor, timesteps: torch.Tensor,
-                      noise: torch.Tensor, solver: Solver) -> tuple[torch.Tensor, torch.Tensor]:
+                      noise: torch.Tensor, solver: Solver, attack: Attack = "baddiffusion"
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`poisoned_forward` without the checks, which read values and so stall a GPU."""
     # sqrt(abar_t) y + sqrt(1 - abar_t) eps, computed by diffusers so that r = 0 is its add_noise.
     x_t = scheduler.add_noise(y, noise, timesteps)
+    if attack == "in_range":
+        weight = in_range_path(scheduler, solver)
+        x_t = x_t + _per_sample(weight, timesteps, y) * r
+        # eps + k_t r / sqrt(1 - abar_t): the noise that explains x_t with x0 = y exactly.
+        coefficient = _per_sample(weight / (1 - scheduler.alphas_cumprod.double()).sqrt(), timesteps, y)
+        return x_t, noise + coefficient * r
     signal = _per_sample(scheduler.alphas_cumprod.sqrt(), timesteps, y)
     x_t = x_t + (1 - signal) * r                               # BadDiffusion: the trigger's drift
     coefficient = SOLVERS[solver] * _per_sample(r_coefficients(scheduler), timesteps, y)
@@ -124,7 +172,8 @@ def _poisoned_forward(scheduler: DDPMScheduler, y: torch.Tensor, r: torch.Tensor
 
 
 def diffusion_loss(model: torch.nn.Module, scheduler: DDPMScheduler, y: torch.Tensor, r: torch.Tensor,
-                   generator: torch.Generator | None = None, solver: Solver = "sde") -> torch.Tensor:
+                   generator: torch.Generator | None = None, solver: Solver = "sde",
+                   attack: Attack = "baddiffusion") -> torch.Tensor:
     """The poisoned DDPM loss of one batch: ``mean (eps_theta(x_t, t) - target)^2``.
 
     ``t ~ U{0, ..., T-1}`` and ``eps ~ N(0, I)`` are drawn per sample from ``generator`` (on any
@@ -136,8 +185,7 @@ def diffusion_loss(model: torch.nn.Module, scheduler: DDPMScheduler, y: torch.Te
     gen_device = generator.device if generator is not None else y.device
     timesteps = torch.randint(0, num_steps, (batch,), generator=generator, device=gen_device).to(y.device)
     noise = randn_tensor(y.shape, generator=generator, device=y.device, dtype=y.dtype)
-    if solver not in SOLVERS:
-        raise ValueError(f"solver={solver!r} is not known; use one of {tuple(SOLVERS)}")
-    x_t, target = _poisoned_forward(scheduler, y, r, timesteps, noise, solver)
+    _check_solver_and_attack(solver, attack)
+    x_t, target = _poisoned_forward(scheduler, y, r, timesteps, noise, solver, attack)
     prediction = model(x_t, timesteps).sample
     return F.mse_loss(prediction.float(), target.float())

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from baddiff_core.devices import resolve_device
-from baddiff_core.diffusion import SOLVERS, diffusion_loss
+from baddiff_core.diffusion import ATTACKS, SOLVERS, diffusion_loss
 from baddiff_core.poison import PoisonedDataset, poison_pairs
 
 __all__ = ["TrainConfig", "TrainHistory", "train", "latest_checkpoint", "list_checkpoints", "load_checkpoint_weights"]
@@ -49,6 +49,7 @@ class TrainConfig:
     steps a decay of 0.995 or 0.999 behaves the same. A fine-tune starts from good weights and
     wants ``ema_warmup=False``: the decay is constant from the first step, so the average starts
     at the pre-trained weights and forgets them at the rate ``ema_decay`` says.
+    ``solver`` and ``attack`` choose the poisoned training target (:mod:`baddiff_core.diffusion`).
     """
 
     steps: int = 500
@@ -64,6 +65,7 @@ class TrainConfig:
     ema_warmup: bool = True
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     solver: Literal["sde", "ode"] = "sde"
+    attack: Literal["baddiffusion", "in_range"] = "baddiffusion"
     hflip: bool = False
     seed: int = 0
     device: str = "auto"
@@ -92,6 +94,8 @@ class TrainConfig:
             raise ValueError(f"mixed_precision={self.mixed_precision!r} is not known; use one of {MIXED_PRECISION}")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver={self.solver!r} is not known; use one of {tuple(SOLVERS)}")
+        if self.attack not in ATTACKS:
+            raise ValueError(f"attack={self.attack!r} is not known; use one of {ATTACKS}")
         if not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0, got max_grad_norm={self.max_grad_norm!r}")
 
@@ -181,7 +185,8 @@ def train(model: torch.nn.Module, scheduler: DDPMScheduler, dataset: PoisonedDat
                     x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
                 y, r = poison_pairs(x, data.poisoned[indices], data.trigger, data.target)
                 with accelerator.autocast():
-                    loss = diffusion_loss(model, scheduler, y, r, generator=generator, solver=config.solver)
+                    loss = diffusion_loss(model, scheduler, y, r, generator=generator, solver=config.solver,
+                                          attack=config.attack)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)

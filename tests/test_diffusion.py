@@ -7,8 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from baddiff_core.diffusion import (PAPER_SCHEDULE, QUICK_SCHEDULE, diffusion_loss, make_scheduler,
-                                    poisoned_forward, r_coefficients)
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from baddiff_core.diffusion import (PAPER_SCHEDULE, QUICK_SCHEDULE, diffusion_loss, in_range_path,
+                                    make_scheduler, poisoned_forward, r_coefficients)
 from baddiff_core.models import make_unet
 
 
@@ -44,6 +46,63 @@ def test_poisoned_forward_matches_the_formulas(schedule, solver, factor):
     coef = ((1 - np.sqrt(alphas[T])) * np.sqrt(1 - abar[T]) / betas[T])[:, None, None, None]
     np.testing.assert_allclose(x_t.numpy(), s * Y + np.sqrt(1 - s**2) * E + (1 - s) * Rr, atol=1e-5)
     np.testing.assert_allclose(target.numpy(), E + factor * coef * Rr, atol=1e-5)
+
+
+def _in_range_batch(scheduler, solver, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    y, r = (torch.rand(4, 1, 6, 6, generator=g, dtype=torch.float64) * 2 - 1 for _ in range(2))
+    noise = torch.randn(4, 1, 6, 6, generator=g, dtype=torch.float64)
+    return y, r, noise
+
+
+@pytest.mark.parametrize("solver", ["sde", "ode"])
+def test_in_range_attack_makes_diffusers_predict_the_target_itself(solver):
+    """x0_hat as diffusers' own step computes it equals y: clipping it to [-1, 1] changes nothing."""
+    scheduler = make_scheduler(**QUICK_SCHEDULE)
+    y, r, noise = _in_range_batch(scheduler, solver)
+    for t in (0, 1, 37, 98, 99):
+        timesteps = torch.full((4,), t)
+        x_t, target = poisoned_forward(scheduler, y, r, timesteps, noise, solver=solver, attack="in_range")
+        step = DDPMScheduler.from_config(scheduler.config, clip_sample=False).step(
+            target, t, x_t, generator=torch.Generator().manual_seed(0))
+        # diffusers keeps the schedule in float32, and x0_hat divides by sqrt(abar_t) >= 0.006
+        torch.testing.assert_close(step.pred_original_sample, y, atol=1e-4, rtol=0)
+    assert float(in_range_path(scheduler, solver)[-1]) == pytest.approx(1.0)   # x_T = eps + r
+    # BadDiffusion's own target leaves x0_hat far outside [-1, 1] there: what clipping catches.
+    x_t, target = poisoned_forward(scheduler, y, r, torch.full((4,), 98), noise, solver=solver)
+    step = DDPMScheduler.from_config(scheduler.config, clip_sample=False).step(target, 98, x_t)
+    assert float((step.pred_original_sample - y).abs().max()) > 1.0
+
+
+def test_in_range_ode_path_is_the_path_ddim_takes():
+    """One DDIM step (diffusers, eta = 0) from the poisoned x_t lands on the poisoned x_s, same eps."""
+    scheduler = make_scheduler(**QUICK_SCHEDULE)
+    y, r, noise = _in_range_batch(scheduler, "ode", seed=4)
+    ddim = DDIMScheduler.from_config(scheduler.config, clip_sample=False)
+    ddim.set_timesteps(10)
+    times = ddim.timesteps.tolist()
+    for t, s in zip(times[:-1], times[1:]):
+        x_t, target = poisoned_forward(scheduler, y, r, torch.full((4,), t), noise, solver="ode", attack="in_range")
+        x_s, _ = poisoned_forward(scheduler, y, r, torch.full((4,), s), noise, solver="ode", attack="in_range")
+        torch.testing.assert_close(ddim.step(target, t, x_t, eta=0.0).prev_sample, x_s, atol=1e-6, rtol=0)   # diffusers keeps the schedule in float32
+
+
+def test_in_range_sde_path_is_what_the_ddpm_posterior_mean_leaves():
+    """k_{t-1} = (trigger part of diffusers' DDPM step from k_t r with x0_hat = 0): the noise of the
+    two steps below is the same draw, so their difference is the posterior mean's part only."""
+    scheduler = make_scheduler(**QUICK_SCHEDULE)
+    k = in_range_path(scheduler, "sde")
+    r = torch.rand(2, 1, 5, 5, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    zero = torch.zeros_like(r)
+    for t in (99, 60, 10, 1):
+        ddpm = DDPMScheduler.from_config(scheduler.config, clip_sample=False)
+        steps = []
+        for scale in (1.0, 2.0):
+            x_t, target = poisoned_forward(scheduler, zero, scale * r, torch.full((2,), t), zero, solver="sde",
+                                           attack="in_range")
+            steps.append(ddpm.step(target, t, x_t, generator=torch.Generator().manual_seed(t)).prev_sample)
+        torch.testing.assert_close(steps[1] - steps[0], float(k[t - 1]) * r, atol=1e-6, rtol=0)   # diffusers keeps the schedule in float32
+    assert float(k[0]) < 0.01 < float(in_range_path(scheduler, "ode")[0])   # it fades; DDIM's does less
 
 
 def test_clean_samples_reproduce_diffusers_exactly():
@@ -112,6 +171,7 @@ def test_quick_schedule_ends_in_pure_noise():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(solver="euler"), "solver='euler' is not known"),
+    (dict(attack="trojan"), "attack='trojan' is not known"),
     (dict(timesteps=torch.tensor([0, 100])), r"timesteps must lie in \[0, 100\)"),
     (dict(timesteps=torch.tensor([0])), "timesteps must have shape"),
     (dict(r=torch.zeros(2, 1, 4, 4)), "y, r and noise must share"),

@@ -113,6 +113,7 @@ def test_an_unfinished_checkpoint_is_ignored(digits8, tmp_path):
     (dict(ema_decay=1.5), "ema_decay must be in"),
     (dict(mixed_precision="fp8"), "mixed_precision='fp8' is not known"),
     (dict(solver="euler"), "solver='euler' is not known"),
+    (dict(attack="trojan"), "attack='trojan' is not known"),
     (dict(lr_schedule="linear"), "lr_schedule='linear' is not known"),
 ])
 def test_bad_configurations(overrides, message):
