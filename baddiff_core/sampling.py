@@ -7,7 +7,11 @@ has its own loop around the scheduler's ``step`` (MATH.md section 3):
 - clean generation starts from ``x_T = eps``; backdoor generation from ``x_T = eps + g``, the raw
   trigger ``g`` including its -1 background;
 - ``clip="x0"`` clamps the predicted ``x_0`` to [-1, 1] at every step before the posterior mean is
-  formed (the authors' defence; diffusers' ``clip_sample=True``, the DDPMScheduler default);
+  formed (the authors' defence; diffusers' ``clip_sample=True``, the DDPMScheduler default). Under
+  DDIM the step is then taken as if the model had predicted the clamped image: the noise is
+  re-derived from it (diffusers' ``use_clipped_model_output=True``, GLIDE's choice). diffusers'
+  DDIM pipeline leaves that off: its ``clip_sample=True`` keeps the raw predicted noise (chapter 9
+  measures both; neither stops a backdoor planted for DDIM);
 - ``clip="xt"`` clamps ``x_t`` itself after every step (a cruder variant);
 - ``sampler="ddim"`` uses diffusers' ``DDIMScheduler`` (deterministic, ``eta = 0``).
 """
@@ -105,7 +109,7 @@ def sample(model: UNet2DModel, scheduler: DDPMScheduler, n: int, *, trigger: tor
         for t in tqdm(sampler_scheduler.timesteps, desc=f"sampling ({sampler}, clip={clip})",
                       disable=not progress, leave=False):
             eps = model(x, t).sample
-            kwargs = {"eta": 0.0} if sampler == "ddim" else {}
+            kwargs = {"eta": 0.0, "use_clipped_model_output": clip == "x0"} if sampler == "ddim" else {}
             out = sampler_scheduler.step(eps, t, x, generator=generator, **kwargs)
             x = out.prev_sample
             if clip == "xt":

@@ -61,6 +61,18 @@ def test_ddim_equals_a_hand_written_ddim_loop(model, scheduler):
     torch.testing.assert_close(ours, theirs)
 
 
+def test_ddim_x0_clip_steps_from_the_clipped_image(model, scheduler):
+    """Under DDIM, clip="x0" re-derives the noise from the clamped x0 (diffusers'
+    use_clipped_model_output=True); the stock pipeline's raw-noise variant gives other samples."""
+    ours = sample(model, scheduler, 3, sampler="ddim", clip="x0", num_inference_steps=5,
+                  generator=torch.Generator().manual_seed(4), progress=False)
+    config = {k: v for k, v in ddpm_config(scheduler, True).items() if k != "variance_type"}
+    theirs = hand_loop(model, DDIMScheduler, config, 3, 4, 5, eta=0.0, use_clipped_model_output=True)
+    torch.testing.assert_close(ours, theirs)
+    stock = hand_loop(model, DDIMScheduler, config, 3, 4, 5, eta=0.0)
+    assert not torch.allclose(ours, stock)
+
+
 def test_xt_clip_keeps_every_step_in_range(model, scheduler):
     seen = []
     out = sample(model, scheduler, 4, clip="xt", generator=torch.Generator().manual_seed(0), progress=False,
