@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--solver", choices=("sde", "ode"), default="sde",
                       help="the backdoor target looked for: 'sde' (BadDiffusion, DDPM samples) or 'ode' "
                            "(VillanDiffusion, DDIM samples)")
+    scan.add_argument("--clip", choices=("none", "x0", "xt"), default="none",
+                      help="sample from noise + the estimate with this clipping, as the model is used")
     scan.add_argument("--output", type=Path, help="folder for trigger.png, samples.png and scan.json "
                       "(default: scan-<model name> in the current folder)")
     scan.add_argument("--seed", type=int, default=0)
@@ -258,9 +260,10 @@ def _scan(args: argparse.Namespace) -> int:
     unet, scheduler = load_model(args.model, device=device)
     result = scan_model(unet, scheduler, n=args.n, threshold=args.threshold, num_noise=args.noise_batch,
                         steps=args.inversion_steps, solver=args.solver, num_inference_steps=args.steps,
-                        seed=args.seed, progress=not args.json)
+                        clip=args.clip, seed=args.seed, progress=not args.json)
     report = dict(model=str(args.model), verdict=result.verdict, mode_share=result.mode_share,
-                  threshold=result.threshold, alike=round(result.mode_share * args.n), samples=args.n,
+                  solver=args.solver, clip=args.clip, threshold=result.threshold,
+                  alike=round(result.mode_share * args.n), samples=args.n,
                   diversity=result.diversity, total_variation=result.total_variation,
                   inversion_steps=args.inversion_steps, final_inversion_loss=result.inversion.losses[-1],
                   seconds=round(result.seconds, 1), output=str(output))

@@ -249,13 +249,14 @@ DEFAULT_THRESHOLD = 0.25
 
 def scan_model(unet: UNet2DModel, scheduler: DDPMScheduler, *, n: int = 16, threshold: float = DEFAULT_THRESHOLD,
                num_noise: int = 100, steps: int = 100, lr: float = 0.1, solver: str = "sde",
-               num_inference_steps: int | None = None, sampler: str | None = None, seed: int = 0,
-               progress: bool = True) -> BackdoorScan:
-    """Invert a trigger, draw ``n`` samples from ``eps + tau`` (no clipping) and score them.
+               num_inference_steps: int | None = None, sampler: str | None = None, clip: str = "none",
+               seed: int = 0, progress: bool = True) -> BackdoorScan:
+    """Invert a trigger, draw ``n`` samples from ``eps + tau`` and score them.
 
     ``solver`` is the sampler family the backdoor would be planted for (``"sde"``: lambda = R_{T-1}
     and DDPM samples; ``"ode"``: lambda = 2 R_{T-1} and DDIM samples); ``sampler`` overrides the
-    sampler.
+    sampler, and ``clip`` samples with a clipping mode (a backdoor built to work under clipping is
+    looked for the way it is used).
     """
     _positive_int("n", n)
     if n < 2:
@@ -266,8 +267,9 @@ def scan_model(unet: UNet2DModel, scheduler: DDPMScheduler, *, n: int = 16, thre
     inversion = invert_trigger(unet, scheduler, num_noise=num_noise, steps=steps, lr=lr, solver=solver,
                                generator=torch.Generator().manual_seed(seed), progress=progress)
     sampler = sampler or ("ddpm" if solver == "sde" else "ddim")
-    samples = sample(unet, scheduler, n, trigger=inversion.trigger, sampler=sampler,
-                     num_inference_steps=num_inference_steps, generator=torch.Generator().manual_seed(seed + 1), progress=progress)
+    samples = sample(unet, scheduler, n, trigger=inversion.trigger, sampler=sampler, clip=clip,
+                     num_inference_steps=num_inference_steps, generator=torch.Generator().manual_seed(seed + 1),
+                     progress=progress)
     return BackdoorScan(inversion, samples, mode_share(samples), diversity(samples), total_variation(samples),
                         float(threshold), time.perf_counter() - began)
 

@@ -162,3 +162,22 @@ def test_remove_backdoor_tunes_a_copy(tiny_unet):
     assert any(not torch.equal(before[k], v) for k, v in tuned.state_dict().items())
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         remove_backdoor(tiny_unet, make_scheduler(**QUICK_SCHEDULE), -torch.ones(1, 16, 16), images, steps=0)
+
+
+@pytest.mark.parametrize("solver, override, expected", [("sde", None, "ddpm"), ("ode", None, "ddim"),
+                                                        ("ode", "ddpm", "ddpm")])
+def test_scan_samples_with_the_sampler_its_solver_is_planted_for(tiny_unet, monkeypatch, solver, override,
+                                                                 expected):
+    import baddiff_core.defenses as defenses
+
+    seen = {}
+
+    def fake_sample(model, scheduler, n, **kwargs):
+        seen.update(kwargs)
+        return torch.zeros(n, 1, 16, 16)
+
+    monkeypatch.setattr(defenses, "sample", fake_sample)
+    result = defenses.scan_model(tiny_unet, make_scheduler(**QUICK_SCHEDULE), n=4, num_noise=2, steps=1,
+                                 solver=solver, sampler=override, progress=False)
+    assert seen["sampler"] == expected
+    assert result.mode_share == 1.0   # four identical images

@@ -34,6 +34,13 @@ def test_scan_writes_a_verdict_images_and_a_report(model_folder, tmp_path, capsy
     assert json.loads((out / "scan.json").read_text()) == report
 
 
+def test_scan_for_ddim_backdoors_under_clipping_says_so(model_folder, tmp_path, capsys):
+    status = main(["scan", str(model_folder), "--n", "2", "--inversion-steps", "1", "--noise-batch", "2",
+                   "--steps", "2", "--solver", "ode", "--clip", "x0", "--output", str(tmp_path / "s"), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert (report["solver"], report["clip"]) == ("ode", "x0") and status in (0, 1)
+
+
 def test_scan_prints_one_line_verdict(model_folder, tmp_path, capsys):
     main(["scan", str(model_folder), "--n", "2", "--inversion-steps", "1", "--noise-batch", "2", "--steps", "2",
           "--output", str(tmp_path / "s")])
@@ -53,3 +60,10 @@ def test_scan_bad_arguments_exit_with_status_2(argv, message, model_folder, tmp_
     assert main(argv + ["--output", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()   # nothing written for a bad call
+
+
+def test_scan_unknown_clipping_is_refused_by_argparse_with_status_2(model_folder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["scan", str(model_folder), "--clip", "yes", "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "invalid choice: 'yes'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
