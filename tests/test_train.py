@@ -57,6 +57,22 @@ def test_same_seed_same_weights(digits8):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+@pytest.mark.parametrize("solver", ["sde", "ode"])
+def test_the_training_target_follows_solver_and_attack(digits8, solver):
+    """One step's loss is the diffusion_loss of the configured target: poisoned data tell the
+    BadDiffusion and in-range targets apart; clean data (r = 0) cannot."""
+    scheduler = make_scheduler(**QUICK_SCHEDULE)
+    trigger, target = make_trigger("white_box", 8, 1, size=18), make_target("hat", 8, 1)
+
+    def first_loss(attack: str, poison_rate: float) -> float:
+        data = PoisonedDataset(digits8, trigger=trigger, target=target, poison_rate=poison_rate, seed=0)
+        config = small_config(steps=1, log_every=1, ema_decay=None, solver=solver, attack=attack)
+        return train(fresh_model(), scheduler, data, config).losses[0]
+
+    assert first_loss("in_range", 1.0) != pytest.approx(first_loss("baddiffusion", 1.0), rel=1e-3)
+    assert first_loss("in_range", 0.0) == first_loss("baddiffusion", 0.0)
+
+
 def test_resumed_run_equals_an_uninterrupted_one(digits8, tmp_path, monkeypatch):
     trigger = make_trigger("box", 8, 1)
     dataset = PoisonedDataset(digits8, trigger=trigger, target=make_target("corner", 8, 1), poison_rate=0.3, seed=0)
