@@ -43,11 +43,14 @@ from baddiff_core.pretrained import CLEAN_DIGITS_RECIPE, load_clean_digits
 from baddiff_core.train import TrainConfig, train
 from baddiff_core.triggers import make_target, make_trigger
 
-__all__ = ["QUICK_FINETUNE", "BackdoorRecipe", "BackdooredModel", "plant_backdoor"]
+__all__ = ["QUICK_FINETUNE", "QUICK_SHORT_FINETUNE", "BackdoorRecipe", "BackdooredModel", "plant_backdoor"]
 
 #: Quick mode's fine-tune of the shipped clean model (CPU, about a minute and a half on 2 cores).
 QUICK_FINETUNE = TrainConfig(steps=800, batch_size=64, learning_rate=5e-4, lr_schedule="constant",
                              warmup_steps=100, ema_decay=0.995, log_every=25)
+
+#: The shorter fine-tune that chapters 4-9 share (300 steps, cosine decay): one cache entry per recipe.
+QUICK_SHORT_FINETUNE = dataclasses.replace(QUICK_FINETUNE, steps=300, warmup_steps=50, lr_schedule="cosine")
 
 # Settings that change how a run is executed, not what it produces: not part of the cache key.
 _RUN_ONLY = ("device", "progress", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "log_every")
