@@ -53,7 +53,8 @@ QUICK_FINETUNE = TrainConfig(steps=800, batch_size=64, learning_rate=5e-4, lr_sc
 QUICK_SHORT_FINETUNE = dataclasses.replace(QUICK_FINETUNE, steps=300, warmup_steps=50, lr_schedule="cosine")
 
 # Settings that change how a run is executed, not what it produces: not part of the cache key.
-_RUN_ONLY = ("device", "progress", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "log_every")
+_RUN_ONLY = ("device", "progress", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "log_every",
+             "channels_last", "torch_compile")
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ trigger when ``x0_hat = y`` at every step, starting from ``x_T = eps + r``:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -49,6 +50,8 @@ __all__ = [
     "make_scheduler",
     "r_coefficients",
     "in_range_path",
+    "TriggerCoefficients",
+    "trigger_coefficients",
     "poisoned_forward",
     "diffusion_loss",
 ]
@@ -109,9 +112,40 @@ def in_range_path(scheduler: DDPMScheduler, solver: Solver = "sde") -> torch.Ten
     return (abar[-1] / abar).sqrt() * (1 - abar) / (1 - abar[-1])
 
 
-def _per_sample(values: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``values[timesteps]`` shaped ``B,1,1,1`` on the device and in the dtype of ``like``."""
-    return values.to(like.device)[timesteps.to(like.device)].to(like.dtype).view(-1, 1, 1, 1)
+@dataclass(frozen=True)
+class TriggerCoefficients:
+    """The per-timestep weights of ``r`` in ``x_t`` and in the target, ``(T,)`` each, on one device.
+
+    ``x_t = add_noise(y, eps, t) + in_x[t] r`` and ``target = eps + in_target[t] r``. Built once per
+    training run (:func:`trigger_coefficients`), so a training step only gathers from them: no
+    float64 work and no host-to-device copy per step.
+    """
+
+    in_x: torch.Tensor
+    in_target: torch.Tensor
+
+
+def trigger_coefficients(scheduler: DDPMScheduler, solver: Solver = "sde", attack: Attack = "baddiffusion", *,
+                         device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+                         ) -> TriggerCoefficients:
+    """The weights of ``r`` for ``attack`` and ``solver`` (module docstring), as ``dtype`` on ``device``.
+
+    BadDiffusion: ``in_x = 1 - sqrt(abar_t)``, ``in_target = c R_t``. In-range: ``in_x = k_t``,
+    ``in_target = k_t / sqrt(1 - abar_t)``.
+    """
+    _check_solver_and_attack(solver, attack)
+    if attack == "in_range":
+        weight = in_range_path(scheduler, solver)
+        in_x, in_target = weight, weight / (1 - scheduler.alphas_cumprod.double()).sqrt()
+    else:
+        in_x = 1 - scheduler.alphas_cumprod.sqrt()   # float32, as diffusers' add_noise takes its sqrt
+        in_target = SOLVERS[solver] * r_coefficients(scheduler).to(dtype)
+    return TriggerCoefficients(in_x.to(device=device, dtype=dtype), in_target.to(device=device, dtype=dtype))
+
+
+def _per_sample(values: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """``values[timesteps]`` shaped ``B,1,1,1`` (both on one device)."""
+    return values[timesteps].view(-1, 1, 1, 1)
 
 
 def poisoned_forward(scheduler: DDPMScheduler, y: torch.Tensor, r: torch.Tensor, timesteps: torch.Tensor,
@@ -142,7 +176,8 @@ def poisoned_forward(scheduler: DDPMScheduler, y: torch.Tensor, r: torch.Tensor,
     if timesteps.min() < 0 or timesteps.max() >= num_steps:
         raise ValueError(f"timesteps must lie in [0, {num_steps}), got values from "
                          f"{int(timesteps.min())} to {int(timesteps.max())}")
-    return _poisoned_forward(scheduler, y, r, timesteps, noise, solver, attack)
+    coefficients = trigger_coefficients(scheduler, solver, attack, device=y.device, dtype=y.dtype)
+    return _poisoned_forward(scheduler, y, r, timesteps, noise, coefficients)
 
 
 def _check_solver_and_attack(solver: object, attack: object) -> None:
@@ -152,33 +187,34 @@ def _check_solver_and_attack(solver: object, attack: object) -> None:
         raise ValueError(f"attack={attack!r} is not known; use one of {ATTACKS}")
 
 
-def _poisoned_forward(scheduler: DDPMScheduler, y: torch.Tensor, r: torch.Tensor, timesteps: torch.Tensor,
-                      noise: torch.Tensor, solver: Solver, attack: Attack = "baddiffusion"
+def _poisoned_forward(scheduler: DDPMScheduler, y: torch.Tensor, r: torch.Tensor | None, timesteps: torch.Tensor,
+                      noise: torch.Tensor, coefficients: TriggerCoefficients | None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`poisoned_forward` without the checks, which read values and so stall a GPU."""
+    """:func:`poisoned_forward` without the checks, which read values and so stall a GPU.
+
+    ``r=None`` is a clean batch: diffusers' ``add_noise`` and the target ``eps``, nothing more.
+    """
     # sqrt(abar_t) y + sqrt(1 - abar_t) eps, computed by diffusers so that r = 0 is its add_noise.
     x_t = scheduler.add_noise(y, noise, timesteps)
-    if attack == "in_range":
-        weight = in_range_path(scheduler, solver)
-        x_t = x_t + _per_sample(weight, timesteps, y) * r
-        # eps + k_t r / sqrt(1 - abar_t): the noise that explains x_t with x0 = y exactly.
-        coefficient = _per_sample(weight / (1 - scheduler.alphas_cumprod.double()).sqrt(), timesteps, y)
-        return x_t, noise + coefficient * r
-    signal = _per_sample(scheduler.alphas_cumprod.sqrt(), timesteps, y)
-    x_t = x_t + (1 - signal) * r                               # BadDiffusion: the trigger's drift
-    coefficient = SOLVERS[solver] * _per_sample(r_coefficients(scheduler), timesteps, y)
-    target = noise + coefficient * r                           # BadDiffusion Eq. (9) / VillanDiffusion
+    if r is None:
+        return x_t, noise
+    x_t = x_t + _per_sample(coefficients.in_x, timesteps) * r       # the trigger's drift, or k_t
+    target = noise + _per_sample(coefficients.in_target, timesteps) * r   # Eq. (9) / VillanDiffusion / in-range
     return x_t, target
 
 
-def diffusion_loss(model: torch.nn.Module, scheduler: DDPMScheduler, y: torch.Tensor, r: torch.Tensor,
+def diffusion_loss(model: torch.nn.Module, scheduler: DDPMScheduler, y: torch.Tensor, r: torch.Tensor | None,
                    generator: torch.Generator | None = None, solver: Solver = "sde",
-                   attack: Attack = "baddiffusion") -> torch.Tensor:
+                   attack: Attack = "baddiffusion", *, coefficients: TriggerCoefficients | None = None
+                   ) -> torch.Tensor:
     """The poisoned DDPM loss of one batch: ``mean (eps_theta(x_t, t) - target)^2``.
 
     ``t ~ U{0, ..., T-1}`` and ``eps ~ N(0, I)`` are drawn per sample from ``generator`` (on any
     device); ``model`` is a diffusers ``UNet2DModel`` (anything returning ``.sample``). Clean and
-    poisoned samples share one mean, with no per-sample weights (MATH.md section 1).
+    poisoned samples share one mean, with no per-sample weights (MATH.md section 1). ``r=None``
+    means a clean batch (the plain DDPM loss, without the trigger's element-wise work).
+    ``coefficients``, from :func:`trigger_coefficients` for this ``solver`` and ``attack``, saves
+    rebuilding them at every step (a training loop passes them).
     """
     batch = y.shape[0]
     num_steps = scheduler.config.num_train_timesteps
@@ -186,6 +222,8 @@ def diffusion_loss(model: torch.nn.Module, scheduler: DDPMScheduler, y: torch.Te
     timesteps = torch.randint(0, num_steps, (batch,), generator=generator, device=gen_device).to(y.device)
     noise = randn_tensor(y.shape, generator=generator, device=y.device, dtype=y.dtype)
     _check_solver_and_attack(solver, attack)
-    x_t, target = _poisoned_forward(scheduler, y, r, timesteps, noise, solver, attack)
+    if r is not None and coefficients is None:
+        coefficients = trigger_coefficients(scheduler, solver, attack, device=y.device, dtype=y.dtype)
+    x_t, target = _poisoned_forward(scheduler, y, r, timesteps, noise, coefficients)
     prediction = model(x_t, timesteps).sample
     return F.mse_loss(prediction.float(), target.float())

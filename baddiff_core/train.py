@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from baddiff_core.devices import resolve_device
-from baddiff_core.diffusion import ATTACKS, SOLVERS, diffusion_loss
+from baddiff_core.diffusion import ATTACKS, SOLVERS, diffusion_loss, trigger_coefficients
 from baddiff_core.poison import PoisonedDataset, poison_pairs
 
 __all__ = ["TrainConfig", "TrainHistory", "train", "latest_checkpoint", "list_checkpoints", "load_checkpoint_weights"]
@@ -50,6 +50,12 @@ class TrainConfig:
     wants ``ema_warmup=False``: the decay is constant from the first step, so the average starts
     at the pre-trained weights and forgets them at the rate ``ema_decay`` says.
     ``solver`` and ``attack`` choose the poisoned training target (:mod:`baddiff_core.diffusion`).
+
+    The GPU path: ``mixed_precision="bf16"`` (Accelerate's autocast; "fp16" adds loss scaling),
+    ``channels_last`` (the NHWC memory format that tensor-core convolutions want) and
+    ``torch_compile`` (``torch.compile`` on the UNet's forward; the first steps compile). These
+    three change speed, not the recipe: only ``mixed_precision`` changes the numbers, and it alone
+    of them is part of a model's cache key.
     """
 
     steps: int = 500
@@ -64,6 +70,8 @@ class TrainConfig:
     ema_decay: float | None = None
     ema_warmup: bool = True
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    channels_last: bool = False
+    torch_compile: bool = False
     solver: Literal["sde", "ode"] = "sde"
     attack: Literal["baddiffusion", "in_range"] = "baddiffusion"
     hflip: bool = False
@@ -86,6 +94,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a non-negative integer, got {name}={value!r}")
         if not (isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate < 1):
             raise ValueError(f"learning_rate must be in (0, 1), got learning_rate={self.learning_rate!r}")
+        for name in ("ema_warmup", "channels_last", "torch_compile", "hflip", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {name}={getattr(self, name)!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule={self.lr_schedule!r} is not known; use one of {LR_SCHEDULES}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
@@ -155,7 +166,14 @@ def train(model: torch.nn.Module, scheduler: DDPMScheduler, dataset: PoisonedDat
                                   weight_decay=config.weight_decay)
     lr_scheduler = get_scheduler(config.lr_schedule if config.lr_schedule == "cosine" else "constant_with_warmup",
                                  optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # The optimizer holds the parameters; a compiled wrapper only replaces the forward pass.
+    forward = torch.compile(model) if config.torch_compile else model
+    # Built once, on the device: a step only gathers from them. Clean data skip the trigger's terms.
+    coefficients = (trigger_coefficients(scheduler, config.solver, config.attack, device=accelerator.device)
+                    if data.any_poisoned else None)
     ema = None
     if config.ema_decay:
         ema = EMAModel(model.parameters(), decay=config.ema_decay,
@@ -183,10 +201,16 @@ def train(model: torch.nn.Module, scheduler: DDPMScheduler, dataset: PoisonedDat
                 if config.hflip:   # flip before the trigger is pasted (MATH.md section 1)
                     flip = torch.rand(len(x), generator=generator, device=generator.device) < 0.5
                     x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
-                y, r = poison_pairs(x, data.poisoned[indices], data.trigger, data.target)
+                if data.any_poisoned:
+                    y, r = poison_pairs(x, data.poisoned[indices], data.trigger, data.target)
+                else:
+                    y, r = x, None
+                if config.channels_last:
+                    y = y.contiguous(memory_format=torch.channels_last)
+                    r = r.contiguous(memory_format=torch.channels_last) if r is not None else None
                 with accelerator.autocast():
-                    loss = diffusion_loss(model, scheduler, y, r, generator=generator, solver=config.solver,
-                                          attack=config.attack)
+                    loss = diffusion_loss(forward, scheduler, y, r, generator=generator, solver=config.solver,
+                                          attack=config.attack, coefficients=coefficients)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -220,6 +244,8 @@ def train(model: torch.nn.Module, scheduler: DDPMScheduler, dataset: PoisonedDat
     model = accelerator.unwrap_model(model)
     if ema is not None:
         ema.copy_to(model.parameters())
+    if config.channels_last:
+        model = model.to(memory_format=torch.contiguous_format)
     model.eval()
     return history
 
@@ -235,6 +261,7 @@ class _TrainingData:
     poisoned: torch.Tensor    # (N,) bool
     trigger: torch.Tensor     # C,H,W
     target: torch.Tensor      # C,H,W
+    any_poisoned: bool        # False: the plain DDPM loss, no (y, r) pairs to build
 
     @classmethod
     def from_dataset(cls, dataset: PoisonedDataset | torch.Tensor, device: torch.device) -> "_TrainingData":
@@ -255,7 +282,8 @@ class _TrainingData:
             raise TypeError(f"dataset must be a PoisonedDataset or an N,C,H,W tensor, got {type(dataset).__name__}")
         if len(images) == 0:
             raise ValueError("the data set is empty")
-        return cls(images.float().to(device), poisoned.to(device), trigger.float().to(device), target.float().to(device))
+        return cls(images.float().to(device), poisoned.to(device), trigger.float().to(device), target.float().to(device),
+                   bool(poisoned.any()))
 
 
 class _BatchOrder:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from baddiff_core.diffusion import (PAPER_SCHEDULE, QUICK_SCHEDULE, diffusion_loss, in_range_path,
-                                    make_scheduler, poisoned_forward, r_coefficients)
+                                    make_scheduler, poisoned_forward, r_coefficients, trigger_coefficients)
 from baddiff_core.models import make_unet
 
 
@@ -160,6 +160,34 @@ def test_diffusion_loss_with_r_zero_is_the_ddpm_loss():
     eps = torch.randn(y.shape, generator=g)
     expected = F.mse_loss(model(scheduler.add_noise(y, eps, t), t).sample, eps)
     torch.testing.assert_close(loss, expected)
+    # r=None is the clean fast path: the same numbers, without the trigger's element-wise work.
+    clean = diffusion_loss(model, scheduler, y, None, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(clean, expected)
+
+
+@pytest.mark.parametrize("solver, attack", [("sde", "baddiffusion"), ("ode", "baddiffusion"), ("ode", "in_range")])
+def test_precomputed_coefficients_give_the_same_loss(solver, attack):
+    """A training loop builds the trigger's weights once; the loss is bit-for-bit the one built inline,
+    and the weights are the module docstring's formulas."""
+    torch.manual_seed(0)
+    model = make_unet(8, 1)
+    scheduler = make_scheduler(**QUICK_SCHEDULE)
+    y, r = torch.rand(2, 4, 1, 8, 8) * 2 - 1
+    coefficients = trigger_coefficients(scheduler, solver, attack)
+    inline = diffusion_loss(model, scheduler, y, r, torch.Generator().manual_seed(1), solver, attack)
+    cached = diffusion_loss(model, scheduler, y, r, torch.Generator().manual_seed(1), solver, attack,
+                            coefficients=coefficients)
+    assert torch.equal(inline, cached)
+    abar = scheduler.alphas_cumprod.double()
+    if attack == "baddiffusion":
+        factor = 1.0 if solver == "sde" else 2.0
+        torch.testing.assert_close(coefficients.in_x.double(), 1 - abar.sqrt(), rtol=0, atol=1e-7)
+        torch.testing.assert_close(coefficients.in_target.double(), factor * r_coefficients(scheduler),
+                                   rtol=1e-6, atol=0)
+    else:
+        k = in_range_path(scheduler, solver)
+        torch.testing.assert_close(coefficients.in_target.double(), k / (1 - abar).sqrt(), rtol=1e-6, atol=0)
+    assert coefficients.in_x.dtype == torch.float32 and coefficients.in_x.shape == (100,)
 
 
 def test_quick_schedule_ends_in_pure_noise():

@@ -131,10 +131,44 @@ def test_an_unfinished_checkpoint_is_ignored(digits8, tmp_path):
     (dict(solver="euler"), "solver='euler' is not known"),
     (dict(attack="trojan"), "attack='trojan' is not known"),
     (dict(lr_schedule="linear"), "lr_schedule='linear' is not known"),
+    (dict(channels_last="yes"), "channels_last must be True or False, got channels_last='yes'"),
+    (dict(torch_compile=1), "torch_compile must be True or False"),
 ])
 def test_bad_configurations(overrides, message):
     with pytest.raises(ValueError, match=message):
         small_config(**overrides)
+
+
+def test_clean_data_take_the_plain_ddpm_loss_with_the_same_result(digits8):
+    """A data set with no poisoned sample skips the (y, r) pairs; the weights are those of a poisoned
+    set with poison rate 0, which builds them (zeros) and adds them."""
+    unpoisoned = PoisonedDataset(digits8, trigger=make_trigger("white_box", 8, 1, size=18),
+                                 target=make_target("hat", 8, 1), poison_rate=0.0, seed=0)
+    a, b = fresh_model(), fresh_model()
+    train(a, make_scheduler(**QUICK_SCHEDULE), digits8, small_config())
+    train(b, make_scheduler(**QUICK_SCHEDULE), unpoisoned, small_config())
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_gpu_path_options_train_the_same_model(digits8, monkeypatch):
+    """channels_last and torch_compile change how a step runs, not what it computes: the weights
+    match the default run's to float rounding, and the model comes back in the usual memory format
+    and uncompiled. (torch.compile itself is replaced by a recorder here: compiling takes minutes
+    on a CPU; the benchmark measures the real thing.)"""
+    compiled = []
+
+    def fake_compile(module):
+        compiled.append(module)
+        return module
+
+    monkeypatch.setattr(train_module.torch, "compile", fake_compile)
+    reference, fast = fresh_model(), fresh_model()
+    train(reference, make_scheduler(**QUICK_SCHEDULE), digits8, small_config())
+    train(fast, make_scheduler(**QUICK_SCHEDULE), digits8, small_config(channels_last=True, torch_compile=True))
+    assert len(compiled) == 1 and compiled[0] is fast and type(fast).__name__ == "UNet2DModel"
+    for name, parameter in fast.named_parameters():
+        torch.testing.assert_close(parameter, reference.get_parameter(name), atol=1e-4, rtol=1e-3)
+        assert parameter.dim() != 4 or parameter.is_contiguous(), name
 
 
 def test_images_must_fit_the_model(digits8):
