@@ -3,7 +3,9 @@
 #   make book   create .venv if missing, install everything, execute every chapter in quick mode
 #               and write the HTML book to _build/html (Sphinx warnings are errors)
 #   make test   unit tests, the built book checked in headless Chromium, plus every chapter executed
-#               under nbval in quick mode (installs Debian's chromium with apt when it is missing)
+#               under nbval in quick mode (installs Debian's chromium with apt when it is missing),
+#               then the small benchmarks (benchmarks/run.py: speed ratios, memory, the chapters'
+#               times in this build, the models trained), written to _build/benchmarks/small.json
 #
 # Other targets: make lock (record the resolved versions), make strip (remove notebook outputs),
 # make clean.
@@ -60,6 +62,7 @@ book: $(STAMP) $(CORE_STAMP)
 
 test: $(STAMP) $(CORE_STAMP) browser
 	$(BIN)/python -m pytest tests book --nbval-lax --nbval-current-env
+	$(BIN)/python benchmarks/run.py --size small --book $(JUPYTER_CACHE) --models --output _build/benchmarks/small.json
 
 $(CORE_STAMP): $(CORE_FILES)
 	rm -rf $(JUPYTER_CACHE)

@@ -7,7 +7,9 @@ the diffusers layout under ``$BADDIFF_CACHE`` (default ``~/.cache/baddiff``)::
     <cache>/models/<name>-<16 hex digits of sha256(recipe)>/
 
 A chapter asks for a model by recipe and gets it from the cache, or it is trained and saved
-(atomically) first. Change anything in the recipe and a different model is trained.
+(atomically) first. Change anything in the recipe and a different model is trained. Each training
+appends a line to ``<cache>/trainings.jsonl`` (:func:`trainings`), so "no model is trained twice"
+is something one can check after a book build, not only hope.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from baddiff_core.models import load_model, save_model
 
-__all__ = ["CACHE_ENV", "CACHE_FORMAT", "cache_root", "recipe_key", "cached_model"]
+__all__ = ["CACHE_ENV", "CACHE_FORMAT", "cache_root", "recipe_key", "cached_model", "trainings"]
 
 CACHE_ENV = "BADDIFF_CACHE"
 #: Bumped whenever training code changes what a recipe produces, so stale models are not reused.
@@ -74,12 +77,37 @@ def cached_model(name: str, recipe: Mapping[str, Any], build: Builder, *, device
 
     if use_cache:
         _check_writable(folder.parent)
+    began = time.perf_counter()
     unet, scheduler, report = build()
     metadata = dict(name=name, recipe=dict(recipe), report=report, format=CACHE_FORMAT)
     if use_cache:
         save_model(folder, unet.to("cpu"), scheduler, metadata=metadata)
+        _log_training(folder, time.perf_counter() - began)
     return unet.to(device).eval(), scheduler, dict(metadata, path=str(folder) if use_cache else None,
                                                    from_cache=False)
+
+
+_TRAININGS = "trainings.jsonl"
+
+
+def _log_training(folder: Path, seconds: float) -> None:
+    line = json.dumps(dict(model=folder.name, seconds=round(seconds, 3), when=time.strftime("%Y-%m-%dT%H:%M:%S")))
+    with open(cache_root() / _TRAININGS, "a") as handle:   # one short append: whole lines, even in parallel
+        handle.write(line + "\n")
+
+
+def trainings(root: str | os.PathLike | None = None) -> dict[str, list[float]]:
+    """Every model the cache at ``root`` (default :func:`cache_root`) has trained, with the seconds
+    of each training: ``{folder name: [seconds, ...]}``. Two entries for one folder mean that a
+    model was trained twice (its folder was deleted in between, or two runs raced)."""
+    log = Path(root or cache_root()) / _TRAININGS
+    found: dict[str, list[float]] = {}
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                found.setdefault(entry["model"], []).append(float(entry["seconds"]))
+    return found
 
 
 def _check_writable(folder: Path) -> None:

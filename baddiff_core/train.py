@@ -129,9 +129,15 @@ class TrainConfig:
 
 @dataclass
 class TrainHistory:
-    """What a run did: the loss of every optimizer step, its learning rates and its speed."""
+    """What a run did: the loss of every optimizer step, its learning rates and its speed.
+
+    ``log_times`` pairs ``(step, seconds since the loop began)`` at every logging point, where the
+    loop waits for the device anyway (to read the losses): the steady speed, past the first slow
+    steps (warm-up, compilation), is the slope between two of them.
+    """
 
     losses: list[float] = field(default_factory=list)
+    log_times: list[tuple[int, float]] = field(default_factory=list)
     learning_rates: list[float] = field(default_factory=list)
     seconds: float = 0.0
     images_per_second: float = 0.0
@@ -226,6 +232,7 @@ def train(model: torch.nn.Module, scheduler: DDPMScheduler, dataset: PoisonedDat
         if done % config.log_every == 0 or done == config.steps:
             history.losses.extend(torch.stack(pending).float().cpu().tolist())
             pending.clear()
+            history.log_times.append((done, time.perf_counter() - began))
             bar.set_postfix(loss=f"{history.losses[-1]:.4f}")
         if checkpoint_dir is not None and (done == config.steps or
                                            (config.checkpoint_every and done % config.checkpoint_every == 0)):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import pathlib
 
 import pytest
 import torch
 
-from baddiff_core.cache import cached_model, recipe_key
+from baddiff_core.cache import cached_model, recipe_key, trainings
 from baddiff_core.diffusion import QUICK_SCHEDULE, make_scheduler
 from baddiff_core.models import make_unet
 
@@ -40,6 +41,17 @@ def test_a_recipe_is_built_once_then_loaded(cache):
     cached_model("test", {**recipe, "poison_rate": 0.5}, builder(calls))
     assert len(calls) == 2, "another recipe is another model"
     assert len(os.listdir(cache / "models")) == 2
+    # The training log names each model once, with its time; the load is not a training.
+    log = trainings()
+    assert sorted(log) == sorted(os.listdir(cache / "models")) and all(len(s) == 1 for s in log.values())
+
+
+def test_the_training_log_shows_a_model_trained_twice(cache):
+    calls: list = []
+    _, _, info = cached_model("test", {"a": 1}, builder(calls))
+    (pathlib.Path(info["path"]) / "baddiff.json").unlink()   # the cached model lost: it is trained again
+    cached_model("test", {"a": 1}, builder(calls))
+    assert len(calls) == 2 and [len(s) for s in trainings(cache).values()] == [2]
 
 
 def test_use_cache_false_always_builds_and_saves_nothing(cache):

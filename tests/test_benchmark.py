@@ -1,0 +1,130 @@
+"""The benchmark's measuring tools, each against something known: call order, hand-counted FLOPs,
+a buffer of known size, a jupyter cache with known times. The command itself runs in `make test`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import nbformat
+import pytest
+import torch
+
+from baddiff_core import benchmark
+from baddiff_core.benchmark import (Comparison, interleaved, peak_memory, results_markdown, run_benchmarks,
+                                    training_flops, training_throughput, write_results)
+from baddiff_core.diffusion import QUICK_SCHEDULE, make_scheduler
+from baddiff_core.models import make_unet
+from conftest import ROOT
+
+
+def test_interleaved_alternates_and_takes_the_median_of_paired_ratios():
+    calls: list[str] = []
+    seconds = iter([9.0, 9.0,                  # warm-up, not recorded
+                    2.0, 1.0, 1.0, 4.0, 3.0, 1.0])
+
+    def run(name):
+        def call():
+            calls.append(name)
+            return next(seconds)
+        return call
+
+    comparison = interleaved("demo", run("a"), run("b"), 3)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]   # warm-up, then A B, B A, A B
+    assert comparison.candidate == [2.0, 4.0, 3.0] and comparison.baseline == [1.0, 1.0, 1.0]
+    assert comparison.ratio == 3.0 and comparison.spread == (2.0, 4.0)
+    assert comparison.passed is None
+    assert Comparison("train: poisoned / clean step", [1.02], [1.0], 1.03).passed is True
+    assert Comparison("x", [1.1], [1.0], 1.03).passed is False
+    with pytest.raises(ValueError, match="repeats must be a positive integer, got repeats=0"):
+        interleaved("demo", run("a"), run("b"), 0)
+
+
+class _OneConv(torch.nn.Module):
+    """A 'UNet' that is one 3x3 convolution (it ignores the timestep)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1, bias=False)
+
+    def forward(self, x, t):
+        return type("Out", (), {"sample": self.conv(x).mean(1, keepdim=True)})()
+
+
+def test_training_flops_match_a_hand_count():
+    """Forward: 2 * B * C_out * H * W * C_in * 3 * 3 multiply-adds counted as two FLOPs each. The input
+    needs no gradient, so the backward pass computes the weight's gradient only: as much again."""
+    batch = torch.rand(2, 1, 8, 8)
+    forward = 2 * 2 * 4 * 8 * 8 * 1 * 9
+    assert training_flops(_OneConv(), batch, make_scheduler(**QUICK_SCHEDULE)) == 2 * forward
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_peak_memory_sees_a_buffer_of_known_size():
+    megabytes = 256
+
+    def allocate():
+        buffer = torch.ones(megabytes * 2**20 // 4)   # float32, every page touched
+        return float(buffer[-1])
+
+    peak = peak_memory(allocate, "cpu")
+    assert 0.9 * megabytes * 2**20 <= peak <= 1.5 * megabytes * 2**20, peak / 2**20
+    assert peak_memory(lambda: None, "cpu") < 0.1 * megabytes * 2**20
+
+
+def test_training_throughput_is_the_steady_slope():
+    torch.manual_seed(0)
+    model = make_unet(8, 1, block_out_channels=(16, 32))
+    images = torch.rand(4, 1, 8, 8) * 2 - 1
+    measured = training_throughput(model, images, "fp32", steps=3, device=torch.device("cpu"))
+    assert measured["images_per_second"] == pytest.approx(4 / measured["step_seconds"])
+    assert measured["step_seconds"] > 0 and measured["first_step_seconds"] > 0
+    with pytest.raises(ValueError, match="mode='fp8' is not known"):
+        training_throughput(model, images, "fp8", steps=3, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="steps must be at least 2"):
+        training_throughput(model, images, "fp32", steps=1, device=torch.device("cpu"))
+
+
+def test_book_times_read_a_jupyter_cache(tmp_path):
+    jupyter_cache = pytest.importorskip("jupyter_cache")
+    cache = jupyter_cache.get_cache(str(tmp_path / "cache"))
+    for name, seconds in (("02_b.ipynb", 20.5), ("01_a.ipynb", 3.25)):
+        notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(f"x = '{name}'")])
+        path = tmp_path / name
+        nbformat.write(notebook, path)
+        cache.cache_notebook_file(str(path), data={"execution_seconds": seconds}, check_validity=False)
+    assert benchmark.book_times(tmp_path / "cache") == {"01_a.ipynb": 3.25, "02_b.ipynb": 20.5}
+    with pytest.raises(FileNotFoundError, match="build the book first"):
+        benchmark.book_times(tmp_path / "nothing")
+
+
+def test_bad_sizes_and_sections_are_refused():
+    with pytest.raises(ValueError, match="size='huge' is not known; use one of"):
+        run_benchmarks("huge")
+    with pytest.raises(ValueError, match=r"sections \['speed'\] are not known"):
+        run_benchmarks("small", sections=("speed",))
+
+
+def test_results_are_written_as_json_and_markdown(tmp_path):
+    results = dict(size=dict(name="small"), when="now", seconds=1.0,
+                   machine=dict(cpu="x86_64", cores=2, torch="2", device="cpu"),
+                   comparisons=[Comparison("train: poisoned / clean step", [1.0, 1.1], [1.0, 1.0], 1.03).to_dict()],
+                   peak_memory_bytes={"training": 3 * 2**20},
+                   book=dict(chapter_seconds={"01_a.ipynb": 3.0}, total_seconds=3.0))
+    path = write_results(results, tmp_path / "out" / "r.json")
+    assert json.loads(path.read_text())["comparisons"][0]["ratio"] == pytest.approx(1.05)
+    markdown = path.with_suffix(".md").read_text()
+    assert markdown == results_markdown(results) + "\n"
+    assert "| train: poisoned / clean step | 1.050 | 1.000 to 1.100 | <= 1.03 | no |" in markdown
+    assert "| training | 3 MiB |" in markdown and "| whole book | 3 |" in markdown
+    assert sorted(p.name for p in path.parent.iterdir()) == ["r.json", "r.md"]   # no temporary files left
+
+
+def test_the_command_refuses_bad_arguments():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--size", "huge"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "invalid choice: 'huge'" in result.stderr
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--book", "/nonexistent",
+                             "--only", "memory"], capture_output=True, text=True)
+    assert result.returncode == 2 and "holds no jupyter-cache" in result.stderr
