@@ -28,7 +28,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from baddiff_core.models import load_model, save_model
 
-__all__ = ["CACHE_ENV", "CACHE_FORMAT", "cache_root", "recipe_key", "cached_model", "trainings"]
+__all__ = ["CACHE_ENV", "CACHE_FORMAT", "cache_root", "recipe_key", "tensor_digest", "cached_model", "trainings"]
 
 CACHE_ENV = "BADDIFF_CACHE"
 #: Bumped whenever training code changes what a recipe produces, so stale models are not reused.
@@ -49,6 +49,19 @@ def recipe_key(recipe: Mapping[str, Any]) -> str:
     except TypeError as error:
         raise TypeError(f"a recipe must be JSON-serialisable to be cached: {error}") from error
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def tensor_digest(*tensors: torch.Tensor | torch.nn.Module) -> str:
+    """16 hex digits of the SHA-256 of tensors' dtypes, shapes and values (a module: its state dict,
+    in order), for recipes whose ingredients are tensors, such as a model to be repaired."""
+    digest = hashlib.sha256()
+    for item in tensors:
+        values = list(item.state_dict().values()) if isinstance(item, torch.nn.Module) else [item]
+        for tensor in values:
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()[:16]
 
 
 def cached_model(name: str, recipe: Mapping[str, Any], build: Builder, *, device: str | torch.device = "cpu",

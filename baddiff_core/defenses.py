@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
+from baddiff_core.cache import cached_model, tensor_digest
 from baddiff_core.checks import check_image_batch
 from baddiff_core.diffusion import SOLVERS, diffusion_loss, r_coefficients
 from baddiff_core.metrics import to_unit_range
@@ -322,7 +324,7 @@ def _check_images_for(unet: UNet2DModel, images: object) -> torch.Tensor:
 
 def remove_backdoor(unet: UNet2DModel, scheduler: DDPMScheduler, trigger: torch.Tensor, clean_images: torch.Tensor,
                     *, steps: int = 200, batch_size: int = 64, lr: float = 1e-4, seed: int = 0,
-                    progress: bool = True) -> tuple[UNet2DModel, RemovalHistory]:
+                    progress: bool = True, use_cache: bool = False) -> tuple[UNet2DModel, RemovalHistory]:
     """Fine-tune a copy of ``unet`` so that ``eps + trigger`` behaves like ``eps`` (Elijah's removal).
 
     Per step, with ``f`` the model being tuned and ``f0`` the frozen original, ``x`` a batch of
@@ -330,11 +332,33 @@ def remove_backdoor(unet: UNet2DModel, scheduler: DDPMScheduler, trigger: torch.
 
         loss = ddpm_loss(f, x) + mse(f(eps + tau, T-1), f0(eps, T-1)) + mse(f(eps, T-1), f0(eps, T-1))
 
-    Returns the tuned copy (eval mode; ``unet`` is untouched) and the loss history.
+    Returns the tuned copy (eval mode; ``unet`` is untouched) and the loss history. With
+    ``use_cache`` the result is kept in the model cache (:mod:`baddiff_core.cache`), keyed by
+    digests of the model's weights, the trigger and the clean images and by the settings, so that
+    a second chapter repairing the same model with the same inputs loads it (the history too, with
+    the seconds the first run took).
     """
     _positive_int("steps", steps)
     _positive_int("batch_size", batch_size)
     images = _check_images_for(unet, clean_images)
+    if use_cache:
+        recipe = dict(model=tensor_digest(unet), schedule=tensor_digest(scheduler.betas), trigger=tensor_digest(trigger),
+                      clean_images=tensor_digest(images), steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+
+        def build() -> tuple[UNet2DModel, DDPMScheduler, dict]:
+            repaired, history = _remove_backdoor(unet, scheduler, trigger, images, steps, batch_size, lr, seed,
+                                                 progress)
+            return repaired, scheduler, dataclasses.asdict(history)
+
+        device = next(unet.parameters()).device
+        repaired, _, info = cached_model("removal", recipe, build, device=device)
+        return repaired.requires_grad_(False), RemovalHistory(**info["report"])
+    return _remove_backdoor(unet, scheduler, trigger, images, steps, batch_size, lr, seed, progress)
+
+
+def _remove_backdoor(unet: UNet2DModel, scheduler: DDPMScheduler, trigger: torch.Tensor, images: torch.Tensor,
+                     steps: int, batch_size: int, lr: float, seed: int, progress: bool
+                     ) -> tuple[UNet2DModel, RemovalHistory]:
     parameter = next(unet.parameters())
     device = parameter.device
     images = images.to(device, parameter.dtype)

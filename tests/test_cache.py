@@ -8,7 +8,7 @@ import pathlib
 import pytest
 import torch
 
-from baddiff_core.cache import cached_model, recipe_key, trainings
+from baddiff_core.cache import cached_model, recipe_key, tensor_digest, trainings
 from baddiff_core.diffusion import QUICK_SCHEDULE, make_scheduler
 from baddiff_core.models import make_unet
 
@@ -59,6 +59,16 @@ def test_use_cache_false_always_builds_and_saves_nothing(cache):
     cached_model("test", {"a": 1}, builder(calls), use_cache=False)
     cached_model("test", {"a": 1}, builder(calls), use_cache=False)
     assert len(calls) == 2 and not (cache / "models").exists()
+
+
+def test_tensor_digest_sees_values_dtypes_and_shapes():
+    a = torch.arange(6, dtype=torch.float32)
+    assert tensor_digest(a) == tensor_digest(a.clone()) == tensor_digest(torch.arange(12.0)[::2].mul_(0.5))
+    assert len({tensor_digest(a), tensor_digest(a.view(2, 3)), tensor_digest(a.double()),
+                tensor_digest(a + 1e-6), tensor_digest(a, a)}) == 5
+    torch.manual_seed(0)
+    model = make_unet(8, 1)
+    assert tensor_digest(model) == tensor_digest(*model.state_dict().values())
 
 
 def test_recipe_key_is_stable_and_sensitive():

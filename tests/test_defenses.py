@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from baddiff_core import defenses
+
 from baddiff_core.diffusion import PAPER_SCHEDULE, QUICK_SCHEDULE, make_scheduler
 from baddiff_core.models import make_unet
 from baddiff_core.defenses import (ChannelMasks, adversarial_neuron_masks, choose_threshold, diversity,
@@ -162,6 +164,29 @@ def test_remove_backdoor_tunes_a_copy(tiny_unet):
     assert any(not torch.equal(before[k], v) for k, v in tuned.state_dict().items())
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         remove_backdoor(tiny_unet, make_scheduler(**QUICK_SCHEDULE), -torch.ones(1, 16, 16), images, steps=0)
+
+
+def test_a_cached_removal_is_computed_once_per_inputs(tiny_unet, tmp_path, monkeypatch):
+    """Two chapters repairing one model with one trigger estimate and one clean set share the result;
+    any other input is another repair."""
+    monkeypatch.setenv("BADDIFF_CACHE", str(tmp_path))
+    runs = []
+    real_removal = defenses._remove_backdoor
+    monkeypatch.setattr(defenses, "_remove_backdoor", lambda *a: runs.append(a) or real_removal(*a))
+    images = torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    scheduler = make_scheduler(**QUICK_SCHEDULE)
+    settings = dict(steps=2, batch_size=4, progress=False, use_cache=True)
+    first, history = remove_backdoor(tiny_unet, scheduler, -torch.ones(1, 16, 16), images, **settings)
+    again, history_again = remove_backdoor(tiny_unet, scheduler, -torch.ones(1, 16, 16), images.clone(), **settings)
+    assert len(runs) == 1 and history_again == history
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    assert not any(p.requires_grad for p in again.parameters()) and not again.training
+    uncached, _ = remove_backdoor(tiny_unet, scheduler, -torch.ones(1, 16, 16), images, steps=2, batch_size=4,
+                                  progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), uncached.state_dict().values()))
+    remove_backdoor(tiny_unet, scheduler, torch.zeros(1, 16, 16), images, **settings)    # another trigger
+    remove_backdoor(tiny_unet, scheduler, -torch.ones(1, 16, 16), images[:8], **settings)  # other clean data
+    assert len(runs) == 4
 
 
 @pytest.mark.parametrize("solver, override, expected", [("sde", None, "ddpm"), ("ode", None, "ddim"),
