@@ -18,6 +18,8 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -25,10 +27,12 @@ from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from safetensors.torch import load_file, save_file
 
 from baddiff_core.models import load_model, save_model
 
-__all__ = ["CACHE_ENV", "CACHE_FORMAT", "cache_root", "recipe_key", "tensor_digest", "cached_model", "trainings"]
+__all__ = ["CACHE_ENV", "CACHE_FORMAT", "cache_root", "recipe_key", "tensor_digest", "cached_model",
+           "cached_tensors", "trainings"]
 
 CACHE_ENV = "BADDIFF_CACHE"
 #: Bumped whenever training code changes what a recipe produces, so stale models are not reused.
@@ -98,6 +102,44 @@ def cached_model(name: str, recipe: Mapping[str, Any], build: Builder, *, device
         _log_training(folder, time.perf_counter() - began)
     return unet.to(device).eval(), scheduler, dict(metadata, path=str(folder) if use_cache else None,
                                                    from_cache=False)
+
+
+TensorBuilder = Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]]
+
+
+def cached_tensors(name: str, recipe: Mapping[str, Any], build: TensorBuilder, *, use_cache: bool = True
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Named tensors that took long to compute (not a model, e.g. learnt masks), cached like models.
+
+    ``build()`` returns ``(tensors, report)``; they are stored as ``tensors.safetensors`` and
+    ``baddiff.json`` in ``<cache>/tensors/<name>-<key>/``, written under a temporary name and
+    renamed when complete. Returns ``(tensors on the CPU, info)``, ``info`` as :func:`cached_model`'s.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise ValueError(f"name={name!r} must use only letters, digits, '-' and '_'")
+    folder = cache_root() / "tensors" / f"{name}-{recipe_key(recipe)}"
+    if use_cache and (folder / "baddiff.json").is_file():
+        metadata = json.loads((folder / "baddiff.json").read_text())
+        return load_file(str(folder / "tensors.safetensors")), dict(metadata, path=str(folder), from_cache=True)
+    if use_cache:
+        _check_writable(folder.parent)
+    began = time.perf_counter()
+    tensors, report = build()
+    tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+    metadata = dict(name=name, recipe=dict(recipe), report=report, format=CACHE_FORMAT)
+    if use_cache:
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            save_file(tensors, str(staging / "tensors.safetensors"))
+            (staging / "baddiff.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(staging, folder)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        _log_training(folder, time.perf_counter() - began)
+    return tensors, dict(metadata, path=str(folder) if use_cache else None, from_cache=False)
 
 
 _TRAININGS = "trainings.jsonl"

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
-from baddiff_core.cache import cached_model, tensor_digest
+from baddiff_core.cache import cached_model, cached_tensors, tensor_digest
 from baddiff_core.checks import check_image_batch
 from baddiff_core.diffusion import SOLVERS, diffusion_loss, r_coefficients
 from baddiff_core.metrics import to_unit_range
@@ -454,13 +454,15 @@ class _ChannelPerturbation:
 
 def adversarial_neuron_masks(unet: UNet2DModel, scheduler: DDPMScheduler, clean_images: torch.Tensor, *,
                              eps: float = 0.4, alpha: float = 0.2, steps: int = 200, batch_size: int = 64,
-                             mask_lr: float = 0.2, seed: int = 0, progress: bool = True) -> ChannelMasks:
+                             mask_lr: float = 0.2, seed: int = 0, progress: bool = True,
+                             use_cache: bool = False) -> ChannelMasks:
     """Learn ANP's channel masks on clean data (Wu & Wang 2021, with the DDPM loss).
 
     Each step: draw ``delta, xi ~ U[-eps, eps]`` per channel, take one signed-gradient step that
     *raises* the clean loss and clip them back to ``[-eps, eps]``; then update the masks ``m`` with
     SGD (momentum 0.9) on ``alpha L(m) + (1 - alpha) L(m + delta, 1 + xi)`` and clip to [0, 1].
-    ``unet`` is not modified (hooks are removed afterwards).
+    ``unet`` is not modified (hooks are removed afterwards). ``use_cache`` keeps the masks in the
+    cache (:func:`baddiff_core.cache.cached_tensors`), keyed as :func:`remove_backdoor` keys a repair.
     """
     _positive_int("steps", steps)
     _positive_int("batch_size", batch_size)
@@ -469,6 +471,24 @@ def adversarial_neuron_masks(unet: UNet2DModel, scheduler: DDPMScheduler, clean_
     if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
         raise ValueError(f"alpha must be in [0, 1] (the weight of the unperturbed loss), got alpha={alpha!r}")
     images = _check_images_for(unet, clean_images)
+    settings = dict(eps=eps, alpha=alpha, steps=steps, batch_size=batch_size, mask_lr=mask_lr, seed=seed)
+    if use_cache:
+        recipe = dict(model=tensor_digest(unet), schedule=tensor_digest(scheduler.betas),
+                      clean_images=tensor_digest(images), **settings)
+
+        def build() -> tuple[dict[str, torch.Tensor], dict]:
+            masks = _adversarial_neuron_masks(unet, scheduler, images, progress=progress, **settings)
+            return masks.masks, dict(order=list(masks.masks), losses=masks.losses, seconds=masks.seconds)
+
+        tensors, info = cached_tensors("anp-masks", recipe, build)
+        report = info["report"]
+        return ChannelMasks({name: tensors[name] for name in report["order"]}, report["losses"], report["seconds"])
+    return _adversarial_neuron_masks(unet, scheduler, images, progress=progress, **settings)
+
+
+def _adversarial_neuron_masks(unet: UNet2DModel, scheduler: DDPMScheduler, images: torch.Tensor, *, eps: float,
+                              alpha: float, steps: int, batch_size: int, mask_lr: float, seed: int,
+                              progress: bool) -> ChannelMasks:
     parameter = next(unet.parameters())
     device = parameter.device
     images = images.to(device, parameter.dtype)

@@ -8,7 +8,7 @@ import pathlib
 import pytest
 import torch
 
-from baddiff_core.cache import cached_model, recipe_key, tensor_digest, trainings
+from baddiff_core.cache import cached_model, cached_tensors, recipe_key, tensor_digest, trainings
 from baddiff_core.diffusion import QUICK_SCHEDULE, make_scheduler
 from baddiff_core.models import make_unet
 
@@ -69,6 +69,24 @@ def test_tensor_digest_sees_values_dtypes_and_shapes():
     torch.manual_seed(0)
     model = make_unet(8, 1)
     assert tensor_digest(model) == tensor_digest(*model.state_dict().values())
+
+
+def test_cached_tensors_are_built_once_and_stored_whole(cache):
+    calls: list = []
+
+    def build():
+        calls.append(1)
+        return {"b.weight": torch.arange(3.0), "a": torch.ones(2, 2)}, {"seconds": 2.0}
+
+    first, info = cached_tensors("masks", {"x": 1}, build)
+    again, info_again = cached_tensors("masks", {"x": 1}, build)
+    assert len(calls) == 1 and not info["from_cache"] and info_again["from_cache"]
+    assert info_again["report"] == {"seconds": 2.0}
+    assert all(torch.equal(first[k], again[k]) for k in first) and set(again) == {"b.weight", "a"}
+    assert sorted(p.name for p in (cache / "tensors").iterdir()) == [pathlib.Path(info["path"]).name]
+    assert list(trainings()) == [pathlib.Path(info["path"]).name]
+    with pytest.raises(ValueError, match="name='a b'"):
+        cached_tensors("a b", {}, build)
 
 
 def test_recipe_key_is_stable_and_sensitive():

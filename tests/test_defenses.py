@@ -146,6 +146,26 @@ def test_anp_masks_stay_in_range_and_leave_the_model_untouched(tiny_unet):
     assert not any(m._forward_hooks for m in tiny_unet.modules())
 
 
+def test_cached_anp_masks_are_learnt_once_and_come_back_in_order(tiny_unet, tmp_path, monkeypatch):
+    monkeypatch.setenv("BADDIFF_CACHE", str(tmp_path))
+    runs = []
+    real_masks = defenses._adversarial_neuron_masks
+    monkeypatch.setattr(defenses, "_adversarial_neuron_masks", lambda *a, **k: runs.append(k) or real_masks(*a, **k))
+    images = torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    scheduler = make_scheduler(**QUICK_SCHEDULE)
+    settings = dict(steps=2, batch_size=4, progress=False)
+    fresh = adversarial_neuron_masks(tiny_unet, scheduler, images, use_cache=True, **settings)
+    again = adversarial_neuron_masks(tiny_unet, scheduler, images, use_cache=True, **settings)
+    uncached = adversarial_neuron_masks(tiny_unet, scheduler, images, **settings)
+    assert len(runs) == 2   # the second cached call loaded; the uncached one learnt again
+    for other in (again, uncached):
+        assert list(other.masks) == list(fresh.masks)
+        assert all(torch.equal(other.masks[k], fresh.masks[k]) for k in fresh.masks)
+    assert again.losses == fresh.losses and again.seconds == fresh.seconds
+    adversarial_neuron_masks(tiny_unet, scheduler, images, use_cache=True, eps=0.2, **settings)
+    assert len(runs) == 3   # another budget, other masks
+
+
 def test_anp_rejects_bad_budgets(tiny_unet):
     with pytest.raises(ValueError, match="eps=2"):
         adversarial_neuron_masks(tiny_unet, make_scheduler(**QUICK_SCHEDULE), torch.zeros(2, 1, 16, 16), eps=2)
