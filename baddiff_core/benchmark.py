@@ -55,11 +55,14 @@ class BenchmarkSize:
     """How big each measurement is.
 
     ``image_size``/``channels``: the UNet preset (:func:`~baddiff_core.models.make_unet`) that the
-    ratios use; ``train_batch``, ``train_steps``: one training repeat; ``sample_n``: images per
-    sampling call (DDPM over the quick schedule's 100 steps); ``long_n``: images for the DDIM-50
+    ratios use; ``train_batch``, ``train_steps``: one training repeat; ``sample_n``,
+    ``sample_steps``: images per sampling call and its DDPM steps (the quick schedule's 100, or
+    fewer: a ratio of per-step costs needs no whole chain); ``long_n``: images for the DDIM-50
     against DDPM-1000 comparison (paper schedule); ``repeats``: pairs per comparison with a target
     (half as many, at least 2, for the others, whose effect is large);
     ``flops_batch``, ``flops_steps``, ``flops_modes``: the CIFAR-10 UNet's throughput runs.
+    ``cifar_unet``: the ratios use the ``google/ddpm-cifar10-32`` architecture (32 px, 3 channels)
+    instead of the small preset.
     """
 
     name: str
@@ -68,20 +71,27 @@ class BenchmarkSize:
     train_batch: int
     train_steps: int
     sample_n: int
+    sample_steps: int
     long_n: int
     repeats: int
     flops_batch: int
     flops_steps: int
     flops_modes: tuple[str, ...]
+    cifar_unet: bool = False
+
+    def unet(self) -> torch.nn.Module:
+        """A freshly initialised UNet of this size (seed torch first)."""
+        return ddpm_cifar10_unet() if self.cifar_unet else make_unet(self.image_size, self.channels)
 
 
 #: ``"small"`` runs in CI on a 2-core CPU; ``"full"`` is meant for a GPU.
 SIZES: dict[str, BenchmarkSize] = {
     "small": BenchmarkSize("small", image_size=16, channels=1, train_batch=32, train_steps=4, sample_n=8,
-                           long_n=2, repeats=8, flops_batch=2, flops_steps=4, flops_modes=("fp32",)),
+                           sample_steps=25, long_n=2, repeats=8, flops_batch=2, flops_steps=4, flops_modes=("fp32",)),
     "full": BenchmarkSize("full", image_size=32, channels=3, train_batch=128, train_steps=20, sample_n=128,
-                          long_n=64, repeats=7, flops_batch=128, flops_steps=30,
-                          flops_modes=("fp32", "bf16", "bf16+channels_last", "bf16+channels_last+compile")),
+                          sample_steps=100, long_n=64, repeats=7, flops_batch=128, flops_steps=30,
+                          flops_modes=("fp32", "bf16", "bf16+channels_last", "bf16+channels_last+compile"),
+                          cifar_unet=True),
 }
 
 #: The issue's targets: ratios that must stay at or below these (None: reported, no target).
@@ -204,7 +214,7 @@ def _training_comparisons(size: BenchmarkSize, device: torch.device) -> list[Com
     poisoned = PoisonedDataset(images, trigger=trigger, target=make_target("hat", size.image_size, size.channels),
                                poison_rate=0.1, seed=0)
     scheduler = make_scheduler(**QUICK_SCHEDULE)
-    model = make_unet(size.image_size, size.channels).to(device)
+    model = size.unet().to(device)
     run = dict(steps=size.train_steps, batch_size=size.train_batch, device=device)
     return [
         interleaved("train: poisoned / clean step",
@@ -231,12 +241,13 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
 
 def _sampling_comparisons(size: BenchmarkSize, device: torch.device) -> list[Comparison]:
     torch.manual_seed(0)
-    model = make_unet(size.image_size, size.channels).to(device).eval()
+    model = size.unet().to(device).eval()
     quick, paper = make_scheduler(**QUICK_SCHEDULE), make_scheduler(**PAPER_SCHEDULE)
     trigger = make_trigger("stop_sign", size.image_size, size.channels, size=14).to(device)
     n = size.sample_n
 
     def draw(count: int, scheduler: DDPMScheduler = quick, **kwargs: Any) -> Callable[[], float]:
+        kwargs.setdefault("num_inference_steps", size.sample_steps)
         generator = torch.Generator(device=device).manual_seed(0)
         return lambda: _timed(lambda: sample(model, scheduler, count, generator=generator, progress=False,
                                              **kwargs), device)
@@ -244,6 +255,7 @@ def _sampling_comparisons(size: BenchmarkSize, device: torch.device) -> list[Com
     def batched() -> float:
         generator = torch.Generator(device=device).manual_seed(0)
         return _timed(lambda: sample_clean_and_triggered(model, quick, n, trigger, generator=generator,
+                                                         num_inference_steps=size.sample_steps,
                                                          progress=False), device)
 
     def two_calls() -> float:
@@ -253,7 +265,7 @@ def _sampling_comparisons(size: BenchmarkSize, device: torch.device) -> list[Com
         interleaved("sample: x0 clip / no clip", draw(n, clip="x0"), draw(n, clip="none"), size.repeats),
         interleaved("sample: one batched call / two calls", batched, two_calls, max(2, size.repeats // 2)),
         interleaved("sample: DDIM-50 / DDPM-1000", draw(size.long_n, paper, sampler="ddim", num_inference_steps=50),
-                    draw(size.long_n, paper, sampler="ddpm"), max(2, size.repeats // 2), warmup=False),
+                    draw(size.long_n, paper, sampler="ddpm", num_inference_steps=1000), 2, warmup=False),
     ]
 
 
@@ -317,7 +329,7 @@ def _memory(size: BenchmarkSize, device: torch.device) -> dict[str, int | None]:
     torch.manual_seed(0)
     images = torch.rand(256, size.channels, size.image_size, size.image_size) * 2 - 1
     scheduler = make_scheduler(**QUICK_SCHEDULE)
-    model = make_unet(size.image_size, size.channels).to(device)
+    model = size.unet().to(device)
     training = peak_memory(lambda: _our_training_loop(model, scheduler, images, steps=2, batch_size=size.train_batch,
                                                       device=device), device)
     model.eval()

@@ -128,3 +128,25 @@ def test_the_command_refuses_bad_arguments():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--book", "/nonexistent",
                              "--only", "memory"], capture_output=True, text=True)
     assert result.returncode == 2 and "holds no jupyter-cache" in result.stderr
+
+
+def test_a_tiny_run_measures_every_section(monkeypatch):
+    """The whole pipeline on a tiny size: every comparison, memory, throughput and their shapes."""
+    tiny = benchmark.BenchmarkSize("tiny", image_size=8, channels=1, train_batch=4, train_steps=2, sample_n=2,
+                                   sample_steps=5, long_n=1, repeats=2, flops_batch=1, flops_steps=2, flops_modes=("fp32",))
+    monkeypatch.setitem(benchmark.SIZES, "tiny", tiny)
+    lines: list[str] = []
+    results = run_benchmarks("tiny", "cpu", log=lines.append)
+    names = [c["name"] for c in results["comparisons"]]
+    assert names == list(benchmark.TARGETS)
+    for comparison in results["comparisons"]:
+        assert len(comparison["candidate_seconds"]) == len(comparison["baseline_seconds"]) >= 2
+        assert comparison["ratio"] > 0 and comparison["target"] == benchmark.TARGETS[comparison["name"]]
+    ddim = next(c for c in results["comparisons"] if c["name"] == "sample: DDIM-50 / DDPM-1000")
+    assert ddim["ratio"] < 0.25   # 50 steps against 1000, whatever the machine
+    assert set(results["peak_memory_bytes"]) == {"training, batch 4", "sampling, batch 2"}
+    (row,) = results["throughput"]["modes"]
+    assert row["mode"] == "fp32" and row["batch"] == 1 and 0 < row["mfu"] < 2
+    assert results["throughput"]["flops_per_step"] > 10e9   # the CIFAR-10 UNet: ~36 GFLOP per image
+    assert len(lines) == len(names) + 2   # a line per comparison, memory, and the one throughput mode
+    json.dumps(results)   # all of it can be written
