@@ -86,8 +86,8 @@ class BenchmarkSize:
 
 #: ``"small"`` runs in CI on a 2-core CPU; ``"full"`` is meant for a GPU.
 SIZES: dict[str, BenchmarkSize] = {
-    "small": BenchmarkSize("small", image_size=16, channels=1, train_batch=32, train_steps=4, sample_n=8,
-                           sample_steps=25, long_n=2, repeats=8, flops_batch=2, flops_steps=4, flops_modes=("fp32",)),
+    "small": BenchmarkSize("small", image_size=16, channels=1, train_batch=32, train_steps=4, sample_n=16,
+                           sample_steps=40, long_n=2, repeats=8, flops_batch=2, flops_steps=4, flops_modes=("fp32",)),
     "full": BenchmarkSize("full", image_size=32, channels=3, train_batch=128, train_steps=20, sample_n=128,
                           sample_steps=100, long_n=64, repeats=7, flops_batch=128, flops_steps=30,
                           flops_modes=("fp32", "bf16", "bf16+channels_last", "bf16+channels_last+compile"),
