@@ -1,6 +1,6 @@
 """Benchmarks of the book's training, sampling and chapters: one command, results to a file.
 
-    python benchmarks/run.py --size small                       # CI: a 2-core CPU, about two minutes
+    python benchmarks/run.py --size small                       # CI: a 2-core CPU, about 40 s
     python benchmarks/run.py --size small --book _build/.jupyter_cache --models
                                         # + the chapter times of a build, the models the cache trained
     python benchmarks/run.py --size full --device cuda          # a GPU: CIFAR-10 UNet, batch 128
