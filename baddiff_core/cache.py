@@ -68,6 +68,13 @@ def tensor_digest(*tensors: torch.Tensor | torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def _entry_folder(kind: str, name: str, recipe: Mapping[str, Any]) -> Path:
+    """``<cache>/<kind>/<name>-<recipe key>``, after checking that ``name`` is a safe folder prefix."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise ValueError(f"name={name!r} must use only letters, digits, '-' and '_'")
+    return cache_root() / kind / f"{name}-{recipe_key(recipe)}"
+
+
 def cached_model(name: str, recipe: Mapping[str, Any], build: Builder, *, device: str | torch.device = "cpu",
                  use_cache: bool = True) -> tuple[UNet2DModel, DDPMScheduler, dict[str, Any]]:
     """The model of ``recipe``: loaded from the cache, or made by ``build()`` and saved there.
@@ -84,9 +91,7 @@ def cached_model(name: str, recipe: Mapping[str, Any], build: Builder, *, device
         ``(unet, scheduler, info)``; ``info`` holds ``recipe``, ``report``, ``path`` and whether it
         came ``from_cache``.
     """
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-        raise ValueError(f"name={name!r} must use only letters, digits, '-' and '_'")
-    folder = cache_root() / "models" / f"{name}-{recipe_key(recipe)}"
+    folder = _entry_folder("models", name, recipe)
     if use_cache and (folder / "baddiff.json").is_file():
         unet, scheduler = load_model(folder, device=device)
         metadata = json.loads((folder / "baddiff.json").read_text())
@@ -115,9 +120,7 @@ def cached_tensors(name: str, recipe: Mapping[str, Any], build: TensorBuilder, *
     ``baddiff.json`` in ``<cache>/tensors/<name>-<key>/``, written under a temporary name and
     renamed when complete. Returns ``(tensors on the CPU, info)``, ``info`` as :func:`cached_model`'s.
     """
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-        raise ValueError(f"name={name!r} must use only letters, digits, '-' and '_'")
-    folder = cache_root() / "tensors" / f"{name}-{recipe_key(recipe)}"
+    folder = _entry_folder("tensors", name, recipe)
     if use_cache and (folder / "baddiff.json").is_file():
         metadata = json.loads((folder / "baddiff.json").read_text())
         return load_file(str(folder / "tensors.safetensors")), dict(metadata, path=str(folder), from_cache=True)

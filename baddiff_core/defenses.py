@@ -342,8 +342,8 @@ def remove_backdoor(unet: UNet2DModel, scheduler: DDPMScheduler, trigger: torch.
     _positive_int("batch_size", batch_size)
     images = _check_images_for(unet, clean_images)
     if use_cache:
-        recipe = dict(model=tensor_digest(unet), schedule=tensor_digest(scheduler.betas), trigger=tensor_digest(trigger),
-                      clean_images=tensor_digest(images), steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+        recipe = _defence_recipe(unet, scheduler, images, trigger=tensor_digest(trigger), steps=steps,
+                                 batch_size=batch_size, lr=lr, seed=seed)
 
         def build() -> tuple[UNet2DModel, DDPMScheduler, dict]:
             repaired, history = _remove_backdoor(unet, scheduler, trigger, images, steps, batch_size, lr, seed,
@@ -354,6 +354,14 @@ def remove_backdoor(unet: UNet2DModel, scheduler: DDPMScheduler, trigger: torch.
         repaired, _, info = cached_model("removal", recipe, build, device=device)
         return repaired.requires_grad_(False), RemovalHistory(**info["report"])
     return _remove_backdoor(unet, scheduler, trigger, images, steps, batch_size, lr, seed, progress)
+
+
+def _defence_recipe(unet: UNet2DModel, scheduler: DDPMScheduler, images: torch.Tensor, **settings: object
+                    ) -> dict[str, object]:
+    """The cache key of a defence's result: digests of the model, its schedule and the clean data,
+    and the defence's own settings."""
+    return dict(model=tensor_digest(unet), schedule=tensor_digest(scheduler.betas),
+                clean_images=tensor_digest(images), **settings)
 
 
 def _remove_backdoor(unet: UNet2DModel, scheduler: DDPMScheduler, trigger: torch.Tensor, images: torch.Tensor,
@@ -473,8 +481,7 @@ def adversarial_neuron_masks(unet: UNet2DModel, scheduler: DDPMScheduler, clean_
     images = _check_images_for(unet, clean_images)
     settings = dict(eps=eps, alpha=alpha, steps=steps, batch_size=batch_size, mask_lr=mask_lr, seed=seed)
     if use_cache:
-        recipe = dict(model=tensor_digest(unet), schedule=tensor_digest(scheduler.betas),
-                      clean_images=tensor_digest(images), **settings)
+        recipe = _defence_recipe(unet, scheduler, images, **settings)
 
         def build() -> tuple[dict[str, torch.Tensor], dict]:
             masks = _adversarial_neuron_masks(unet, scheduler, images, progress=progress, **settings)
