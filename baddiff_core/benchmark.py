@@ -25,7 +25,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,10 @@ from diffusers.optimization import get_scheduler
 from torch.utils.flop_counter import FlopCounterMode
 
 from baddiff_core.cache import trainings
+from baddiff_core.checks import check_positive_int
 from baddiff_core.devices import resolve_device
 from baddiff_core.diffusion import PAPER_SCHEDULE, QUICK_SCHEDULE, make_scheduler
+from baddiff_core.files import write_text_atomically
 from baddiff_core.models import ddpm_cifar10_unet, make_unet
 from baddiff_core.poison import PoisonedDataset
 from baddiff_core.sampling import sample, sample_clean_and_triggered
@@ -140,8 +142,7 @@ def interleaved(name: str, candidate: Callable[[], float], baseline: Callable[[]
     Each callable returns the seconds it measured itself (so that set-up can stay outside the
     timing). ``warmup`` runs each once first, unrecorded (allocations, lazy initialisation).
     """
-    if not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive integer, got repeats={repeats!r}")
+    check_positive_int("repeats", repeats)
     if warmup:
         candidate(), baseline()
     times: dict[str, list[float]] = {"a": [], "b": []}
@@ -561,7 +562,5 @@ def write_results(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     for target, text in ((path, json.dumps(results, indent=2) + "\n"),
                          (path.with_suffix(".md"), results_markdown(results) + "\n")):
-        staging = target.with_name(f".{target.name}.tmp")
-        staging.write_text(text)
-        os.replace(staging, target)
+        write_text_atomically(target, text)
     return path

@@ -18,8 +18,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -29,6 +27,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file, save_file
 
+from baddiff_core.files import atomic_folder
 from baddiff_core.models import load_model, save_model
 
 __all__ = ["CACHE_ENV", "CACHE_FORMAT", "cache_root", "recipe_key", "tensor_digest", "cached_model",
@@ -131,16 +130,9 @@ def cached_tensors(name: str, recipe: Mapping[str, Any], build: TensorBuilder, *
     tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
     metadata = dict(name=name, recipe=dict(recipe), report=report, format=CACHE_FORMAT)
     if use_cache:
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        with atomic_folder(folder) as staging:
             save_file(tensors, str(staging / "tensors.safetensors"))
             (staging / "baddiff.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(staging, folder)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
         _log_training(folder, time.perf_counter() - began)
     return tensors, dict(metadata, path=str(folder) if use_cache else None, from_cache=False)
 

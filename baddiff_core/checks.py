@@ -1,11 +1,14 @@
-"""Input checks shared by the modules that take image batches (messages name the argument)."""
+"""Input checks shared by the core's modules: each message names the argument, its value and what
+is allowed."""
 
 from __future__ import annotations
+
+import numbers
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_image_batch"]
+__all__ = ["check_image_batch", "check_positive_int"]
 
 
 def check_image_batch(name: str, images: object, *, min_size: int = 1, value_range: str = "[-1, 1]",
@@ -32,3 +35,17 @@ def check_image_batch(name: str, images: object, *, min_size: int = 1, value_ran
         bad = int((~torch.isfinite(images)).sum())
         raise ValueError(f"{name} must be finite, got {bad} NaN or infinite values")
     return images
+
+
+def check_positive_int(name: str, value: object, *, meaning: str = "", allow_none: bool = False) -> int | None:
+    """``value`` if it is an integer >= 1 (``bool`` is refused: ``True`` is not a count).
+
+    ``meaning`` words the message (e.g. ``"the number of images"``); ``allow_none`` lets ``None``
+    through, for optional sizes.
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        allowed = "a positive integer" + (" or None" if allow_none else "") + (f" ({meaning})" if meaning else "")
+        raise ValueError(f"{name} must be {allowed}, got {name}={value!r}")
+    return int(value)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from baddiff_core.checks import check_positive_int
+
 __all__ = ["SAMPLE_PHOTOS", "load_sample_photo", "DATASETS", "load_images"]
 
 #: The photographs scikit-learn ships (``sklearn.datasets.load_sample_image``), 427 x 640 RGB.
@@ -82,8 +84,7 @@ def load_images(name: str | os.PathLike, image_size: int, *, channels: int | Non
         raise ValueError(f"image_size must be an integer >= 4, got image_size={image_size!r}")
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be 1, 3 or None (the data set's own), got channels={channels!r}")
-    if limit is not None and (not isinstance(limit, int) or limit <= 0):
-        raise ValueError(f"limit must be a positive integer or None, got limit={limit!r}")
+    check_positive_int("limit", limit, allow_none=True)
 
     if isinstance(name, str) and name in DATASETS:
         if name == "digits":

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
-import tempfile
 import time
 from typing import Any
 
@@ -36,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_image_batch
+from .checks import check_image_batch, check_positive_int
+from .files import atomic_file, write_text_atomically
 
 __all__ = [
     "INPUT_SIZE",
@@ -257,9 +256,8 @@ def train_digits_net(
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got seed={seed!r}")
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+    check_positive_int("epochs", epochs)
+    check_positive_int("batch_size", batch_size)
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got lr={lr!r}")
 
@@ -383,42 +381,19 @@ def load_digits_net(device: str | torch.device | None = None) -> DigitsNet:
     return _CACHE[key]
 
 
-def _atomic_write(path: pathlib.Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file in ``path``'s folder, then ``os.replace`` it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp creates the file private (0600); give it the usual permissions (0666 less umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def regenerate(*, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Train the network and write ``assets/digits_net.safetensors`` and ``assets/digits_net.json``.
 
-    Each file is written atomically (a temporary file in the same folder, then ``os.replace``).
+    Each file is written atomically (:mod:`baddiff_core.files`).
     Returns the recipe dict that was written.
     """
     from safetensors.torch import save_file
 
     net, recipe = train_digits_net(seed=seed, progress=progress)
     tensors = {name: t.detach().cpu().contiguous() for name, t in net.state_dict().items()}
-    _atomic_write(
-        WEIGHTS_PATH,
-        lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "model": "DigitsNet"}),
-    )
-    _atomic_write(
-        RECIPE_PATH,
-        lambda tmp: pathlib.Path(tmp).write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n"),
-    )
+    with atomic_file(WEIGHTS_PATH) as staging:
+        save_file(tensors, str(staging), metadata={"format": "pt", "model": "DigitsNet"})
+    write_text_atomically(RECIPE_PATH, json.dumps(recipe, indent=2, sort_keys=True) + "\n")
     _CACHE.clear()
     if progress:
         for p in (WEIGHTS_PATH, RECIPE_PATH):

@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .checks import check_image_batch
+from .checks import check_image_batch, check_positive_int
 from .features import MIN_SIZE, DigitsFeatureExtractor, load_digits_net
 
 __all__ = [
@@ -178,9 +178,8 @@ def ssim_window(height: int, width: int) -> tuple[int, float]:
     its sigma (``2 * int(3.5 * sigma + 0.5) + 1``), so sigma shrinks in proportion,
     ``sigma = 1.5 * k / 11``: the Gaussian is truncated at the same ~3.5 sigma as the standard one.
     """
-    for name, value in (("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+    check_positive_int("height", height)
+    check_positive_int("width", width)
     side = min(SSIM_WINDOW, int(min(height, width)))
     if side % 2 == 0:
         side -= 1

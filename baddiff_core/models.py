@@ -18,14 +18,14 @@ import json
 import os
 import pickle
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from safetensors import SafetensorError
+
+from baddiff_core.files import atomic_folder
 
 __all__ = ["UNET_PRESETS", "make_unet", "ddpm_cifar10_unet", "count_parameters", "save_model",
            "load_model", "PICKLE_SUFFIXES", "PRETRAINED_CIFAR10"]
@@ -88,36 +88,15 @@ def save_model(path: str | os.PathLike, unet: UNet2DModel, scheduler: DDPMSchedu
     """Save ``unet`` and ``scheduler`` to the folder ``path`` in the diffusers layout, atomically.
 
     Everything is first written to a temporary sibling folder, which then replaces ``path`` by a
-    rename: an interrupted save leaves either the old model or the new one, never half of one.
+    rename (:func:`~baddiff_core.files.atomic_folder`): an interrupted save leaves either the old
+    model or the new one, never half of one.
     ``metadata`` (JSON-serialisable) is stored in ``baddiff.json``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_folder(path) as staging:
         DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(staging, safe_serialization=True)
         if metadata is not None:
             (staging / "baddiff.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-        _make_readable(staging)
-        if path.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, retired / "model")
-            os.replace(staging, path)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, path)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return path
-
-
-def _make_readable(folder: Path) -> None:
-    """Give a finished folder the usual permissions (temporary files are created private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for item in [folder, *folder.rglob("*")]:
-        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
+    return Path(path)
 
 
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", allow_pickle: bool = False

@@ -27,6 +27,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from baddiff_core.checks import check_positive_int
+
 __all__ = ["CLIP_MODES", "SAMPLERS", "inference_scheduler", "sample", "sample_clean_and_triggered"]
 
 #: ``"none"``: no clipping (how the attack is evaluated); ``"x0"``: clamp the predicted x_0 (the
@@ -81,10 +83,8 @@ def sample(model: UNet2DModel, scheduler: DDPMScheduler, n: int, *, trigger: tor
     Returns:
         ``n,C,H,W`` images in [-1, 1] (clamped at the end), on the model's device.
     """
-    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-        raise ValueError(f"n must be a positive integer (the number of images), got n={n!r}")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size <= 0):
-        raise ValueError(f"batch_size must be a positive integer or None, got batch_size={batch_size!r}")
+    check_positive_int("n", n, meaning="the number of images")
+    check_positive_int("batch_size", batch_size, allow_none=True)
     sampler_scheduler = inference_scheduler(scheduler, sampler=sampler, clip=clip)
     train_steps = scheduler.config.num_train_timesteps
     if num_inference_steps is None:
@@ -128,8 +128,7 @@ def sample_clean_and_triggered(model: UNet2DModel, scheduler: DDPMScheduler, n: 
     Pairing the noise shows exactly what the trigger changes. ``kwargs`` go to :func:`sample`.
     Returns ``(clean, triggered)``, each ``n,C,H,W`` in [-1, 1].
     """
-    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-        raise ValueError(f"n must be a positive integer (the number of images), got n={n!r}")
+    check_positive_int("n", n, meaning="the number of images")
     config = model.config
     shape = (n, config.in_channels, config.sample_size, config.sample_size)
     parameter = next(model.parameters())

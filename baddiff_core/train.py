@@ -15,7 +15,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +28,10 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from baddiff_core.checks import check_positive_int
 from baddiff_core.devices import resolve_device
 from baddiff_core.diffusion import ATTACKS, SOLVERS, diffusion_loss, trigger_coefficients
+from baddiff_core.files import atomic_folder, write_text_atomically
 from baddiff_core.poison import PoisonedDataset, poison_pairs
 
 __all__ = ["TrainConfig", "TrainHistory", "train", "latest_checkpoint", "list_checkpoints", "load_checkpoint_weights"]
@@ -85,9 +86,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "gradient_accumulation_steps", "log_every", "keep_checkpoints"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+            check_positive_int(name, getattr(self, name))
         for name in ("warmup_steps", "checkpoint_every", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -385,16 +384,11 @@ def _save_checkpoint(checkpoint_dir: Path, step: int, model: torch.nn.Module, op
                 config=config.to_dict(), torch_version=torch.__version__)
 
     name = f"checkpoint-{step:07d}"
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=checkpoint_dir))
-    save_file(tensors, str(staging / "state.safetensors"))
-    (staging / "state.json").write_text(json.dumps(meta, default=_json_default) + "\n")
     final = checkpoint_dir / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
-    pointer_tmp = checkpoint_dir / f".{_LATEST}.tmp"
-    pointer_tmp.write_text(name + "\n")
-    os.replace(pointer_tmp, checkpoint_dir / _LATEST)
+    with atomic_folder(final) as staging:
+        save_file(tensors, str(staging / "state.safetensors"))
+        (staging / "state.json").write_text(json.dumps(meta, default=_json_default) + "\n")
+    write_text_atomically(checkpoint_dir / _LATEST, name + "\n")
 
     older = sorted(p for p in checkpoint_dir.glob("checkpoint-*") if p.is_dir() and p.name != name)
     for stale in older[: max(0, len(older) - (config.keep_checkpoints - 1))]:

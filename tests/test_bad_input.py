@@ -128,6 +128,16 @@ CASES = {
     "image size too small": (lambda tmp, mp: data.load_images("digits", 2), ValueError, r"image_size.*2"),
     # sampling
     "zero samples": (lambda tmp, mp: sampling.sample(tiny_unet(), scheduler(), 0), ValueError, r"n=0"),
+    "True as a sample count": (
+        lambda tmp, mp: sampling.sample(tiny_unet(), scheduler(), True),
+        ValueError,
+        r"n must be a positive integer \(the number of images\), got n=True",
+    ),
+    "True as a batch size": (
+        lambda tmp, mp: sampling.sample(tiny_unet(), scheduler(), 2, batch_size=True),
+        ValueError,
+        r"batch_size must be a positive integer or None, got batch_size=True",
+    ),
     "negative batch size": (
         lambda tmp, mp: sampling.sample(tiny_unet(), scheduler(), 2, batch_size=-1),
         ValueError,

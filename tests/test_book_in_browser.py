@@ -49,7 +49,6 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import nbformat
 import pytest
-import yaml
 from bs4 import BeautifulSoup
 from PIL import Image
 

@@ -472,3 +472,24 @@ def test_digit_predictions_and_histogram_on_real_digits(digits16):
 def test_digit_predictions_reject_tiny_images():
     with pytest.raises(ValueError, match="at least 8x8"):
         digit_predictions(torch.zeros(2, 1, 4, 4))
+
+
+def test_regenerate_writes_both_asset_files_whole(tmp_path, monkeypatch):
+    """``features.regenerate`` (run by hand to retrain the shipped classifier) replaces the weights
+    and the recipe, each atomically, and the loader reads what it wrote."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    net = feat.DigitsNet().eval()
+    recipe = {"seed": 7, "test_accuracy": 0.5}
+    monkeypatch.setattr(feat, "train_digits_net", lambda seed, progress: (net, dict(recipe, seed=seed)))
+    monkeypatch.setattr(feat, "WEIGHTS_PATH", tmp_path / "assets" / "digits_net.safetensors")
+    monkeypatch.setattr(feat, "RECIPE_PATH", tmp_path / "assets" / "digits_net.json")
+    (tmp_path / "assets").mkdir()
+    feat.WEIGHTS_PATH.write_bytes(b"an older file")
+    assert feat.regenerate(seed=7, progress=False) == recipe
+    written = load_file(str(feat.WEIGHTS_PATH))
+    assert all(torch.equal(written[name], value) for name, value in net.state_dict().items())
+    assert json.loads(feat.RECIPE_PATH.read_text()) == recipe
+    assert sorted(p.name for p in (tmp_path / "assets").iterdir()) == ["digits_net.json",
+                                                                       "digits_net.safetensors"]

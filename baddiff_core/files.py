@@ -1,0 +1,84 @@
+"""Writing files and folders atomically: a reader sees the old one or the new one, never half.
+
+Models (:func:`baddiff_core.models.save_model`), cached tensors
+(:func:`baddiff_core.cache.cached_tensors`), training checkpoints and benchmark results take
+minutes to compute and seconds to write; a crash, a full disk or Ctrl-C during the write must not
+leave something that looks finished. Each is therefore written under a hidden name beside its
+final one and renamed into place (a rename within one file system is atomic).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["atomic_file", "atomic_folder", "write_text_atomically"]
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder; when the block ends without an error, it becomes ``path``.
+
+    The staging folder is a hidden sibling of ``path`` (same file system, so the final step is a
+    rename). An existing ``path`` is first renamed aside, then the staging folder is renamed to
+    ``path`` and the old one deleted, so ``path`` is never half-written. If the block raises, the
+    staging folder is deleted and ``path`` is left as it was. The finished folder gets the usual
+    permissions (temporary folders are created private).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield staging
+        _make_readable(staging)
+        if path.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, retired / path.name)
+            os.replace(staging, path)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block ends without an error, the file
+    written there replaces ``path``. If the block raises, it is deleted and ``path`` is left as it
+    was. The finished file gets the usual permissions."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    staging = Path(name)
+    try:
+        yield staging
+        staging.chmod(0o666 & ~_umask())
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through :func:`atomic_file`; returns ``path``."""
+    with atomic_file(path) as staging:
+        staging.write_text(text)
+    return Path(path)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _make_readable(folder: Path) -> None:
+    umask = _umask()
+    for item in [folder, *folder.rglob("*")]:
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
