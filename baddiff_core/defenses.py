@@ -39,7 +39,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
 from baddiff_core.cache import cached_model, cached_tensors, tensor_digest
-from baddiff_core.checks import check_image_batch
+from baddiff_core.checks import check_image_batch, check_positive_int
 from baddiff_core.diffusion import SOLVERS, diffusion_loss, r_coefficients
 from baddiff_core.metrics import to_unit_range
 from baddiff_core.sampling import sample
@@ -56,6 +56,7 @@ __all__ = [
     "scan_model",
     "choose_threshold",
     "RemovalHistory",
+    "clean_subset",
     "remove_backdoor",
     "ChannelMasks",
     "adversarial_neuron_masks",
@@ -111,12 +112,6 @@ def _frozen(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         model.train(was_training)
 
 
-def _positive_int(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
-    return value
-
-
 def _last_timestep(scheduler: DDPMScheduler, batch: int, device: torch.device) -> torch.Tensor:
     return torch.full((batch,), scheduler.config.num_train_timesteps - 1, device=device, dtype=torch.long)
 
@@ -141,8 +136,8 @@ def invert_trigger(unet: UNet2DModel, scheduler: DDPMScheduler, *, num_noise: in
         lam: the echo strength aimed at; default :func:`inversion_lambda` of ``solver``.
         generator: source of ``eps_i`` and of the initial ``tau`` (CPU generator).
     """
-    _positive_int("num_noise", num_noise)
-    _positive_int("steps", steps)
+    check_positive_int("num_noise", num_noise)
+    check_positive_int("steps", steps)
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be a positive number, got lr={lr!r}")
     lam = inversion_lambda(scheduler, solver) if lam is None else float(lam)
@@ -252,28 +247,48 @@ DEFAULT_THRESHOLD = 0.25
 def scan_model(unet: UNet2DModel, scheduler: DDPMScheduler, *, n: int = 16, threshold: float = DEFAULT_THRESHOLD,
                num_noise: int = 100, steps: int = 100, lr: float = 0.1, solver: str = "sde",
                num_inference_steps: int | None = None, sampler: str | None = None, clip: str = "none",
-               seed: int = 0, progress: bool = True) -> BackdoorScan:
+               seed: int = 0, progress: bool = True, use_cache: bool = False) -> BackdoorScan:
     """Invert a trigger, draw ``n`` samples from ``eps + tau`` and score them.
 
     ``solver`` is the sampler family the backdoor would be planted for (``"sde"``: lambda = R_{T-1}
     and DDPM samples; ``"ode"``: lambda = 2 R_{T-1} and DDIM samples); ``sampler`` overrides the
     sampler, and ``clip`` samples with a clipping mode (a backdoor built to work under clipping is
-    looked for the way it is used).
+    looked for the way it is used). ``use_cache`` keeps the estimate and the samples in the cache
+    (:func:`baddiff_core.cache.cached_tensors`), keyed by digests of the weights and the schedule
+    and by the settings, so that a model scanned alike twice is scanned once (``seconds`` is the
+    first scan's).
     """
-    _positive_int("n", n)
+    check_positive_int("n", n)
     if n < 2:
         raise ValueError(f"n must be at least 2 (the score compares samples), got n={n}")
     if not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
         raise ValueError(f"threshold must be in (0, 1), got threshold={threshold!r}")
-    began = time.perf_counter()
-    inversion = invert_trigger(unet, scheduler, num_noise=num_noise, steps=steps, lr=lr, solver=solver,
-                               generator=torch.Generator().manual_seed(seed), progress=progress)
     sampler = sampler or ("ddpm" if solver == "sde" else "ddim")
-    samples = sample(unet, scheduler, n, trigger=inversion.trigger, sampler=sampler, clip=clip,
-                     num_inference_steps=num_inference_steps, generator=torch.Generator().manual_seed(seed + 1),
-                     progress=progress)
+    settings = dict(n=n, num_noise=num_noise, steps=steps, lr=lr, solver=solver,
+                    num_inference_steps=num_inference_steps, sampler=sampler, clip=clip, seed=seed)
+
+    def build() -> tuple[dict[str, torch.Tensor], dict]:
+        began = time.perf_counter()
+        inversion = invert_trigger(unet, scheduler, num_noise=num_noise, steps=steps, lr=lr, solver=solver,
+                                   generator=torch.Generator().manual_seed(seed), progress=progress)
+        samples = sample(unet, scheduler, n, trigger=inversion.trigger, sampler=sampler, clip=clip,
+                         num_inference_steps=num_inference_steps,
+                         generator=torch.Generator().manual_seed(seed + 1), progress=progress)
+        tensors = dict(trigger=inversion.trigger, samples=samples)
+        return tensors, dict(lam=inversion.lam, losses=inversion.losses, inversion_seconds=inversion.seconds,
+                             seconds=time.perf_counter() - began)
+
+    if use_cache:
+        tensors, info = cached_tensors("scan", _defence_recipe(unet, scheduler, **settings), build)
+        device = next(unet.parameters()).device
+        tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
+        report = info["report"]
+    else:
+        tensors, report = build()
+    inversion = InvertedTrigger(tensors["trigger"], report["lam"], report["losses"], report["inversion_seconds"])
+    samples = tensors["samples"]
     return BackdoorScan(inversion, samples, mode_share(samples), diversity(samples), total_variation(samples),
-                        float(threshold), time.perf_counter() - began)
+                        float(threshold), report["seconds"])
 
 
 def choose_threshold(clean_scores: Sequence[float], backdoored_scores: Sequence[float]) -> float:
@@ -311,6 +326,23 @@ class RemovalHistory:
     seconds: float = 0.0
 
 
+def clean_subset(images: torch.Tensor, share: float = 0.1, *, generator: torch.Generator) -> torch.Tensor:
+    """The defender's clean data: ``int(share * B)`` of the ``B`` ``images``, drawn at random
+    without replacement (the first ones of ``torch.randperm(B, generator=generator)``).
+
+    Elijah and ANP assume a defender who holds a small share of clean training data (10 % in the
+    papers). The same generator state gives the same subset, so two chapters that draw it alike
+    repair a model with the same data (and share a cached repair).
+    """
+    images = check_image_batch("images", images)
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise ValueError(f"share must be a fraction in (0, 1], got share={share!r}")
+    count = int(share * len(images))
+    if count < 1:
+        raise ValueError(f"share={share!r} of {len(images)} images is less than one image; use a larger share")
+    return images[torch.randperm(len(images), generator=generator)[:count]]
+
+
 def _check_images_for(unet: UNet2DModel, images: object) -> torch.Tensor:
     images = check_image_batch("clean_images", images)
     shape = _image_shape(unet)
@@ -338,8 +370,8 @@ def remove_backdoor(unet: UNet2DModel, scheduler: DDPMScheduler, trigger: torch.
     a second chapter repairing the same model with the same inputs loads it (the history too, with
     the seconds the first run took).
     """
-    _positive_int("steps", steps)
-    _positive_int("batch_size", batch_size)
+    check_positive_int("steps", steps)
+    check_positive_int("batch_size", batch_size)
     images = _check_images_for(unet, clean_images)
     if use_cache:
         recipe = _defence_recipe(unet, scheduler, images, trigger=tensor_digest(trigger), steps=steps,
@@ -356,12 +388,14 @@ def remove_backdoor(unet: UNet2DModel, scheduler: DDPMScheduler, trigger: torch.
     return _remove_backdoor(unet, scheduler, trigger, images, steps, batch_size, lr, seed, progress)
 
 
-def _defence_recipe(unet: UNet2DModel, scheduler: DDPMScheduler, images: torch.Tensor, **settings: object
-                    ) -> dict[str, object]:
-    """The cache key of a defence's result: digests of the model, its schedule and the clean data,
-    and the defence's own settings."""
-    return dict(model=tensor_digest(unet), schedule=tensor_digest(scheduler.betas),
-                clean_images=tensor_digest(images), **settings)
+def _defence_recipe(unet: UNet2DModel, scheduler: DDPMScheduler, images: torch.Tensor | None = None,
+                    **settings: object) -> dict[str, object]:
+    """The cache key of a defence's result: digests of the model, its schedule and the clean data
+    (if it uses any), and the defence's own settings."""
+    recipe = dict(model=tensor_digest(unet), schedule=tensor_digest(scheduler.betas), **settings)
+    if images is not None:
+        recipe["clean_images"] = tensor_digest(images)
+    return recipe
 
 
 def _remove_backdoor(unet: UNet2DModel, scheduler: DDPMScheduler, trigger: torch.Tensor, images: torch.Tensor,
@@ -472,8 +506,8 @@ def adversarial_neuron_masks(unet: UNet2DModel, scheduler: DDPMScheduler, clean_
     ``unet`` is not modified (hooks are removed afterwards). ``use_cache`` keeps the masks in the
     cache (:func:`baddiff_core.cache.cached_tensors`), keyed as :func:`remove_backdoor` keys a repair.
     """
-    _positive_int("steps", steps)
-    _positive_int("batch_size", batch_size)
+    check_positive_int("steps", steps)
+    check_positive_int("batch_size", batch_size)
     if not (isinstance(eps, (int, float)) and 0 <= eps <= 1):
         raise ValueError(f"eps must be in [0, 1] (the perturbation budget), got eps={eps!r}")
     if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):

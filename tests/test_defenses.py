@@ -17,9 +17,9 @@ from baddiff_core import defenses
 
 from baddiff_core.diffusion import PAPER_SCHEDULE, QUICK_SCHEDULE, make_scheduler
 from baddiff_core.models import make_unet
-from baddiff_core.defenses import (ChannelMasks, adversarial_neuron_masks, choose_threshold, diversity,
+from baddiff_core.defenses import (ChannelMasks, adversarial_neuron_masks, choose_threshold, clean_subset, diversity,
                                    invert_trigger, inversion_lambda, mode_share, prune_channels,
-                                   remove_backdoor, total_variation)
+                                   remove_backdoor, scan_model, total_variation)
 from baddiff_core.triggers import make_trigger
 
 
@@ -226,3 +226,54 @@ def test_scan_samples_with_the_sampler_its_solver_is_planted_for(tiny_unet, monk
                                  solver=solver, sampler=override, progress=False)
     assert seen["sampler"] == expected
     assert result.mode_share == 1.0   # four identical images
+
+
+def test_clean_subset_draws_a_share_without_replacement():
+    images = torch.arange(50, dtype=torch.float32).view(50, 1, 1, 1).expand(50, 1, 4, 4) / 50
+    subset = clean_subset(images, 0.1, generator=torch.Generator().manual_seed(3))
+    picked = subset[:, 0, 0, 0] * 50
+    assert subset.shape == (5, 1, 4, 4)
+    assert len(set(picked.round().tolist())) == 5                      # no image twice
+    expected = torch.randperm(50, generator=torch.Generator().manual_seed(3))[:5]
+    assert torch.equal(picked.round().long(), expected)                # the documented draw
+    again = clean_subset(images, 0.1, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(subset, again)
+    everything = clean_subset(images, 1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(everything[:, 0, 0, 0].sort().values, images[:, 0, 0, 0])   # a permutation
+
+
+@pytest.mark.parametrize("share, pattern", [
+    (0, r"share must be a fraction in \(0, 1\], got share=0"),
+    (1.5, r"got share=1.5"),
+    (True, r"got share=True"),
+    (0.01, r"share=0.01 of 50 images is less than one image"),
+])
+def test_clean_subset_refuses_a_bad_share(share, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        clean_subset(torch.zeros(50, 1, 4, 4), share, generator=torch.Generator())
+
+
+def test_a_cached_scan_is_run_once_per_model_and_settings(tiny_unet, tmp_path, monkeypatch):
+    """Chapters 7, 8 and 9 scan one model alike: the second scan loads the first one's estimate and
+    samples, and scores them the same; another model or other settings scan again."""
+    monkeypatch.setenv("BADDIFF_CACHE", str(tmp_path))
+    runs = []
+    real_invert = defenses.invert_trigger
+    monkeypatch.setattr(defenses, "invert_trigger", lambda *a, **k: runs.append(k) or real_invert(*a, **k))
+    scheduler = make_scheduler(**QUICK_SCHEDULE)
+    settings = dict(n=4, num_noise=4, steps=3, num_inference_steps=5, progress=False)
+    first = scan_model(tiny_unet, scheduler, use_cache=True, **settings)
+    again = scan_model(tiny_unet, scheduler, use_cache=True, threshold=0.5, **settings)
+    uncached = scan_model(tiny_unet, scheduler, **settings)
+    assert len(runs) == 2   # the second cached scan loaded; the uncached one ran
+    for other in (again, uncached):
+        assert torch.equal(other.inversion.trigger, first.inversion.trigger)
+        assert torch.equal(other.samples, first.samples)
+        assert other.inversion.losses == first.inversion.losses and other.inversion.lam == first.inversion.lam
+        assert (other.mode_share, other.diversity) == (first.mode_share, first.diversity)
+    assert again.seconds == first.seconds and again.threshold == 0.5   # the threshold is the caller's
+    scan_model(tiny_unet, scheduler, use_cache=True, seed=1, **settings)
+    scan_model(tiny_unet, scheduler, use_cache=True, clip="x0", **settings)
+    other_model = make_unet(16, 1).eval()
+    scan_model(other_model, scheduler, use_cache=True, **settings)
+    assert len(runs) == 5
