@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -159,8 +160,7 @@ def train(model: torch.nn.Module, scheduler: DDPMScheduler, dataset: PoisonedDat
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     device = resolve_device(config.device)
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=config.mixed_precision,
-                              gradient_accumulation_steps=config.gradient_accumulation_steps)
+    accelerator = _accelerator(device, config)
     data = _TrainingData.from_dataset(dataset, accelerator.device)
     if data.images.shape[1:] != (model.config.in_channels, model.config.sample_size, model.config.sample_size):
         raise ValueError(f"images of shape {tuple(data.images.shape[1:])} (C,H,W) do not fit the model, which "
@@ -254,6 +254,29 @@ def train(model: torch.nn.Module, scheduler: DDPMScheduler, dataset: PoisonedDat
         model = model.to(memory_format=torch.contiguous_format)
     model.eval()
     return history
+
+
+def _accelerator(device: torch.device, config: TrainConfig) -> Accelerator:
+    """An Accelerator for ``device`` in ``config.mixed_precision``.
+
+    Accelerate keeps its settings process-wide and refuses a second Accelerator whose mixed
+    precision or device differ from the first one's. One process here may train in several (the
+    benchmark's fp32 and bf16 modes; a notebook that trains in fp32 after bf16), so a single-process
+    state that differs is reset first. A multi-process launch (``accelerate launch``) fixes both for
+    all its runs, and a run that asks for others is refused.
+    """
+    state = AcceleratorState._shared_state
+    if state:
+        same = (state.get("_mixed_precision") == config.mixed_precision
+                and (state.get("device") is None or (state["device"].type == "cpu") == (device.type == "cpu")))
+        if not same:
+            if state.get("num_processes", 1) > 1:
+                raise RuntimeError(f"this multi-process launch runs in mixed_precision={state.get('_mixed_precision')!r} "
+                                   f"on {state.get('device')}; a run with mixed_precision={config.mixed_precision!r} "
+                                   f"on {device} needs a launch of its own")
+            AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=config.mixed_precision,
+                       gradient_accumulation_steps=config.gradient_accumulation_steps)
 
 
 # --------------------------------------------------------------------------- #

@@ -86,6 +86,18 @@ def test_training_throughput_is_the_steady_slope():
         training_throughput(model, images, "fp32", steps=1, device=torch.device("cpu"))
 
 
+def test_the_gpu_modes_run_one_after_another_in_one_process():
+    """The full size measures fp32, bf16 and bf16 + channels-last on one model in one process, as
+    on a GPU; the CPU runs the same code (its bf16 is slow, so the CPU small size skips it)."""
+    torch.manual_seed(0)
+    model = make_unet(8, 1, block_out_channels=(16, 32))
+    images = torch.rand(4, 1, 8, 8) * 2 - 1
+    for mode in ("fp32", "bf16", "bf16+channels_last", "fp32"):
+        measured = training_throughput(model, images, mode, steps=2, device=torch.device("cpu"))
+        assert measured["images_per_second"] > 0, mode
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_book_times_read_a_jupyter_cache(tmp_path):
     jupyter_cache = pytest.importorskip("jupyter_cache")
     cache = jupyter_cache.get_cache(str(tmp_path / "cache"))

@@ -171,6 +171,27 @@ def test_gpu_path_options_train_the_same_model(digits8, monkeypatch):
         assert parameter.dim() != 4 or parameter.is_contiguous(), name
 
 
+def test_bf16_mixed_precision_runs_the_unet_in_bf16_and_keeps_fp32_weights(digits8):
+    """The GPU path's autocast, exercised on the CPU (Accelerate autocasts to bf16 there too): the
+    UNet's convolutions compute in bf16, the weights and the optimiser stay fp32, and the losses
+    follow the fp32 run's to bf16 rounding. fp32, bf16, fp32 in one process, as the benchmark's
+    modes run (Accelerate keeps its settings process-wide): the last run is the first one again."""
+    first = fresh_model()
+    reference = train(first, make_scheduler(**QUICK_SCHEDULE), digits8, small_config())
+    seen = []
+    model = fresh_model()
+    hook = model.conv_in.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    history = train(model, make_scheduler(**QUICK_SCHEDULE), digits8, small_config(mixed_precision="bf16"))
+    hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(parameter.dtype == torch.float32 for parameter in model.parameters())
+    assert all(torch.isfinite(parameter).all() for parameter in model.parameters())
+    torch.testing.assert_close(torch.tensor(history.losses), torch.tensor(reference.losses), rtol=0.05, atol=0.01)
+    again = fresh_model()
+    assert train(again, make_scheduler(**QUICK_SCHEDULE), digits8, small_config()).losses == reference.losses
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+
+
 def test_images_must_fit_the_model(digits8):
     with pytest.raises(ValueError, match="do not fit the model"):
         train(make_unet(16, 1), make_scheduler(**QUICK_SCHEDULE), digits8, small_config())
