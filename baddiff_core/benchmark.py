@@ -507,8 +507,9 @@ def run_benchmarks(size: str = "small", device: str | torch.device = "auto", *, 
         twice = sorted(name for name, runs in trained.items() if len(runs) > 1)
         results["models"] = dict(cache=str(model_cache), trained=len(trained), trained_twice=twice,
                                  training_seconds=sum(sum(runs) for runs in trained.values()))
-        log(f"model cache {model_cache}: {len(trained)} models trained ({results['models']['training_seconds']:.0f} s)"
-            f", {len(twice)} of them more than once" + (f": {', '.join(twice)}" if twice else ""))
+        log(f"model cache {model_cache}: {len(trained)} entries computed (models, repairs, masks, scans; "
+            f"{results['models']['training_seconds']:.0f} s), {len(twice)} of them more than once"
+            + (f": {', '.join(twice)}" if twice else ""))
     results["seconds"] = time.perf_counter() - began
     return results
 
@@ -551,8 +552,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
                                  {"seconds": ".0f"}), ""]
     if "models" in results:
         models = results["models"]
-        lines += [f"Model cache: {models['trained']} models trained ({models['training_seconds']:.0f} s), "
-                  f"{len(models['trained_twice'])} of them more than once.", ""]
+        lines += [f"Model cache: {models['trained']} entries computed (models, repairs, masks, scans; "
+                  f"{models['training_seconds']:.0f} s), {len(models['trained_twice'])} of them more than once.", ""]
     return "\n".join(lines)
 
 

@@ -147,9 +147,10 @@ def _log_training(folder: Path, seconds: float) -> None:
 
 
 def trainings(root: str | os.PathLike | None = None) -> dict[str, list[float]]:
-    """Every model the cache at ``root`` (default :func:`cache_root`) has trained, with the seconds
-    of each training: ``{folder name: [seconds, ...]}``. Two entries for one folder mean that a
-    model was trained twice (its folder was deleted in between, or two runs raced)."""
+    """Every entry the cache at ``root`` (default :func:`cache_root`) has computed (models from
+    :func:`cached_model`, tensors from :func:`cached_tensors`), with the seconds of each run:
+    ``{folder name: [seconds, ...]}``. Two runs for one folder mean that it was computed twice
+    (its folder was deleted in between, or two runs raced)."""
     log = Path(root or cache_root()) / _TRAININGS
     found: dict[str, list[float]] = {}
     if log.is_file():

@@ -2,7 +2,7 @@
 
     python benchmarks/run.py --size small                       # CI: a 2-core CPU, about 40 s
     python benchmarks/run.py --size small --book _build/.jupyter_cache --models
-                                        # + the chapter times of a build, the models the cache trained
+                                        # + the chapter times of a build, what the model cache computed
     python benchmarks/run.py --size full --device cuda          # a GPU: CIFAR-10 UNet, batch 128
 
 It prints each ratio as it is measured and writes JSON (and the same as Markdown tables) to
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--book", metavar="JUPYTER_CACHE", help="add the chapter times of a built book "
                         "(its execution cache, e.g. _build/.jupyter_cache)")
     parser.add_argument("--models", nargs="?", const="", metavar="CACHE",
-                        help="add the models the cache trained, and whether any twice (default: $BADDIFF_CACHE "
+                        help="add what the model cache computed, and whether anything twice (default: $BADDIFF_CACHE "
                         "or ~/.cache/baddiff)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=SECTIONS, help="run only these sections")
     parser.add_argument("--output", default="_build/benchmarks/results.json",
