@@ -61,7 +61,7 @@ class BenchmarkSize:
     ``sample_steps``: images per sampling call and its DDPM steps (the quick schedule's 100, or
     fewer: a ratio of per-step costs needs no whole chain); ``long_n``: images for the DDIM-50
     against DDPM-1000 comparison (paper schedule); ``repeats``: pairs per comparison with a target
-    (half as many, at least 2, for the others, whose effect is large);
+    (a quarter as many, at least 2, for the batching comparison, whose effect is large);
     ``flops_batch``, ``flops_steps``, ``flops_modes``: the CIFAR-10 UNet's throughput runs.
     ``cifar_unet``: the ratios use the ``google/ddpm-cifar10-32`` architecture (32 px, 3 channels)
     instead of the small preset.
@@ -264,7 +264,7 @@ def _sampling_comparisons(size: BenchmarkSize, device: torch.device) -> list[Com
 
     return [
         interleaved("sample: x0 clip / no clip", draw(n, clip="x0"), draw(n, clip="none"), size.repeats),
-        interleaved("sample: one batched call / two calls", batched, two_calls, max(2, size.repeats // 2)),
+        interleaved("sample: one batched call / two calls", batched, two_calls, max(2, size.repeats // 4)),
         # 50 steps against 1000: one pair measures a 20-fold difference well enough.
         interleaved("sample: DDIM-50 / DDPM-1000", draw(size.long_n, paper, sampler="ddim", num_inference_steps=50),
                     draw(size.long_n, paper, sampler="ddpm", num_inference_steps=1000), 1, warmup=False),
