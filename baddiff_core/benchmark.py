@@ -49,7 +49,7 @@ from baddiff_core.triggers import make_target, make_trigger
 
 __all__ = ["BenchmarkSize", "SIZES", "Comparison", "interleaved", "reference_training_loop",
            "peak_memory", "matmul_rate", "training_flops", "training_throughput", "book_times",
-           "run_benchmarks", "write_results", "results_markdown"]
+           "run_benchmarks", "write_results", "results_markdown", "cache_summary"]
 
 
 @dataclass(frozen=True)
@@ -508,9 +508,7 @@ def run_benchmarks(size: str = "small", device: str | torch.device = "auto", *, 
         twice = sorted(name for name, runs in trained.items() if len(runs) > 1)
         results["models"] = dict(cache=str(model_cache), trained=len(trained), trained_twice=twice,
                                  training_seconds=sum(sum(runs) for runs in trained.values()))
-        log(f"model cache {model_cache}: {len(trained)} entries computed (models, repairs, masks, scans; "
-            f"{results['models']['training_seconds']:.0f} s), {len(twice)} of them more than once"
-            + (f": {', '.join(twice)}" if twice else ""))
+        log(f"model cache {model_cache}: {cache_summary(results['models'])}")
     results["seconds"] = time.perf_counter() - began
     return results
 
@@ -552,10 +550,16 @@ def results_markdown(results: Mapping[str, Any]) -> str:
                                  [dict(chapter="whole book", seconds=results["book"]["total_seconds"])],
                                  {"seconds": ".0f"}), ""]
     if "models" in results:
-        models = results["models"]
-        lines += [f"Model cache: {models['trained']} entries computed (models, repairs, masks, scans; "
-                  f"{models['training_seconds']:.0f} s), {len(models['trained_twice'])} of them more than once.", ""]
+        lines += [f"Model cache: {cache_summary(results['models'])}.", ""]
     return "\n".join(lines)
+
+
+def cache_summary(models: Mapping[str, Any]) -> str:
+    """One line on the model cache's log, from the ``"models"`` entry of :func:`run_benchmarks`."""
+    twice = models["trained_twice"]
+    return (f"{models['trained']} entries computed (models, repairs, masks, scans; "
+            f"{models['training_seconds']:.0f} s), {len(twice)} of them more than once"
+            + (f": {', '.join(twice)}" if twice else ""))
 
 
 def write_results(results: Mapping[str, Any], path: str | os.PathLike) -> Path:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from baddiff_core import benchmark
-from baddiff_core.benchmark import (Comparison, interleaved, peak_memory, results_markdown, run_benchmarks,
+from baddiff_core.benchmark import (Comparison, cache_summary, interleaved, peak_memory, results_markdown, run_benchmarks,
                                     training_flops, training_throughput, write_results)
 from baddiff_core.diffusion import QUICK_SCHEDULE, make_scheduler
 from baddiff_core.models import make_unet
@@ -163,3 +163,14 @@ def test_a_tiny_run_measures_every_section(monkeypatch):
     assert results["throughput"]["flops_per_step"] > 10e9   # the CIFAR-10 UNet: ~36 GFLOP per image
     assert len(lines) == len(names) + 2   # a line per comparison, memory, and the one throughput mode
     json.dumps(results)   # all of it can be written
+
+
+def test_the_cache_summary_names_what_was_computed_twice():
+    once = dict(trained=3, trained_twice=[], training_seconds=61.4)
+    twice = dict(trained=3, trained_twice=["backdoor-ab12"], training_seconds=92.0)
+    assert cache_summary(once) == ("3 entries computed (models, repairs, masks, scans; 61 s), "
+                                   "0 of them more than once")
+    assert cache_summary(twice).endswith("1 of them more than once: backdoor-ab12")
+    results = dict(when="now", machine=dict(cpu="x", cores=2, torch="t"), size=dict(name="small"),
+                   comparisons=[], models=twice)
+    assert results_markdown(results).count("backdoor-ab12") == 1
