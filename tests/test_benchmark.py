@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from baddiff_core import benchmark
-from baddiff_core.benchmark import (Comparison, cache_summary, interleaved, peak_memory, results_markdown, run_benchmarks,
-                                    training_flops, training_throughput, write_results)
+from baddiff_core.benchmark import (Comparison, cache_summary, interleaved, peak_memory, results_markdown,
+                                    run_benchmarks, training_flops, training_throughput, write_results)
 from baddiff_core.diffusion import QUICK_SCHEDULE, make_scheduler
 from baddiff_core.models import make_unet
 from conftest import ROOT
