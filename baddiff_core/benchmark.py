@@ -10,7 +10,7 @@ CI runs) and ``"full"`` (CIFAR-10 size, batch 128, for a GPU). The throughput se
 ``google/ddpm-cifar10-32`` architecture (built from its config, nothing downloaded) and reports
 images/s and model FLOP utilisation: the FLOP/s its training steps reach, counted by
 ``torch.utils.flop_counter``, over the matrix rate this device reaches on a large matmul (bf16 on
-a GPU that has it, fp32 on a CPU).
+a GPU of compute capability 8.0 or more, fp16 on an older one, fp32 on a CPU).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from baddiff_core.cache import trainings
 from baddiff_core.checks import check_positive_int
-from baddiff_core.devices import resolve_device
+from baddiff_core.devices import mixed_precision_for, resolve_device
 from baddiff_core.diffusion import PAPER_SCHEDULE, QUICK_SCHEDULE, make_scheduler
 from baddiff_core.files import write_text_atomically
 from baddiff_core.models import ddpm_cifar10_unet, make_unet
@@ -48,7 +48,7 @@ from baddiff_core.train import TrainConfig, train
 from baddiff_core.triggers import make_target, make_trigger
 
 __all__ = ["BenchmarkSize", "SIZES", "Comparison", "interleaved", "reference_training_loop",
-           "peak_memory", "matmul_rate", "training_flops", "training_throughput", "book_times",
+           "peak_memory", "matmul_rate", "training_flops", "training_throughput", "measured_modes", "book_times",
            "run_benchmarks", "write_results", "results_markdown", "cache_summary"]
 
 
@@ -86,7 +86,7 @@ class BenchmarkSize:
         return ddpm_cifar10_unet() if self.cifar_unet else make_unet(self.image_size, self.channels)
 
 
-#: ``"small"`` runs in CI on a 2-core CPU; ``"full"`` is meant for a GPU.
+#: ``"small"`` runs in CI on a 2-core CPU; ``"full"`` is meant for a GPU; ``"smoke"`` is full's code at a few steps.
 SIZES: dict[str, BenchmarkSize] = {
     "small": BenchmarkSize("small", image_size=16, channels=1, train_batch=32, train_steps=4, sample_n=16,
                            sample_steps=40, long_n=2, repeats=8, flops_batch=2, flops_steps=4, flops_modes=("fp32",)),
@@ -94,6 +94,12 @@ SIZES: dict[str, BenchmarkSize] = {
                           sample_steps=100, long_n=64, repeats=7, flops_batch=128, flops_steps=30,
                           flops_modes=("fp32", "bf16", "bf16+channels_last", "bf16+channels_last+compile"),
                           cifar_unet=True),
+    # The full size's shapes and modes at a few steps: CI's smoke run of full mode (BADDIFF_SCALE=smoke)
+    # on a CPU. The ratios use the small 32 px preset: the CIFAR-10 UNet's DDPM-1000 chain alone would
+    # take a CPU minutes.
+    "smoke": BenchmarkSize("smoke", image_size=32, channels=3, train_batch=4, train_steps=1, sample_n=2,
+                           sample_steps=4, long_n=1, repeats=2, flops_batch=1, flops_steps=2,
+                           flops_modes=("fp32", "bf16", "bf16+channels_last", "bf16+channels_last+compile")),
 }
 
 #: The issue's targets: ratios that must stay at or below these (None: reported, no target).
@@ -373,14 +379,40 @@ def training_flops(model: torch.nn.Module, batch: torch.Tensor, scheduler: DDPMS
     return int(counter.get_total_flops())
 
 
-_MODES = {"fp32": dict(), "bf16": dict(mixed_precision="bf16"),
-          "bf16+channels_last": dict(mixed_precision="bf16", channels_last=True),
-          "bf16+channels_last+compile": dict(mixed_precision="bf16", channels_last=True, torch_compile=True)}
+#: The training modes the throughput section can measure. A size names its mixed modes in bf16;
+#: :func:`measured_modes` swaps in fp16 on a GPU older than Ampere.
+_MODES = {"fp32": dict(),
+          **{name: settings for precision in ("bf16", "fp16") for name, settings in (
+              (precision, dict(mixed_precision=precision)),
+              (f"{precision}+channels_last", dict(mixed_precision=precision, channels_last=True)),
+              (f"{precision}+channels_last+compile", dict(mixed_precision=precision, channels_last=True,
+                                                          torch_compile=True)))}}
+_PEAK_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def measured_modes(modes: tuple[str, ...], device: torch.device | str) -> tuple[str, ...]:
+    """The modes of ``modes`` (a size's ``flops_modes``) that the throughput section runs on ``device``.
+
+    fp32 always; the mixed modes after the precision :func:`~baddiff_core.devices.mixed_precision_for`
+    gives the device: as named on a GPU of compute capability 8.0 or more, with fp16 in place of
+    bf16 on an older GPU (a T4's tensor cores have no bf16), and none on a CPU or MPS (no tensor
+    cores to measure; a CPU's bf16 autocast is slower than its fp32).
+    """
+    precision = mixed_precision_for(device)
+    chosen = []
+    for mode in modes:
+        if mode not in _MODES:
+            raise ValueError(f"mode={mode!r} is not known; use one of {tuple(_MODES)}")
+        if mode == "fp32":
+            chosen.append(mode)
+        elif precision != "no":
+            chosen.append(mode.replace("bf16", "fp16") if precision == "fp16" else mode)
+    return tuple(dict.fromkeys(chosen))
 
 
 def training_throughput(model: torch.nn.Module, images: torch.Tensor, mode: str, *, steps: int,
                         device: torch.device) -> dict[str, float]:
-    """Images/s of our training loop in ``mode`` (a key of the modes table: fp32, bf16, + channels
+    """Images/s of our training loop in ``mode`` (a key of the modes table: fp32; bf16 or fp16, + channels
     last, + compile), from the steps after the first (warm-up, compilation): the slope of
     :attr:`~baddiff_core.train.TrainHistory.log_times`."""
     if mode not in _MODES:
@@ -398,17 +430,15 @@ def training_throughput(model: torch.nn.Module, images: torch.Tensor, mode: str,
 
 
 def _throughput(size: BenchmarkSize, device: torch.device) -> dict[str, Any]:
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    peak_dtype = torch.bfloat16 if bf16 else torch.float32
+    modes = measured_modes(size.flops_modes, device)
+    peak_dtype = _PEAK_DTYPES[mixed_precision_for(device)]
     peak = matmul_rate(device, peak_dtype)
     torch.manual_seed(0)
     model = ddpm_cifar10_unet().to(device)
     images = (torch.rand(size.flops_batch, 3, 32, 32) * 2 - 1).to(device)
     flops = training_flops(model, images, make_scheduler(**PAPER_SCHEDULE))
     rows = []
-    for mode in size.flops_modes:
-        if mode != "fp32" and not bf16:
-            continue   # bf16 modes measure a GPU's tensor cores; a CPU has none
+    for mode in modes:   # mixed modes measure a GPU's tensor cores; a CPU has none
         measured = training_throughput(model, images, mode, steps=size.flops_steps, device=device)
         rows.append(dict(mode=mode, batch=size.flops_batch, **measured,
                          mfu=flops / measured["step_seconds"] / peak))

@@ -1,17 +1,19 @@
-"""Choosing the device a chapter or a training run uses.
+"""Choosing the device a chapter or a training run uses, and the precision it trains in.
 
 Introduced in chapter 1 (What is diffusion?): every chapter's ``DEVICE`` parameter goes through
 :func:`resolve_device`, so a typo fails at once with a message that says what is allowed, instead of
-a traceback deep inside torch.
+a traceback deep inside torch. :func:`mixed_precision_for` picks the mixed precision that the
+device's hardware actually runs fast.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 import torch
 
-__all__ = ["resolve_device", "DEVICE_CHOICES"]
+__all__ = ["resolve_device", "mixed_precision_for", "DEVICE_CHOICES", "BF16_MIN_CAPABILITY"]
 
 #: The spellings :func:`resolve_device` accepts (``cuda:N`` selects GPU number ``N``).
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
@@ -57,6 +59,31 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise ValueError(f"device={device!r} asks for Apple's MPS backend, which is not available "
                          "here; use 'auto' or 'cpu'")
     return torch.device(name)
+
+
+#: The CUDA compute capability from which bf16 runs natively (Ampere, 8.0: A100, RTX 30xx; and newer).
+BF16_MIN_CAPABILITY = (8, 0)
+
+
+def mixed_precision_for(device: str | torch.device = "auto") -> Literal["no", "fp16", "bf16"]:
+    """The mixed precision to train in on ``device``: ``"bf16"``, ``"fp16"`` or ``"no"`` (fp32).
+
+    - ``"bf16"`` on a CUDA GPU of compute capability 8.0 or more (Ampere and newer), whose tensor
+      cores compute in bf16: fp32's range, so no loss scaling.
+    - ``"fp16"`` on an older CUDA GPU, such as Colab's T4 (capability 7.5): its tensor cores compute
+      in fp16 only (Accelerate adds loss scaling). ``torch.cuda.is_bf16_supported()`` answers True
+      there, because bf16 arithmetic is emulated, but below 8.0 the tensor cores have no bf16 and
+      cuDNN no bf16 convolutions: the capability decides, not that answer.
+    - ``"no"`` (fp32) on a CPU, which has no tensor cores (its bf16 autocast runs slower than fp32),
+      and on Apple's MPS, where the book has not measured mixed precision.
+
+    ``device`` is resolved with :func:`resolve_device` (``"auto"`` by default).
+    """
+    device = resolve_device(device)
+    if device.type != "cuda":
+        return "no"
+    capability = tuple(torch.cuda.get_device_capability(device))
+    return "bf16" if capability >= BF16_MIN_CAPABILITY else "fp16"
 
 
 def _mps_available() -> bool:

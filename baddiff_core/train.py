@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from baddiff_core.checks import check_positive_int
-from baddiff_core.devices import resolve_device
+from baddiff_core.devices import mixed_precision_for, resolve_device
 from baddiff_core.diffusion import ATTACKS, SOLVERS, diffusion_loss, trigger_coefficients
 from baddiff_core.files import atomic_folder, write_text_atomically
 from baddiff_core.poison import PoisonedDataset, poison_pairs
@@ -111,15 +111,19 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm must be > 0, got max_grad_norm={self.max_grad_norm!r}")
 
     @classmethod
-    def paper_finetune(cls, num_images: int = 50_000, **overrides: Any) -> "TrainConfig":
+    def paper_finetune(cls, num_images: int = 50_000, *, device: str | torch.device = "auto",
+                       **overrides: Any) -> "TrainConfig":
         """BadDiffusion's fine-tuning recipe (MATH.md section 5): 50 epochs of ``num_images``, Adam
-        lr 2e-4, cosine schedule with 500 warm-up steps, batch 128, gradient clipping 1.0, fp16
-        (bf16 where the GPU supports it), random horizontal flips."""
-        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
+        lr 2e-4, cosine schedule with 500 warm-up steps, batch 128, gradient clipping 1.0, random
+        horizontal flips, on ``device`` and in the mixed precision that its hardware runs fast
+        (:func:`~baddiff_core.devices.mixed_precision_for`): fp16, the authors' precision, on GPUs
+        older than Ampere (Colab's T4), bf16 on compute capability 8.0 or more, fp32 on a CPU. ``device``
+        is checked with :func:`~baddiff_core.devices.resolve_device` and kept as given (``"auto"``
+        stays ``"auto"``); ``overrides`` replace any other field, ``mixed_precision`` included."""
         defaults = dict(steps=50 * math.ceil(num_images / 128), batch_size=128, learning_rate=2e-4,
                         lr_schedule="cosine", warmup_steps=500, max_grad_norm=1.0, hflip=True,
-                        mixed_precision=mixed if torch.cuda.is_available() else "no", log_every=50,
-                        checkpoint_every=2000)
+                        mixed_precision=mixed_precision_for(device), log_every=50, checkpoint_every=2000,
+                        device=str(device))
         defaults.update(overrides)
         return cls(**defaults)
 
