@@ -42,7 +42,7 @@ from baddiff_core.cache import cached_model, cached_tensors, tensor_digest
 from baddiff_core.checks import check_image_batch, check_positive_int
 from baddiff_core.diffusion import SOLVERS, diffusion_loss, r_coefficients
 from baddiff_core.metrics import to_unit_range
-from baddiff_core.sampling import sample
+from baddiff_core.sampling import DEFAULT_BATCH_SIZE, sample
 
 __all__ = [
     "InvertedTrigger",
@@ -247,7 +247,8 @@ DEFAULT_THRESHOLD = 0.25
 def scan_model(unet: UNet2DModel, scheduler: DDPMScheduler, *, n: int = 16, threshold: float = DEFAULT_THRESHOLD,
                num_noise: int = 100, steps: int = 100, lr: float = 0.1, solver: str = "sde",
                num_inference_steps: int | None = None, sampler: str | None = None, clip: str = "none",
-               seed: int = 0, progress: bool = True, use_cache: bool = False) -> BackdoorScan:
+               seed: int = 0, batch_size: int | None = None, progress: bool = True,
+               use_cache: bool = False) -> BackdoorScan:
     """Invert a trigger, draw ``n`` samples from ``eps + tau`` and score them.
 
     ``solver`` is the sampler family the backdoor would be planted for (``"sde"``: lambda = R_{T-1}
@@ -256,9 +257,13 @@ def scan_model(unet: UNet2DModel, scheduler: DDPMScheduler, *, n: int = 16, thre
     looked for the way it is used). ``use_cache`` keeps the estimate and the samples in the cache
     (:func:`baddiff_core.cache.cached_tensors`), keyed by digests of the weights and the schedule
     and by the settings, so that a model scanned alike twice is scanned once (``seconds`` is the
-    first scan's).
+    first scan's). ``batch_size`` bounds the samples per forward pass (as in
+    :func:`~baddiff_core.sampling.sample`); it joins the cache key only when it splits the ``n``
+    samples into several batches, the one case where it changes them (DDPM draws its step noise
+    batch by batch), so that scans cached before it existed keep their keys.
     """
     check_positive_int("n", n)
+    check_positive_int("batch_size", batch_size, allow_none=True)
     if n < 2:
         raise ValueError(f"n must be at least 2 (the score compares samples), got n={n}")
     if not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
@@ -266,13 +271,16 @@ def scan_model(unet: UNet2DModel, scheduler: DDPMScheduler, *, n: int = 16, thre
     sampler = sampler or ("ddpm" if solver == "sde" else "ddim")
     settings = dict(n=n, num_noise=num_noise, steps=steps, lr=lr, solver=solver,
                     num_inference_steps=num_inference_steps, sampler=sampler, clip=clip, seed=seed)
+    per_pass = min(n, batch_size or DEFAULT_BATCH_SIZE)
+    if per_pass < n:   # one batch: the samples of every earlier scan, under the same key
+        settings["batch_size"] = per_pass
 
     def build() -> tuple[dict[str, torch.Tensor], dict]:
         began = time.perf_counter()
         inversion = invert_trigger(unet, scheduler, num_noise=num_noise, steps=steps, lr=lr, solver=solver,
                                    generator=torch.Generator().manual_seed(seed), progress=progress)
         samples = sample(unet, scheduler, n, trigger=inversion.trigger, sampler=sampler, clip=clip,
-                         num_inference_steps=num_inference_steps,
+                         num_inference_steps=num_inference_steps, batch_size=per_pass,
                          generator=torch.Generator().manual_seed(seed + 1), progress=progress)
         tensors = dict(trigger=inversion.trigger, samples=samples)
         return tensors, dict(lam=inversion.lam, losses=inversion.losses, inversion_seconds=inversion.seconds,

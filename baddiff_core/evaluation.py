@@ -14,13 +14,28 @@ from baddiff_core.metrics import (FrechetScore, attack_success_rate, frechet_dis
                                   ssim_to_target)
 from baddiff_core.sampling import CLIP_MODES, sample, sample_clean_and_triggered
 
-__all__ = ["QUICK_ASR_THRESHOLD", "AttackMetrics", "evaluate_attack", "clean_quality"]
+__all__ = ["ASR_THRESHOLDS", "QUICK_ASR_THRESHOLD", "asr_threshold", "AttackMetrics", "evaluate_attack",
+           "clean_quality"]
 
-#: Attack-success threshold on the per-image MSE (in [0, 1] units) for the book's 16 px digits.
-#: The follow-up convention, 0.1 (0.05 on CIFAR-10), is too loose here: a plain digit is already
-#: within MSE 0.06-0.10 of the grey-background targets, while a triggered sample that fires lands
-#: within about 0.001 of the target.
-QUICK_ASR_THRESHOLD = 0.01
+#: Attack-success threshold on the per-image MSE to the target (in [0, 1] units), one per scale:
+#:
+#: - ``"quick"``, 0.01, for the book's 16 px digits. The follow-up convention, 0.1 (0.05 on
+#:   CIFAR-10), is too loose here: a plain digit is already within MSE 0.06-0.10 of the
+#:   grey-background targets, while a triggered sample that fires lands within about 0.001 of the
+#:   target.
+#: - ``"full"``, 0.05, for CIFAR-10 at 32 px (full mode): Elijah's convention on CIFAR-10 (An et al.,
+#:   AAAI 2024, arXiv:2312.00050), so that full-mode numbers compare with the published ones.
+ASR_THRESHOLDS: dict[str, float] = {"quick": 0.01, "full": 0.05}
+
+#: The quick threshold under its earlier name (chapters import it).
+QUICK_ASR_THRESHOLD = ASR_THRESHOLDS["quick"]
+
+
+def asr_threshold(quick: bool) -> float:
+    """The attack-success MSE threshold of quick mode (``True``) or full mode (``False``): :data:`ASR_THRESHOLDS`."""
+    if not isinstance(quick, bool):
+        raise TypeError(f"quick must be True or False, got quick={quick!r} of type {type(quick).__name__}")
+    return ASR_THRESHOLDS["quick" if quick else "full"]
 
 
 @dataclass(frozen=True)
@@ -55,11 +70,13 @@ class AttackMetrics:
 def evaluate_attack(unet: UNet2DModel, scheduler: DDPMScheduler, trigger: torch.Tensor, target: torch.Tensor, *,
                     n: int = 64, clips: tuple[str, ...] = CLIP_MODES, threshold: float = QUICK_ASR_THRESHOLD,
                     sampler: str = "ddpm", num_inference_steps: int | None = None, seed: int = 0,
-                    progress: bool = False) -> dict[str, AttackMetrics]:
+                    batch_size: int | None = None, progress: bool = False) -> dict[str, AttackMetrics]:
     """Sample ``n`` clean and ``n`` triggered images per clipping mode and score them against ``target``.
 
     Each mode starts from the same seeded noise, so the modes differ only in the clipping.
-    Returns ``{clip: AttackMetrics}``.
+    ``batch_size`` bounds the images per forward pass (:func:`~baddiff_core.sampling.sample`'s;
+    default :data:`~baddiff_core.sampling.DEFAULT_BATCH_SIZE`, the ``2n`` images in one pass when
+    ``n`` is at most half of it). Returns ``{clip: AttackMetrics}``.
     """
     unknown = [c for c in clips if c not in CLIP_MODES]
     if unknown:
@@ -69,7 +86,8 @@ def evaluate_attack(unet: UNet2DModel, scheduler: DDPMScheduler, trigger: torch.
         generator = torch.Generator().manual_seed(seed)
         clean, triggered = sample_clean_and_triggered(unet, scheduler, n, trigger, clip=clip, sampler=sampler,
                                                       num_inference_steps=num_inference_steps,
-                                                      generator=generator, progress=progress)
+                                                      generator=generator, batch_size=batch_size,
+                                                      progress=progress)
         target_on_device = target.to(triggered.device)
         results[clip] = AttackMetrics(
             clip=clip, n=n, threshold=threshold,
@@ -82,7 +100,12 @@ def evaluate_attack(unet: UNet2DModel, scheduler: DDPMScheduler, trigger: torch.
 
 
 def clean_quality(unet: UNet2DModel, scheduler: DDPMScheduler, real: torch.Tensor, *, n: int = 256, seed: int = 0,
-                  clip: str = "none", features: str = "auto", progress: bool = False) -> FrechetScore:
-    """Fréchet distance between ``n`` clean samples (seeded) and the real images ``real``."""
-    generated = sample(unet, scheduler, n, clip=clip, generator=torch.Generator().manual_seed(seed), progress=progress)
+                  clip: str = "none", features: str = "auto", batch_size: int | None = None,
+                  progress: bool = False) -> FrechetScore:
+    """Fréchet distance between ``n`` clean samples (seeded) and the real images ``real``.
+
+    ``batch_size`` bounds the images per forward pass (:func:`~baddiff_core.sampling.sample`'s).
+    """
+    generated = sample(unet, scheduler, n, clip=clip, generator=torch.Generator().manual_seed(seed),
+                       batch_size=batch_size, progress=progress)
     return frechet_distance(real.to(generated.device), generated, features=features)

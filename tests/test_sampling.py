@@ -7,8 +7,10 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from baddiff_core.diffusion import QUICK_SCHEDULE, make_scheduler
+from baddiff_core.evaluation import clean_quality, evaluate_attack
 from baddiff_core.models import make_unet
-from baddiff_core.sampling import inference_scheduler, sample, sample_clean_and_triggered
+from baddiff_core.sampling import DEFAULT_BATCH_SIZE, inference_scheduler, sample, sample_clean_and_triggered
+from baddiff_core.triggers import make_target, make_trigger
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +148,83 @@ def test_same_seed_same_samples_other_seed_other_samples(model, scheduler, sampl
     first, again, other = draw(7), draw(7), draw(8)
     assert torch.equal(first, again)
     assert not torch.allclose(first, other)
+
+
+# --------------------------------------------------------------------------- #
+# Bounded memory: images per forward pass.
+# --------------------------------------------------------------------------- #
+
+
+class BatchSizes:
+    """The batch size of every forward pass of ``model`` while in a ``with`` block (a forward hook)."""
+
+    def __init__(self, model):
+        self.model, self.sizes = model, []
+
+    def __enter__(self):
+        self.handle = self.model.register_forward_hook(lambda module, args, output: self.sizes.append(len(args[0])))
+        return self.sizes
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def test_many_images_are_sampled_in_batches_of_at_most_the_default(model, scheduler):
+    """300 images without a batch size: a pass of DEFAULT_BATCH_SIZE (256), then the 44 others;
+    up to 256 images stay in one pass, so the book's quick mode (at most 256 per call) samples what
+    it sampled before the bound."""
+    assert DEFAULT_BATCH_SIZE == 256
+    with BatchSizes(model) as sizes:
+        sample(model, scheduler, 300, num_inference_steps=1, generator=torch.Generator().manual_seed(0),
+               progress=False)
+    assert sizes == [256, 44]
+    with BatchSizes(model) as sizes:
+        one_pass = sample(model, scheduler, 256, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                          progress=False)
+    assert sizes == [256, 256]   # two steps of one batch
+    explicit = sample(model, scheduler, 256, num_inference_steps=2, batch_size=256,
+                      generator=torch.Generator().manual_seed(0), progress=False)
+    assert torch.equal(one_pass, explicit)
+
+
+def test_sample_clean_and_triggered_splits_its_2n_images_in_batches(model, scheduler):
+    """The 2n images of the paired call go through the same bound: 2 x 150 = 300 is 256 + 44."""
+    with BatchSizes(model) as sizes:
+        clean, triggered = sample_clean_and_triggered(model, scheduler, 150, torch.zeros(1, 8, 8),
+                                                      num_inference_steps=1, progress=False)
+    assert sizes == [256, 44] and clean.shape == triggered.shape == (150, 1, 8, 8)
+
+
+def test_evaluate_attack_and_clean_quality_pass_the_batch_size(model, scheduler):
+    trigger = make_trigger("box", 8, 1)
+    target = make_target("corner", 8, 1)
+    args = dict(n=6, clips=("none", "x0"), num_inference_steps=3, seed=4)
+
+    def asked(batch_size, sampler="ddpm"):
+        with BatchSizes(model) as sizes:
+            results = evaluate_attack(model, scheduler, trigger, target, sampler=sampler, batch_size=batch_size, **args)
+        return results, sizes
+
+    default, default_sizes = asked(None)
+    whole, _ = asked(12)
+    split, split_sizes = asked(4)
+    assert default_sizes == [12] * 6   # 2n = 12 images in one pass, 3 steps, 2 clipping modes
+    assert split_sizes == [4] * 18 and max(split_sizes) <= 4
+    for clip in args["clips"]:
+        # One batch of 12 either way: the same random numbers, the same images, the same scores.
+        assert torch.equal(default[clip].triggered, whole[clip].triggered)
+        assert torch.equal(default[clip].clean, whole[clip].clean)
+        assert default[clip].as_dict() == whole[clip].as_dict()
+        assert split[clip].triggered.shape == (6, 1, 8, 8)
+    # DDIM draws no noise after the start, so three batches of 4 give the images of one batch of 12.
+    ddim_whole, _ = asked(None, "ddim")
+    ddim_split, ddim_sizes = asked(4, "ddim")
+    assert max(ddim_sizes) <= 4
+    for clip in args["clips"]:
+        torch.testing.assert_close(ddim_split[clip].triggered, ddim_whole[clip].triggered, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ddim_split[clip].clean, ddim_whole[clip].clean, atol=1e-5, rtol=0)
+
+    real = torch.rand(16, 1, 8, 8) * 2 - 1
+    with BatchSizes(model) as sizes:
+        clean_quality(model, scheduler, real, n=6, seed=1, batch_size=4, features="digits")
+    assert sizes == [4] * 20 + [2] * 20   # the 6 images in batches of 4 and 2, each through 20 DDPM steps

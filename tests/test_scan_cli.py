@@ -67,3 +67,35 @@ def test_scan_unknown_clipping_is_refused_by_argparse_with_status_2(model_folder
         main(["scan", str(model_folder), "--clip", "yes", "--output", str(tmp_path / "out")])
     assert exit_info.value.code == 2 and "invalid choice: 'yes'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_scan_samples_in_batches_of_batch_size(model_folder, tmp_path, monkeypatch, capsys):
+    """``--batch-size`` reaches the sampler; it keys a cached scan only when it splits the samples,
+    so a scan cached before the option existed (one batch) is found again."""
+    import baddiff_core.defenses as defenses
+    from baddiff_core.cache import trainings
+    from baddiff_core.models import load_model
+
+    asked = []
+    real_sample = defenses.sample
+
+    def recording_sample(*args, **kwargs):
+        asked.append(kwargs["batch_size"])
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(defenses, "sample", recording_sample)
+    argv = ["scan", str(model_folder), "--n", "4", "--inversion-steps", "1", "--noise-batch", "2", "--steps", "2",
+            "--output", str(tmp_path / "s"), "--json"]
+    main(argv + ["--batch-size", "3"])
+    main(argv)
+    assert asked == [3, 4]   # default: min(n, DEFAULT_BATCH_SIZE), the 4 samples in one pass
+    capsys.readouterr()
+
+    monkeypatch.setenv("BADDIFF_CACHE", str(tmp_path / "cache"))
+    unet, scheduler = load_model(model_folder)
+    settings = dict(n=4, num_noise=2, steps=1, num_inference_steps=2, progress=False, use_cache=True)
+    first = defenses.scan_model(unet, scheduler, **settings)
+    again = defenses.scan_model(unet, scheduler, batch_size=4, **settings)   # one batch: the same scan
+    split = defenses.scan_model(unet, scheduler, batch_size=2, **settings)
+    assert len(trainings()) == 2 and torch.equal(first.samples, again.samples)
+    assert split.samples.shape == first.samples.shape
