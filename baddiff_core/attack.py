@@ -27,13 +27,14 @@ the cost is the fine-tuning of a 1.1 M-parameter model that had converged, not t
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from baddiff_core.cache import cached_model
+from baddiff_core.cache import cached_model, checkpoint_folder
 from baddiff_core.data import load_images
 from baddiff_core.devices import resolve_device
 from baddiff_core.diffusion import QUICK_SCHEDULE, make_scheduler
@@ -51,6 +52,8 @@ QUICK_FINETUNE = TrainConfig(steps=800, batch_size=64, learning_rate=5e-4, lr_sc
 
 #: The shorter fine-tune that chapters 4-9 share (300 steps, cosine decay): one cache entry per recipe.
 QUICK_SHORT_FINETUNE = dataclasses.replace(QUICK_FINETUNE, steps=300, warmup_steps=50, lr_schedule="cosine")
+
+_CACHE_NAME = "backdoor"   # cache entries: <cache>/models/backdoor-<key>, checkpoints in <cache>/checkpoints/
 
 # Settings that change how a run is executed, not what it produces: not part of the cache key.
 _RUN_ONLY = ("device", "progress", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "log_every",
@@ -142,10 +145,20 @@ def plant_backdoor(recipe: BackdoorRecipe = BackdoorRecipe(), *, device: str | t
                    use_cache: bool = True, progress: bool = True) -> BackdooredModel:
     """Train (or fetch from the cache) the backdoored model of ``recipe``.
 
-    The returned ``info`` holds the training report (wall time, images/s, the loss history) and
-    whether the model came from the cache.
+    The returned ``info`` holds the training report (wall time, images/s, the loss history, the
+    step it resumed from) and whether the model came from the cache.
+
+    A training that saves checkpoints (``recipe.train.checkpoint_every > 0``, as
+    :meth:`TrainConfig.paper_finetune` does every 2,000 steps) keeps them, when ``use_cache`` and
+    ``recipe.train`` names no ``checkpoint_dir`` of its own, in the cache's
+    :func:`~baddiff_core.cache.checkpoint_folder` of the recipe: after an interruption (a lost
+    Colab session, a crash), calling ``plant_backdoor`` again with the same recipe resumes from
+    the last checkpoint (bit for bit on a CPU), and the folder is deleted once the model is saved.
     """
     device = resolve_device(device)
+    key = recipe.key()
+    checkpoints = (checkpoint_folder(_CACHE_NAME, key)
+                   if use_cache and recipe.train.checkpoint_every > 0 and recipe.train.checkpoint_dir is None else None)
 
     def build() -> tuple[UNet2DModel, DDPMScheduler, dict[str, Any]]:
         unet, scheduler = _base_model(recipe, device)
@@ -153,13 +166,17 @@ def plant_backdoor(recipe: BackdoorRecipe = BackdoorRecipe(), *, device: str | t
         dataset = PoisonedDataset(images, trigger=recipe.trigger_image(), target=recipe.target_image(),
                                   poison_rate=recipe.poison_rate, seed=recipe.train.seed)
         config = dataclasses.replace(recipe.train, device=str(device), progress=progress)
+        if checkpoints is not None:
+            config = dataclasses.replace(config, checkpoint_dir=str(checkpoints))
         history = train(unet, scheduler, dataset, config)
         report = dict(seconds=round(history.seconds, 2), images_per_second=round(history.images_per_second, 1),
                       losses=[round(v, 6) for v in history.losses], num_poisoned=dataset.num_poisoned,
-                      num_images=len(dataset))
+                      num_images=len(dataset), resumed_from_step=history.resumed_from_step)
         return unet, scheduler, report
 
-    unet, scheduler, info = cached_model("backdoor", recipe.key(), build, device=device, use_cache=use_cache)
+    unet, scheduler, info = cached_model(_CACHE_NAME, key, build, device=device, use_cache=use_cache)
+    if checkpoints is not None:   # the model is in the cache now: its checkpoints are spent
+        shutil.rmtree(checkpoints, ignore_errors=True)
     return BackdooredModel(unet, scheduler, recipe.trigger_image().to(device), recipe.target_image().to(device),
                            recipe, info)
 

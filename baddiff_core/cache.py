@@ -5,6 +5,7 @@ dict: data, trigger, target, poison rate, training configuration, base model, ..
 the diffusers layout under ``$BADDIFF_CACHE`` (default ``~/.cache/baddiff``)::
 
     <cache>/models/<name>-<16 hex digits of sha256(recipe)>/
+    <cache>/checkpoints/<name>-<the same digits>/   # a long training's checkpoints, until its model is saved
 
 A chapter asks for a model by recipe and gets it from the cache, or it is trained and saved
 (atomically) first. Change anything in the recipe and a different model is trained. Each training
@@ -31,7 +32,7 @@ from baddiff_core.files import atomic_folder
 from baddiff_core.models import load_model, save_model
 
 __all__ = ["CACHE_ENV", "CACHE_FORMAT", "cache_root", "recipe_key", "tensor_digest", "cached_model",
-           "cached_tensors", "trainings"]
+           "cached_tensors", "checkpoint_folder", "trainings"]
 
 CACHE_ENV = "BADDIFF_CACHE"
 #: Bumped whenever training code changes what a recipe produces, so stale models are not reused.
@@ -72,6 +73,15 @@ def _entry_folder(kind: str, name: str, recipe: Mapping[str, Any]) -> Path:
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
         raise ValueError(f"name={name!r} must use only letters, digits, '-' and '_'")
     return cache_root() / kind / f"{name}-{recipe_key(recipe)}"
+
+
+def checkpoint_folder(name: str, recipe: Mapping[str, Any]) -> Path:
+    """``<cache>/checkpoints/<name>-<recipe key>``: where a long training of the entry that
+    :func:`cached_model` would save as ``<cache>/models/<name>-<recipe key>`` keeps its resumable
+    checkpoints (:class:`~baddiff_core.train.TrainConfig`'s ``checkpoint_dir``) until the model is
+    saved. Named like the entry, so that the same recipe asked for again after an interruption finds
+    them, and another recipe never does."""
+    return _entry_folder("checkpoints", name, recipe)
 
 
 def cached_model(name: str, recipe: Mapping[str, Any], build: Builder, *, device: str | torch.device = "cpu",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +112,53 @@ def test_command_line_rejects_unknown_choices(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["sample", "m", "--clip", "x9", "--output", "a.png"])
     assert exit_info.value.code == 2 and "invalid choice: 'x9'" in capsys.readouterr().err
+
+
+def test_an_interrupted_fine_tune_resumes_from_its_last_checkpoint(cache, monkeypatch):
+    """A training with checkpoints keeps them in the cache's checkpoint folder of its recipe; run
+    again after an interruption, it resumes there, ends with the weights of an uninterrupted run
+    (bit for bit on a CPU) and deletes the folder once the model is saved."""
+    import baddiff_core.train as train_module
+    from baddiff_core.cache import checkpoint_folder, recipe_key
+
+    plant_backdoor(tiny_recipe(), device="cpu", progress=False)   # checkpoint_every=0: no checkpoints
+    assert not (cache / "checkpoints").exists()
+    recipe = tiny_recipe(train=dataclasses.replace(TINY, steps=6, checkpoint_every=2, hflip=True, ema_decay=0.9))
+    folder = checkpoint_folder("backdoor", recipe.key())
+    assert folder == cache / "checkpoints" / f"backdoor-{recipe_key(recipe.key())}"
+    reference = plant_backdoor(recipe, device="cpu", progress=False, use_cache=False)   # uninterrupted
+    assert not folder.exists(), "no cache, no checkpoints"
+
+    real_save, real_loss = train_module._save_checkpoint, train_module.diffusion_loss
+    saved = []
+
+    def save_then_disconnect(checkpoint_dir, step, *args, **kwargs):
+        made = real_save(checkpoint_dir, step, *args, **kwargs)
+        saved.append((checkpoint_dir, step))
+        if step == 4:
+            raise KeyboardInterrupt("the session was lost after the step-4 checkpoint")
+        return made
+
+    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_disconnect)
+    with pytest.raises(KeyboardInterrupt):
+        plant_backdoor(recipe, device="cpu", progress=False)
+    assert saved == [(folder, 2), (folder, 4)] and (folder / "checkpoint-0000004").is_dir()
+    assert not (cache / "models" / folder.name).exists(), "nothing cached yet"
+
+    losses = []
+
+    def counting_loss(*args, **kwargs):   # one call per optimizer step
+        losses.append(real_loss(*args, **kwargs))
+        return losses[-1]
+
+    monkeypatch.setattr(train_module, "_save_checkpoint", real_save)
+    monkeypatch.setattr(train_module, "diffusion_loss", counting_loss)
+    resumed = plant_backdoor(recipe, device="cpu", progress=False)
+    assert len(losses) == 2, "steps 5 and 6 only: the first four came from the checkpoint"
+    assert resumed.info["report"]["resumed_from_step"] == 4 and len(resumed.info["report"]["losses"]) == 6
+    assert resumed.info["report"]["losses"] == reference.info["report"]["losses"]
+    for (name, x), y in zip(reference.unet.state_dict().items(), resumed.unet.state_dict().values()):
+        torch.testing.assert_close(x, y, msg=name, atol=0, rtol=0)
+    assert Path(resumed.info["path"]).name == folder.name   # the entry the checkpoints were named after
+    assert not folder.exists() and (cache / "checkpoints").is_dir()
+    assert plant_backdoor(recipe, device="cpu", progress=False).info["from_cache"]
