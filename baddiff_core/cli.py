@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from baddiff_core.metrics import MissingDependencyError, resolve_features
+
 __all__ = ["main", "build_parser"]
 
 BACKDOOR_FILE = "backdoor.safetensors"
@@ -33,7 +35,8 @@ class UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from baddiff_core.sampling import CLIP_MODES, SAMPLERS
+    from baddiff_core.evaluation import ASR_THRESHOLDS
+    from baddiff_core.sampling import CLIP_MODES, DEFAULT_BATCH_SIZE, SAMPLERS
     from baddiff_core.triggers import TARGET_KINDS, TRIGGER_KINDS
 
     parser = argparse.ArgumentParser(prog="baddiff", description="Backdooring diffusion models: train a clean "
@@ -73,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
     sample.add_argument("--steps", type=int, help="inference steps (default: all for DDPM, 50 for DDIM)")
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--batch-size", type=int, help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})")
     sample.add_argument("--output", type=Path, required=True, help="PNG file to write")
     sample.add_argument("--device", default="auto")
 
@@ -83,9 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--clip", choices=CLIP_MODES, action="append", help="mode(s) to measure (default: all)")
     evaluate.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
     evaluate.add_argument("--steps", type=int, help="inference steps")
-    evaluate.add_argument("--threshold", type=float, help="attack-success MSE threshold")
+    evaluate.add_argument("--threshold", type=float,
+                          help=f"attack-success MSE threshold in (0, 1) (default {ASR_THRESHOLDS['quick']} for a "
+                               f"16 px, 1-channel model such as the book's digits, else {ASR_THRESHOLDS['full']})")
     evaluate.add_argument("--fd-samples", type=int, default=256, help="clean samples for the Frechet distance (0: skip)")
+    evaluate.add_argument("--fd-features", choices=("auto", "digits", "inception"), default="auto",
+                          help="features of the Frechet distance: 'inception' (the paper's FID; needs torch-fidelity, "
+                               "downloads its weights once), 'digits' (the book's offline network), 'auto' (inception for "
+                               "colour images of 32 px or more, else digits)")
     evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--batch-size", type=int, help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})")
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
     evaluate.add_argument("--device", default="auto")
 
@@ -111,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--output", type=Path, help="folder for trigger.png, samples.png and scan.json "
                       "(default: scan-<model name> in the current folder)")
     scan.add_argument("--seed", type=int, default=0)
+    scan.add_argument("--batch-size", type=int, help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})")
     scan.add_argument("--json", action="store_true", help="print the result as JSON")
     scan.add_argument("--device", default="auto")
     return parser
@@ -122,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"train-clean": _train_clean, "backdoor": _backdoor, "sample": _sample,
                 "evaluate": _evaluate, "scan": _scan}[args.command](args)
-    except (UsageError, ValueError, TypeError, FileNotFoundError, PermissionError) as error:
+    except (UsageError, ValueError, TypeError, FileNotFoundError, PermissionError, MissingDependencyError) as error:
         print(f"baddiff {args.command}: error: {error}", file=sys.stderr)
         return 2
 
@@ -188,15 +200,16 @@ def _sample(args: argparse.Namespace) -> int:
     from baddiff_core.sampling import sample
     from baddiff_core.viz import show_images
 
-    _positive("--n", args.n)
-    _positive("--steps", args.steps)
+    for name in ("n", "steps", "batch_size"):
+        _positive(f"--{name.replace('_', '-')}", getattr(args, name))
     if args.output.suffix.lower() != ".png":
         raise UsageError(f"--output must be a .png file, got {str(args.output)!r}")
     device = resolve_device(args.device)
     unet, scheduler = load_model(args.model, device=device)
     trigger = _load_backdoor(args.model, device)[0] if args.triggered else None
     images = sample(unet, scheduler, args.n, trigger=trigger, clip=args.clip, sampler=args.sampler,
-                    num_inference_steps=args.steps, generator=torch.Generator(device).manual_seed(args.seed))
+                    num_inference_steps=args.steps, generator=torch.Generator(device).manual_seed(args.seed),
+                    batch_size=args.batch_size)
     figure = show_images(images.cpu(), ncols=min(8, args.n))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.output)
@@ -204,15 +217,28 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_threshold(unet: torch.nn.Module) -> float:
+    """The attack-success threshold ``baddiff evaluate`` uses when given none: the quick one for a
+    16 px, 1-channel model (the book's digits), the full one for any other (CIFAR-10 and larger):
+    :data:`~baddiff_core.evaluation.ASR_THRESHOLDS`."""
+    from baddiff_core.evaluation import asr_threshold
+
+    size = unet.config.sample_size
+    square = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    return asr_threshold(quick=square == (16, 16) and unet.config.in_channels == 1)
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from baddiff_core.data import load_images
     from baddiff_core.devices import resolve_device
-    from baddiff_core.evaluation import QUICK_ASR_THRESHOLD, clean_quality, evaluate_attack
+    from baddiff_core.evaluation import clean_quality, evaluate_attack
     from baddiff_core.models import load_model
     from baddiff_core.sampling import CLIP_MODES
 
-    _positive("--n", args.n)
-    _positive("--steps", args.steps)
+    for name in ("n", "steps", "batch_size"):
+        _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    if args.threshold is not None and not 0 < args.threshold < 1:
+        raise UsageError(f"--threshold must be an MSE threshold in (0, 1), got {args.threshold}")
     if args.fd_samples < 0 or args.fd_samples == 1:
         raise UsageError(f"--fd-samples must be 0 (skip) or at least 2, got {args.fd_samples}")
     device = resolve_device(args.device)
@@ -220,14 +246,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     trigger, target = _load_backdoor(args.model, device)
     metadata = json.loads((Path(args.model) / "baddiff.json").read_text())
     recipe = metadata.get("recipe", {})
-    threshold = args.threshold or (QUICK_ASR_THRESHOLD if recipe.get("dataset") == "digits" else 0.1)
+    threshold = args.threshold if args.threshold is not None else _default_threshold(unet)
+    if args.fd_samples:   # fail now, not after sampling, when the FID's features cannot be had
+        resolve_features(args.fd_features, torch.empty(2, unet.config.in_channels, unet.config.sample_size,
+                                                        unet.config.sample_size))
     results = evaluate_attack(unet, scheduler, trigger, target, n=args.n, clips=tuple(args.clip or CLIP_MODES),
                               threshold=threshold, sampler=args.sampler, num_inference_steps=args.steps,
-                              seed=args.seed, progress=True)
+                              seed=args.seed, batch_size=args.batch_size, progress=True)
     output = {"model": args.model, "attack": {k: v.as_dict() for k, v in results.items()}}
     if args.fd_samples:
         real = load_images(recipe.get("dataset", "digits"), unet.config.sample_size, channels=unet.config.in_channels)
-        score = clean_quality(unet, scheduler, real, n=args.fd_samples, seed=args.seed, progress=True)
+        score = clean_quality(unet, scheduler, real, n=args.fd_samples, seed=args.seed, batch_size=args.batch_size,
+                              features=args.fd_features, progress=True)
         output["clean_quality"] = dict(value=score.value, num_real=score.num_real, num_fake=score.num_fake,
                                        features=score.features, text=str(score))
     if args.json:
@@ -249,7 +279,7 @@ def _scan(args: argparse.Namespace) -> int:
     from baddiff_core.models import load_model
     from baddiff_core.viz import show_images
 
-    for name in ("n", "inversion_steps", "noise_batch", "steps"):
+    for name in ("n", "inversion_steps", "noise_batch", "steps", "batch_size"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
     if args.n < 2:
         raise UsageError(f"--n must be at least 2 (the score compares samples), got {args.n}")
@@ -260,7 +290,7 @@ def _scan(args: argparse.Namespace) -> int:
     unet, scheduler = load_model(args.model, device=device)
     result = scan_model(unet, scheduler, n=args.n, threshold=args.threshold, num_noise=args.noise_batch,
                         steps=args.inversion_steps, solver=args.solver, num_inference_steps=args.steps,
-                        clip=args.clip, seed=args.seed, progress=not args.json)
+                        clip=args.clip, seed=args.seed, batch_size=args.batch_size, progress=not args.json)
     report = dict(model=str(args.model), verdict=result.verdict, mode_share=result.mode_share,
                   solver=args.solver, clip=args.clip, threshold=result.threshold,
                   alike=round(result.mode_share * args.n), samples=args.n,

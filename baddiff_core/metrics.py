@@ -8,9 +8,12 @@ BadDiffusion is judged on two axes:
   samples to the attacker's target image? Measured by :func:`mse_to_target`, :func:`ssim_to_target`
   and :func:`attack_success_rate`;
 * **utility** on clean noise: are the clean samples still like the training images? The paper uses
-  FID; offline, the book uses a Fréchet distance on the features of a small digits network it trains
-  itself (:func:`frechet_distance`, :mod:`baddiff_core.features`), and asks that same network which
-  digits the samples look like (:func:`digit_predictions`, :func:`class_histogram`).
+  FID (:func:`frechet_distance` with ``features="inception"``, the default for RGB images of at least
+  32x32, which needs the optional torch-fidelity: ``pip install "baddiff-core[full]"``); offline, the
+  book uses a Fréchet distance on the features of a small digits network it trains itself
+  (``features="digits"``, the default for smaller or grey images; :mod:`baddiff_core.features`), and
+  asks that same network which digits the samples look like (:func:`digit_predictions`,
+  :func:`class_histogram`).
 
 Conventions. Images are float tensors ``B,C,H,W`` with values in [-1, 1] (what a diffusion model
 samples), C in {1, 3}; a ``target`` is one image ``C,H,W``, broadcast over the batch. Every metric
@@ -33,6 +36,8 @@ from .checks import check_image_batch, check_positive_int
 from .features import MIN_SIZE, DigitsFeatureExtractor, load_digits_net
 
 __all__ = [
+    "resolve_features",
+    "MissingDependencyError",
     "DEFAULT_ASR_THRESHOLD",
     "SSIM_WINDOW",
     "SSIM_SIGMA",
@@ -298,19 +303,30 @@ def _torch_fidelity_available() -> bool:
     return importlib.util.find_spec("torch_fidelity") is not None
 
 
-def _resolve_features(features: object, images: Tensor) -> str:
+def resolve_features(features: object, images: Tensor) -> str:
+    """The features :func:`frechet_distance` will use for ``images`` (``"digits"`` or ``"inception"``),
+    raising :class:`MissingDependencyError` at once when the inception features cannot be had:
+    call it before expensive sampling."""
+    """The feature network for ``images``: ``"auto"`` never quietly swaps the paper's network for another.
+
+    ``"auto"`` is ``"inception"`` (FID) for RGB images of at least 32x32 (those the paper reports FID
+    on), whether or not torch-fidelity is installed (a missing package is an error that says how to
+    install it, not a silent change of network that makes the numbers incomparable); ``"digits"``
+    for everything else.
+    """
     if features not in ("auto", "digits", "inception"):
         raise ValueError(f"features must be 'auto', 'digits' or 'inception', got features={features!r}")
+    how = ""
     if features == "auto":
-        use_inception = (
-            _torch_fidelity_available() and images.shape[1] == 3 and min(images.shape[-2:]) >= 32
-        )
-        return "inception" if use_inception else "digits"
+        features = "inception" if images.shape[1] == 3 and min(images.shape[-2:]) >= 32 else "digits"
+        how = f" (chosen by features='auto' for RGB images of at least 32x32, got shape {tuple(images.shape)})"
     if features == "inception" and not _torch_fidelity_available():
         raise MissingDependencyError(
-            "features='inception' needs the optional package torch-fidelity, and Inception-v3 weights "
-            "that it downloads on first use (network needed): `pip install torch-fidelity`. "
-            "Offline, use features='digits' (the project's own DigitsNet features)."
+            f"features='inception'{how} is the paper's FID and needs the optional package torch-fidelity, "
+            "and Inception-v3 weights that it downloads on first use (network needed): "
+            '`pip install "baddiff-core[full]"` (or `pip install torch-fidelity`). '
+            "Offline, pass features='digits' (the project's own DigitsNet features; not comparable with "
+            "published FIDs)."
         )
     return str(features)
 
@@ -331,13 +347,20 @@ def frechet_distance(real: Tensor, fake: Tensor, *, features: FeatureKind = "aut
         fake: ``B_g,C,H,W`` generated images in [-1, 1] (at least 2), same C, H, W as ``real``.
         features: ``"digits"``: the shipped 64-d :class:`~baddiff_core.features.DigitsNet` features
             (offline; needs H, W >= 8; RGB is converted to grey). ``"inception"``: 2048-d Inception-v3
-            features, i.e. the paper's FID; needs the optional ``torch-fidelity`` and downloads weights
-            on first use; grey images are repeated to 3 channels. ``"auto"``: inception only when
-            ``torch_fidelity`` is importable and the images are RGB and at least 32x32; else digits.
+            features, i.e. the paper's FID; needs the optional ``torch-fidelity``
+            (``pip install "baddiff-core[full]"``) and downloads weights on first use; grey images are
+            repeated to 3 channels. ``"auto"``: inception for RGB images of at least 32x32 (CIFAR-10),
+            digits for the rest; it never falls back to digits for RGB 32 px images, so that a number
+            called FID is always one: without torch-fidelity it raises, and offline callers pass
+            ``features="digits"`` explicitly.
 
     Returns:
         A :class:`FrechetScore` with the value and the sample counts. The value is biased upwards for
         few samples: compare only values computed with the same counts.
+
+    Raises:
+        MissingDependencyError: the inception features are asked for (or chosen by ``"auto"``) and
+            torch-fidelity is not installed; the message names the install command.
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -356,7 +379,7 @@ def frechet_distance(real: Tensor, fake: Tensor, *, features: FeatureKind = "aut
         )
     if real.device != fake.device:
         raise ValueError(f"real and fake must be on the same device, got {real.device} and {fake.device}")
-    kind = _resolve_features(features, real)
+    kind = resolve_features(features, real)
     device = real.device
 
     if kind == "digits":
@@ -404,3 +427,6 @@ def class_histogram(samples: Tensor) -> Tensor:
     """How many of the ``B`` samples look like each digit: ``(10,)`` int64 counts summing to ``B``."""
     digits, _ = digit_predictions(samples)
     return torch.bincount(digits, minlength=10)
+
+
+_resolve_features = resolve_features   # the earlier private name

@@ -6,7 +6,6 @@ written here); the shipped network is loaded, never retrained.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import struct
 
@@ -31,8 +30,6 @@ from baddiff_core.metrics import (
     ssim_window,
     to_unit_range,
 )
-
-HAS_TORCH_FIDELITY = importlib.util.find_spec("torch_fidelity") is not None
 
 
 # --------------------------------------------------------------------------- #
@@ -400,25 +397,54 @@ def test_fd_matches_scipy_reference(fd_sets):
 def test_fd_auto_and_rgb(fd_sets, monkeypatch):
     _, a, b, _, _ = fd_sets
     rgb_a = F.interpolate(a[:200], size=32, mode="bilinear").repeat(1, 3, 1, 1)
-    rgb_b = F.interpolate(b[:200], size=32, mode="bilinear").repeat(1, 3, 1, 1)
-    if not HAS_TORCH_FIDELITY:
-        score = frechet_distance(rgb_a, rgb_b)  # auto -> digits without torch-fidelity
-        assert score.features == "digits" and score.num_real == 200
     # the decision rule itself, with torch-fidelity pretended present
     monkeypatch.setattr(metrics, "_torch_fidelity_available", lambda: True)
     assert metrics._resolve_features("auto", rgb_a) == "inception"
     assert metrics._resolve_features("auto", a) == "digits"  # grey, 16 px
     assert metrics._resolve_features("auto", rgb_a[:, :, :16, :16]) == "digits"  # RGB but 16 px
-    monkeypatch.setattr(metrics, "_torch_fidelity_available", lambda: False)
-    assert metrics._resolve_features("auto", rgb_a) == "digits"
+    assert metrics._resolve_features("auto", rgb_a[:, :1]) == "digits"  # grey, 32 px
 
 
-@pytest.mark.skipif(HAS_TORCH_FIDELITY, reason="torch-fidelity is installed")
-def test_fd_inception_without_torch_fidelity_raises_clearly(fd_sets):
+def test_fd_auto_never_swaps_inception_for_digits_on_rgb_32px(fd_sets, monkeypatch):
+    """Without torch-fidelity, auto on CIFAR-sized colour images is an error naming the install
+    command, not a quiet digits FD that would pass for an FID."""
     _, a, b, _, _ = fd_sets
+    rgb_a = F.interpolate(a[:50], size=32, mode="bilinear").repeat(1, 3, 1, 1)
+    rgb_b = F.interpolate(b[:50], size=32, mode="bilinear").repeat(1, 3, 1, 1)
+    monkeypatch.setattr(metrics, "_torch_fidelity_available", lambda: False)
+    with pytest.raises(metrics.MissingDependencyError) as info:
+        frechet_distance(rgb_a, rgb_b)
+    message = str(info.value)
+    assert '"baddiff-core[full]"' in message and "features='digits'" in message
+    assert "features='auto'" in message and "(50, 3, 32, 32)" in message
+    assert isinstance(info.value, ImportError) and isinstance(info.value, RuntimeError)
+
+
+def test_fd_auto_on_small_grey_images_is_digits_offline(fd_sets, monkeypatch):
+    _, a, b, _, _ = fd_sets
+    monkeypatch.setattr(metrics, "_torch_fidelity_available", lambda: False)
+    auto = frechet_distance(a[:100], b[:100])   # 1 x 16 x 16
+    assert auto.features == "digits"
+    assert auto.value == pytest.approx(reference_fd(a[:100], b[:100]), rel=1e-3)
+
+
+def test_fd_explicit_digits_on_rgb_32px_works_offline(fd_sets, monkeypatch):
+    _, a, b, _, _ = fd_sets
+    grey_a = F.interpolate(a[:100], size=32, mode="bilinear")
+    grey_b = F.interpolate(b[:100], size=32, mode="bilinear")
+    monkeypatch.setattr(metrics, "_torch_fidelity_available", lambda: False)
+    score = frechet_distance(grey_a.repeat(1, 3, 1, 1), grey_b.repeat(1, 3, 1, 1), features="digits")
+    assert (score.features, score.num_real, score.num_fake) == ("digits", 100, 100)
+    # equal grey channels: the digits network's luminance is the grey image itself
+    assert score.value == pytest.approx(reference_fd(grey_a, grey_b), rel=1e-3)
+
+
+def test_fd_inception_without_torch_fidelity_raises_clearly(fd_sets, monkeypatch):
+    _, a, b, _, _ = fd_sets
+    monkeypatch.setattr(metrics, "_torch_fidelity_available", lambda: False)
     with pytest.raises(RuntimeError, match="torch-fidelity") as info:
         frechet_distance(a[:10], b[:10], features="inception")
-    assert "features='digits'" in str(info.value)
+    assert "features='digits'" in str(info.value) and '"baddiff-core[full]"' in str(info.value)
     assert isinstance(info.value, ImportError)
 
 
