@@ -3,22 +3,53 @@
 Introduced in chapter 1 (What is diffusion?). Each chapter has a papermill ``parameters`` cell
 (``QUICK``, ``DEVICE``, ``SEED``) and then calls :func:`chapter_settings`, which checks them and
 returns the derived settings, so that a bad parameter fails in the first cells with a clear message.
+
+Three scales run the same code:
+
+- ``"quick"`` (``QUICK = True``): small images on a CPU in minutes; what the online book and CI show;
+- ``"full"`` (``QUICK = False``): the paper's data and model (CIFAR-10, ``google/ddpm-cifar10-32``)
+  on a GPU;
+- ``"smoke"`` (``QUICK = False`` with the environment variable ``BADDIFF_SCALE=smoke``): every line
+  of full mode, with steps, batches and sample counts cut to a few, so that CI can run full mode's
+  code on a CPU (``tests/test_full_mode.py``, with offline stand-ins for what full mode downloads).
+  At this scale outcomes (an attack fires, clipping stops it) mean nothing: :meth:`ChapterSettings.check`
+  records them instead of asserting them. Identities (a formula against diffusers) stay asserts.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import random
 import sys
-from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 
 from baddiff_core.devices import resolve_device
 
-__all__ = ["ChapterSettings", "chapter_settings", "seed_everything", "glue", "in_colab", "markdown_table"]
+if TYPE_CHECKING:
+    from baddiff_core.attack import BackdoorRecipe
+    from baddiff_core.train import TrainConfig
+
+__all__ = ["SCALES", "SCALE_ENV", "SMOKE_SCHEDULE", "ChapterSettings", "chapter_settings", "seed_everything",
+           "glue", "in_colab", "markdown_table"]
+
+#: The three scales a chapter runs at (see the module docstring).
+SCALES = ("quick", "full", "smoke")
+#: The environment variable that turns full mode (``QUICK = False``) into the smoke scale.
+SCALE_ENV = "BADDIFF_SCALE"
+#: The noise schedule a full-mode model trained from scratch gets at the smoke scale: T = 10, so
+#: that a DDPM chain is ten network calls (the paper's T = 1000 is :data:`~baddiff_core.diffusion.PAPER_SCHEDULE`).
+SMOKE_SCHEDULE: dict[str, Any] = dict(num_train_timesteps=10, beta_start=1e-2, beta_end=0.5)
+#: Training at the smoke scale: a couple of optimizer steps on a few images.
+_SMOKE_TRAIN = dict(steps=2, batch_size=4, gradient_accumulation_steps=1, warmup_steps=0, log_every=1)
+_SMOKE_IMAGES = 32
+
+Recipe = TypeVar("Recipe", "BackdoorRecipe", "TrainConfig")
 
 
 @dataclass(frozen=True)
@@ -27,14 +58,83 @@ class ChapterSettings:
 
     Attributes:
         quick: ``True`` for the small CPU configuration (CI, the built book), ``False`` for the
-            paper-scale configuration meant for a GPU.
+            paper-scale configuration meant for a GPU (and for its smoke scale).
         device: where tensors and models live.
         seed: the seed of every random step in the chapter.
+        scale: ``"quick"``, ``"full"`` or ``"smoke"`` (one of :data:`SCALES`).
     """
 
     quick: bool
     device: torch.device
     seed: int
+    scale: str = "quick"
+
+    @property
+    def smoke(self) -> bool:
+        """``True`` at the smoke scale: full mode's code with every size cut to a few."""
+        return self.scale == "smoke"
+
+    def scaled(self, full: Any, *, smoke: Any) -> Any:
+        """``full`` (a full-mode size: samples, steps, ...), or ``smoke`` at the smoke scale."""
+        return smoke if self.smoke else full
+
+    @property
+    def asr_threshold(self) -> float:
+        """The attack-success MSE threshold of this scale (:data:`~baddiff_core.evaluation.ASR_THRESHOLDS`)."""
+        from baddiff_core.evaluation import asr_threshold
+
+        return asr_threshold(self.quick)
+
+    @property
+    def fid_features(self) -> str:
+        """The features of the Fréchet distance: ``"inception"`` (the paper's FID; full mode downloads
+        its weights) at the full scale, ``"digits"`` (the book's offline network) otherwise."""
+        return "inception" if self.scale == "full" else "digits"
+
+    def recipe(self, recipe: Recipe, *, seed_offset: int = 0) -> Recipe:
+        """``recipe`` (a :class:`~baddiff_core.attack.BackdoorRecipe` or a
+        :class:`~baddiff_core.train.TrainConfig`) trained with the chapter's seed plus ``seed_offset``,
+        and at the smoke scale cut to a couple of steps on a few images.
+
+        Every trained model in a chapter goes through here, so a change of ``SEED`` reaches all of them.
+        """
+        from baddiff_core.attack import BackdoorRecipe
+        from baddiff_core.train import TrainConfig
+
+        seed = self.seed + seed_offset
+        if isinstance(recipe, TrainConfig):
+            config = dataclasses.replace(recipe, seed=seed)
+            if self.smoke:
+                config = dataclasses.replace(config, **_SMOKE_TRAIN,
+                                             checkpoint_every=min(config.checkpoint_every, 1))
+            return config
+        if isinstance(recipe, BackdoorRecipe):
+            changes: dict[str, Any] = dict(train=self.recipe(recipe.train, seed_offset=seed_offset))
+            if self.smoke:
+                changes["data_limit"] = min(recipe.data_limit or _SMOKE_IMAGES, _SMOKE_IMAGES)
+                if recipe.base == "scratch":
+                    changes["schedule"] = dict(SMOKE_SCHEDULE)
+            return dataclasses.replace(recipe, **changes)
+        raise TypeError(f"recipe must be a BackdoorRecipe or a TrainConfig, got {type(recipe).__name__}")
+
+    def check(self, condition: Any, claim: str, *, scales: Sequence[str] = ("quick", "full")) -> bool:
+        """Assert an outcome the prose states (``claim``) at the ``scales`` where it was measured.
+
+        At any other scale the outcome is printed as recorded, not checked: at the smoke scale a
+        couple of training steps make outcomes meaningless, and a claim measured only at the quick
+        scale (``scales=("quick",)``) is reported, not assumed, at the paper's scale.
+        Returns the condition as a ``bool``.
+        """
+        unknown = sorted(set(scales) - set(SCALES))
+        if unknown:
+            raise ValueError(f"scales={tuple(scales)!r} names unknown scales {unknown}; use some of {SCALES}")
+        holds = bool(condition)
+        if self.scale in scales and not self.smoke:
+            if not holds:
+                raise AssertionError(claim)
+        else:
+            print(f"[{self.scale} scale, recorded, not checked] {claim}: {'holds' if holds else 'does not hold'}")
+        return holds
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A CPU ``torch.Generator`` seeded with ``seed + offset`` (one per independent random step)."""
@@ -48,9 +148,13 @@ class ChapterSettings:
 def chapter_settings(*, quick: Any, device: Any, seed: Any) -> ChapterSettings:
     """Check a chapter's ``QUICK``, ``DEVICE`` and ``SEED`` parameters and seed everything.
 
+    With ``quick=False``, the environment variable ``BADDIFF_SCALE`` chooses the scale: unset or
+    ``"full"`` for the paper's scale, ``"smoke"`` for full mode's code at a few steps (CI).
+
     Raises:
         TypeError: ``quick`` is not a bool or ``seed`` is not an integer.
-        ValueError: ``device`` is unknown or absent on this machine, or ``seed`` is negative.
+        ValueError: ``device`` is unknown or absent on this machine, ``seed`` is negative, or
+            ``BADDIFF_SCALE`` is set to something else than ``"full"`` or ``"smoke"``.
     """
     if not isinstance(quick, (bool, np.bool_)):
         raise TypeError(f"QUICK must be True (small, CPU, minutes) or False (paper scale, GPU), "
@@ -59,7 +163,12 @@ def chapter_settings(*, quick: Any, device: Any, seed: Any) -> ChapterSettings:
         raise TypeError(f"SEED must be a non-negative integer, got {seed!r}")
     if seed < 0:
         raise ValueError(f"SEED must be a non-negative integer, got {seed!r}")
-    settings = ChapterSettings(quick=bool(quick), device=resolve_device(device), seed=int(seed))
+    requested = os.environ.get(SCALE_ENV, "").strip().lower() or "full"
+    if requested not in ("full", "smoke"):
+        raise ValueError(f"{SCALE_ENV}={os.environ[SCALE_ENV]!r} is not a scale; use 'full' (the default) or "
+                         "'smoke' (full mode's code at a few steps), or unset it")
+    scale = "quick" if quick else requested
+    settings = ChapterSettings(quick=bool(quick), device=resolve_device(device), seed=int(seed), scale=scale)
     seed_everything(settings.seed)
     return settings
 

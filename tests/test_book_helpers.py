@@ -140,3 +140,75 @@ def test_show_strips_puts_each_row_side_by_side():
     assert second.get_images()[0].get_array().shape == (4, 10)
     with pytest.raises(ValueError, match="at least one row"):
         show_strips({})
+
+
+# --------------------------------------------------------------------------- #
+# The three scales: quick, full and smoke (full mode's code at a few steps, CI).
+# --------------------------------------------------------------------------- #
+
+def test_scale_comes_from_quick_and_the_environment(monkeypatch):
+    monkeypatch.delenv("BADDIFF_SCALE", raising=False)
+    assert chapter_settings(quick=True, device="cpu", seed=0).scale == "quick"
+    assert chapter_settings(quick=False, device="cpu", seed=0).scale == "full"
+    monkeypatch.setenv("BADDIFF_SCALE", "smoke")
+    assert chapter_settings(quick=False, device="cpu", seed=0).scale == "smoke"
+    assert chapter_settings(quick=True, device="cpu", seed=0).scale == "quick"   # quick is small already
+    monkeypatch.setenv("BADDIFF_SCALE", "huge")
+    with pytest.raises(ValueError, match="BADDIFF_SCALE='huge' is not a scale"):
+        chapter_settings(quick=False, device="cpu", seed=0)
+
+
+def test_recipe_sets_the_seed_and_shrinks_only_at_the_smoke_scale(monkeypatch):
+    from baddiff_core.attack import BackdoorRecipe
+    from baddiff_core.book import SMOKE_SCHEDULE
+    from baddiff_core.train import TrainConfig
+
+    monkeypatch.delenv("BADDIFF_SCALE", raising=False)
+    paper = BackdoorRecipe.paper()
+    full = chapter_settings(quick=False, device="cpu", seed=5)
+    recipe = full.recipe(paper, seed_offset=2)
+    assert recipe.train.seed == 7 and recipe.train.steps == paper.train.steps == 19_550
+    assert recipe.data_limit is None and full.scaled(1000, smoke=4) == 1000
+
+    monkeypatch.setenv("BADDIFF_SCALE", "smoke")
+    smoke = chapter_settings(quick=False, device="cpu", seed=5)
+    recipe = smoke.recipe(paper, seed_offset=2)
+    assert recipe.train.seed == 7 and recipe.train.steps == 2 and recipe.train.batch_size == 4
+    assert recipe.data_limit == 32 and recipe.trigger == paper.trigger and recipe.base == paper.base
+    assert smoke.scaled(1000, smoke=4) == 4
+    scratch = smoke.recipe(BackdoorRecipe.paper(base="scratch"))
+    assert scratch.schedule == SMOKE_SCHEDULE
+    config = smoke.recipe(TrainConfig(steps=40_000, checkpoint_every=10_000))
+    assert (config.steps, config.checkpoint_every, config.seed) == (2, 1, 5)
+    with pytest.raises(TypeError, match="BackdoorRecipe or a TrainConfig"):
+        smoke.recipe({"steps": 3})
+
+
+def test_check_asserts_where_measured_and_records_elsewhere(monkeypatch, capsys):
+    monkeypatch.delenv("BADDIFF_SCALE", raising=False)
+    quick = chapter_settings(quick=True, device="cpu", seed=0)
+    full = chapter_settings(quick=False, device="cpu", seed=0)
+    with pytest.raises(AssertionError, match="clipping stops it"):
+        quick.check(False, "clipping stops it")
+    with pytest.raises(AssertionError):
+        full.check(0.3 > 0.5, "fires")
+    assert full.check(False, "white box missed", scales=("quick",)) is False
+    assert "[full scale, recorded, not checked] white box missed: does not hold" in capsys.readouterr().out
+    monkeypatch.setenv("BADDIFF_SCALE", "smoke")
+    smoke = chapter_settings(quick=False, device="cpu", seed=0)
+    assert smoke.check(False, "fires") is False and smoke.check(True, "stops") is True
+    assert "[smoke scale, recorded, not checked] fires: does not hold" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown scales"):
+        quick.check(True, "x", scales=("fast",))
+
+
+def test_scale_settings_name_the_threshold_and_the_fid_features(monkeypatch):
+    from baddiff_core.evaluation import ASR_THRESHOLDS
+
+    monkeypatch.delenv("BADDIFF_SCALE", raising=False)
+    quick = chapter_settings(quick=True, device="cpu", seed=0)
+    full = chapter_settings(quick=False, device="cpu", seed=0)
+    assert (quick.asr_threshold, full.asr_threshold) == (ASR_THRESHOLDS["quick"], ASR_THRESHOLDS["full"]) == (0.01, 0.05)
+    assert (quick.fid_features, full.fid_features) == ("digits", "inception")
+    monkeypatch.setenv("BADDIFF_SCALE", "smoke")
+    assert chapter_settings(quick=False, device="cpu", seed=0).fid_features == "digits"

@@ -97,8 +97,9 @@ def test_notebook_follows_the_chapter_skeleton(path, config):
     assert len(pip_lines) == 1, "one pip install line in the Colab cell"
     requirements = [w for w in shlex.split(pip_lines[0])[2:] if not w.startswith("-")]
     url = f"git+{config['repository']['url']}@{config['repository']['branch']}"
-    assert requirements == [f"baddiff-core @ {url}"], \
-        f"the Colab cell installs this package only (Colab has the heavy dependencies), got {requirements}"
+    assert requirements == [f"baddiff-core[full] @ {url}"], \
+        f"the Colab cell installs this package and its full-mode extra only (Colab has the heavy dependencies), " \
+        f"got {requirements}"
 
     tagged = [i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1, "exactly one cell is tagged `parameters`"
