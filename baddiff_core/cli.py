@@ -23,11 +23,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from baddiff_core.files import check_output_folder
 from baddiff_core.metrics import MissingDependencyError, resolve_features
 
 __all__ = ["main", "build_parser"]
 
 BACKDOOR_FILE = "backdoor.safetensors"
+#: Every model folder this library writes holds this file (``save_model``'s metadata).
+MODEL_MARKER = "baddiff.json"
+
+
+OVERWRITE_HELP = ("replace --output even if it is a file or a folder that baddiff did not write (without it, "
+                  "such an output is refused before any work starts)")
 
 
 class UsageError(Exception):
@@ -46,11 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     clean = commands.add_parser("train-clean", help="train the clean digits model the package ships",
                                 description="Train a clean 16 x 16 digits model with the shipped recipe.")
     clean.add_argument("--output", type=Path, required=True, help="folder to write (diffusers layout)")
+    clean.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     clean.add_argument("--device", default="auto")
 
     backdoor = commands.add_parser("backdoor", help="plant a backdoor by fine-tuning or from scratch",
                                    description="Train a backdoored model (BadDiffusion) and save it.")
     backdoor.add_argument("--output", type=Path, required=True, help="folder to write (diffusers layout)")
+    backdoor.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     backdoor.add_argument("--paper", action="store_true",
                           help="the paper's CIFAR-10 setting (google/ddpm-cifar10-32, stop sign -> hat, 10%%, "
                                "50 epochs); downloads, wants a GPU")
@@ -150,6 +159,7 @@ def _train_clean(args: argparse.Namespace) -> int:
     from baddiff_core.pretrained import CLEAN_DIGITS_RECIPE, train_clean_digits
 
     device = resolve_device(args.device)
+    check_output_folder(args.output, marker=MODEL_MARKER, overwrite=args.overwrite)   # before the training
     unet, scheduler, report = train_clean_digits(device=str(device))
     save_model(args.output, unet.to("cpu"), scheduler, metadata=dict(kind="clean", recipe=CLEAN_DIGITS_RECIPE,
                                                                       report=report))
@@ -174,6 +184,7 @@ def _backdoor(args: argparse.Namespace) -> int:
     if changes.get("base") == "scratch" and args.paper:
         raise UsageError("--paper fine-tunes google/ddpm-cifar10-32; it cannot be combined with --base scratch")
     recipe = dataclasses.replace(recipe, **changes, train=dataclasses.replace(recipe.train, **train_changes))
+    check_output_folder(args.output, marker=MODEL_MARKER, overwrite=args.overwrite)   # before the training
     began = time.time()
     model = plant_backdoor(recipe, device=args.device, use_cache=False)
     save_model(args.output, model.unet.to("cpu"), model.scheduler,

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_file", "atomic_folder", "write_text_atomically"]
+__all__ = ["atomic_file", "atomic_folder", "write_text_atomically", "check_output_folder"]
 
 
 @contextmanager
@@ -70,6 +70,49 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
     with atomic_file(path) as staging:
         staging.write_text(text)
     return Path(path)
+
+
+def check_output_folder(path: str | os.PathLike, *, marker: str, overwrite: bool = False) -> Path:
+    """Check, before any long work, that a folder of results can be written at ``path`` without
+    destroying anything the user did not ask to replace.
+
+    Writing replaces ``path`` whole (:func:`atomic_folder`), so it is refused when ``path``
+
+    - is a file, or a non-empty folder without ``marker`` (the file this library writes into every
+      folder of its kind, e.g. ``baddiff.json`` in a model): it was not written by us. With
+      ``overwrite=True`` both are replaced;
+    - is the current folder or a folder that holds it (never, whatever ``overwrite`` says).
+
+    Returns the absolute path.
+
+    Raises:
+        ValueError: one of the refusals above, naming the path and what to do.
+        PermissionError: the folder that would receive ``path`` cannot be written.
+    """
+    target = Path(os.path.abspath(Path(path).expanduser()))   # ".." and "a/../b" resolved, links kept
+    here = Path.cwd().resolve()
+    if target.resolve() == here or target.resolve() in here.parents:
+        raise ValueError(f"output {str(path)!r} is the current folder or holds it; writing there would replace "
+                         "everything in it: name a new folder, e.g. runs/model")
+    if target.is_file() or target.is_symlink() and not target.is_dir():
+        if not overwrite:
+            raise ValueError(f"output {str(path)!r} is a file; refusing to replace it with a folder "
+                             "(pass --overwrite to replace it, or name a new folder)")
+    elif target.is_dir() and any(target.iterdir()) and not (target / marker).is_file() and not overwrite:
+        raise ValueError(f"output {str(path)!r} is a folder that holds other files and was not written by baddiff "
+                         f"(no {marker}); refusing to replace it (pass --overwrite to replace it, or name a new folder)")
+    existing = target.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"output {str(path)!r} cannot be created: {str(existing)!r} is a file, not a folder")
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=".baddiff-write-test-", dir=existing))
+        probe.rmdir()
+    except OSError as error:
+        raise PermissionError(f"output {str(path)!r} cannot be written: {str(existing)!r} is not writable "
+                              f"({error.strerror})") from None
+    return target
 
 
 def _umask() -> int:
