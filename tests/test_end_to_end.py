@@ -1,7 +1,7 @@
 """The quick backdoor, end to end: fine-tune the shipped clean model with poisoning, then measure.
 
 This is the book's quick configuration (``BackdoorRecipe()``): the same recipe the chapters use.
-It trains for real (about 100 s on 2 CPU cores) in a fresh cache, so a regression in training,
+It trains for real (about 100 s on 2 idle CPU cores; the time is printed, not asserted) in a fresh cache, so a regression in training,
 sampling or the metrics fails here. A second fine-tune with the same recipe and no poison is the
 control that separates what the backdoor costs from what fine-tuning costs.
 """
@@ -21,10 +21,8 @@ from baddiff_core.pretrained import load_clean_digits
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    import os
-
-    os.environ["BADDIFF_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BADDIFF_CACHE", str(tmp_path_factory.mktemp("cache")))
         began = time.perf_counter()
         backdoored = plant_backdoor(BackdoorRecipe(), device="cpu", progress=False)
         train_seconds = time.perf_counter() - began
@@ -37,8 +35,6 @@ def results(tmp_path_factory):
         control = plant_backdoor(dataclasses.replace(BackdoorRecipe(), poison_rate=0.0), device="cpu",
                                  progress=False)
         fd_control = clean_quality(control.unet, control.scheduler, real, n=256, seed=100)
-    finally:
-        del os.environ["BADDIFF_CACHE"]
     print(f"\nquick backdoor: trained in {train_seconds:.0f} s; ASR {attack['none'].asr:.3f} without clipping, "
           f"{attack['x0'].asr:.3f} with x0 clipping; leak {attack['none'].leak:.3f}; "
           f"clean {fd_clean}; clean fine-tune {fd_control}; backdoored {fd_backdoored}")
@@ -67,6 +63,5 @@ def test_clean_noise_still_gives_digits(results):
     assert results["fd_backdoored"].value <= 1.8 * results["fd_clean"].value
     assert results["fd_backdoored"].num_fake == results["fd_clean"].num_fake == 256
 
-
-def test_quick_fine_tune_fits_the_time_budget(results):
-    assert results["seconds"] < 150
+# No test here asserts a wall-clock time: on a busy machine the same run takes several times
+# longer. Speed is measured as ratios, side by side, by benchmarks/run.py.
