@@ -34,14 +34,14 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from baddiff_core.cache import cached_model, checkpoint_folder
+from baddiff_core.cache import cached_model, checkpoint_folder, recipe_key
 from baddiff_core.data import load_images
 from baddiff_core.devices import resolve_device
 from baddiff_core.diffusion import QUICK_SCHEDULE, make_scheduler
 from baddiff_core.models import PRETRAINED_CIFAR10, load_model, make_unet
 from baddiff_core.poison import PoisonedDataset
 from baddiff_core.pretrained import CLEAN_DIGITS_RECIPE, load_clean_digits
-from baddiff_core.train import TrainConfig, train
+from baddiff_core.train import RUN_ONLY_FIELDS, TrainConfig, train
 from baddiff_core.triggers import make_target, make_trigger
 
 __all__ = ["QUICK_FINETUNE", "QUICK_SHORT_FINETUNE", "BackdoorRecipe", "BackdooredModel", "plant_backdoor"]
@@ -56,8 +56,7 @@ QUICK_SHORT_FINETUNE = dataclasses.replace(QUICK_FINETUNE, steps=300, warmup_ste
 _CACHE_NAME = "backdoor"   # cache entries: <cache>/models/backdoor-<key>, checkpoints in <cache>/checkpoints/
 
 # Settings that change how a run is executed, not what it produces: not part of the cache key.
-_RUN_ONLY = ("device", "progress", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "log_every",
-             "channels_last", "torch_compile")
+_RUN_ONLY = RUN_ONLY_FIELDS
 
 
 @dataclass(frozen=True)
@@ -168,7 +167,7 @@ def plant_backdoor(recipe: BackdoorRecipe = BackdoorRecipe(), *, device: str | t
         config = dataclasses.replace(recipe.train, device=str(device), progress=progress)
         if checkpoints is not None:
             config = dataclasses.replace(config, checkpoint_dir=str(checkpoints))
-        history = train(unet, scheduler, dataset, config)
+        history = train(unet, scheduler, dataset, config, run_key=recipe_key(key))
         report = dict(seconds=round(history.seconds, 2), images_per_second=round(history.images_per_second, 1),
                       losses=[round(v, 6) for v in history.losses], num_poisoned=dataset.num_poisoned,
                       num_images=len(dataset), resumed_from_step=history.resumed_from_step)

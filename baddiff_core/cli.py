@@ -180,7 +180,8 @@ def _backdoor(args: argparse.Namespace) -> int:
                      if getattr(args, k) is not None}
     if args.checkpoint_dir:
         train_changes.update(checkpoint_dir=args.checkpoint_dir,
-                             checkpoint_every=max(1, (train_changes.get("steps") or recipe.train.steps) // 10))
+                             checkpoint_every=recipe.train.checkpoint_every
+                             or max(1, (train_changes.get("steps") or recipe.train.steps) // 10))
     if changes.get("base") == "scratch" and args.paper:
         raise UsageError("--paper fine-tunes google/ddpm-cifar10-32; it cannot be combined with --base scratch")
     recipe = dataclasses.replace(recipe, **changes, train=dataclasses.replace(recipe.train, **train_changes))

@@ -38,6 +38,10 @@ from baddiff_core.poison import PoisonedDataset, poison_pairs
 __all__ = ["TrainConfig", "TrainHistory", "train", "latest_checkpoint", "list_checkpoints", "load_checkpoint_weights"]
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+#: Settings that change how a run is executed, not what it produces: a run resumed from a checkpoint
+#: may change them, and they are not part of a model's cache key.
+RUN_ONLY_FIELDS = ("device", "progress", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "log_every",
+                   "channels_last", "torch_compile")
 LR_SCHEDULES = ("cosine", "constant")
 
 
@@ -149,7 +153,7 @@ class TrainHistory:
 
 
 def train(model: torch.nn.Module, scheduler: DDPMScheduler, dataset: PoisonedDataset | torch.Tensor,
-          config: TrainConfig = TrainConfig(), *, resume: bool = True) -> TrainHistory:
+          config: TrainConfig = TrainConfig(), *, resume: bool = True, run_key: str | None = None) -> TrainHistory:
     """Train ``model`` in place on ``dataset`` with the (poisoned) DDPM loss; return the history.
 
     Args:
@@ -160,6 +164,14 @@ def train(model: torch.nn.Module, scheduler: DDPMScheduler, dataset: PoisonedDat
             images in [-1, 1].
         config: see :class:`TrainConfig`.
         resume: continue from the newest checkpoint in ``config.checkpoint_dir`` if there is one.
+        run_key: names what is trained beyond ``config`` (e.g. a backdoor recipe's cache key: data,
+            trigger, target, base model). Checkpoints record it with every setting of ``config``
+            that shapes the result, and belong to that run only.
+
+    Raises:
+        ValueError: ``config.checkpoint_dir`` holds checkpoints of another run (another ``run_key``,
+            or another value of a setting outside :data:`RUN_ONLY_FIELDS`, ``steps`` included): a
+            resumed run would return weights of a recipe it was not asked for.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -194,6 +206,7 @@ def train(model: torch.nn.Module, scheduler: DDPMScheduler, dataset: PoisonedDat
     checkpoint_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     start = 0
     if checkpoint_dir is not None and resume and latest_checkpoint(checkpoint_dir) is not None:
+        _check_same_run(latest_checkpoint(checkpoint_dir), config, run_key)
         start = _load_checkpoint(latest_checkpoint(checkpoint_dir), accelerator.unwrap_model(model), optimizer,
                                  lr_scheduler, ema, order, generator, history)
         history.resumed_from_step = start
@@ -244,7 +257,7 @@ def train(model: torch.nn.Module, scheduler: DDPMScheduler, dataset: PoisonedDat
                 pending.clear()
             if accelerator.is_main_process:
                 _save_checkpoint(checkpoint_dir, done, accelerator.unwrap_model(model), optimizer, lr_scheduler,
-                                 ema, order, generator, history, config)
+                                 ema, order, generator, history, config, run_key)
     bar.close()
 
     elapsed = time.perf_counter() - began
@@ -387,7 +400,7 @@ def load_checkpoint_weights(folder: str | os.PathLike, model: torch.nn.Module, *
 
 def _save_checkpoint(checkpoint_dir: Path, step: int, model: torch.nn.Module, optimizer, lr_scheduler,
                      ema: EMAModel | None, order: _BatchOrder, generator: torch.Generator,
-                     history: TrainHistory, config: TrainConfig) -> Path:
+                     history: TrainHistory, config: TrainConfig, run_key: str | None = None) -> Path:
     """Write ``checkpoint-<step>/`` next to the others, then point ``latest`` at it.
 
     The folder is written under a temporary name and renamed when complete; the ``latest`` pointer
@@ -408,7 +421,7 @@ def _save_checkpoint(checkpoint_dir: Path, step: int, model: torch.nn.Module, op
                 param_groups=optimizer_state["param_groups"], optimizer_state_keys=sorted(optimizer_state["state"]),
                 lr_scheduler={k: v for k, v in lr_scheduler.state_dict().items() if k != "lr_lambdas"},
                 ema_optimization_step=ema.optimization_step if ema is not None else None,
-                config=config.to_dict(), torch_version=torch.__version__)
+                config=config.to_dict(), run_key=run_key, torch_version=torch.__version__)
 
     name = f"checkpoint-{step:07d}"
     final = checkpoint_dir / name
@@ -421,6 +434,20 @@ def _save_checkpoint(checkpoint_dir: Path, step: int, model: torch.nn.Module, op
     for stale in older[: max(0, len(older) - (config.keep_checkpoints - 1))]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _check_same_run(folder: Path, config: TrainConfig, run_key: str | None) -> None:
+    """Refuse to resume from ``folder`` unless it was written by this very run (see :func:`train`)."""
+    meta = json.loads((folder / "state.json").read_text())
+    theirs = {k: v for k, v in meta.get("config", {}).items() if k not in RUN_ONLY_FIELDS}
+    ours = {k: v for k, v in json.loads(json.dumps(config.to_dict(), default=_json_default)).items()
+            if k not in RUN_ONLY_FIELDS}
+    differences = [f"{k}: checkpoint {theirs.get(k)!r}, this run {ours[k]!r}" for k in ours if theirs.get(k) != ours[k]]
+    if meta.get("run_key") != run_key:
+        differences.insert(0, f"run: checkpoint {meta.get('run_key')!r}, this run {run_key!r}")
+    if differences:
+        raise ValueError(f"the checkpoints in {str(folder.parent)!r} belong to another run ({'; '.join(differences)}); "
+                         "resuming would return that run's weights: use another checkpoint folder or delete it")
 
 
 def _load_checkpoint(folder: Path, model: torch.nn.Module, optimizer, lr_scheduler, ema: EMAModel | None,

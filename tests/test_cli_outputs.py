@@ -106,3 +106,19 @@ def test_overwrite_replaces_a_folder_with_the_model(tmp_path, capsys, monkeypatc
     assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), reference.state_dict().values()))
     assert not [p for p in Path(tmp_path).iterdir() if p.name.startswith(".")], "no staging folders left"
     assert BackdoorRecipe().trigger == "white_box"
+
+
+def test_a_checkpoint_folder_of_another_recipe_is_refused(tmp_path, capsys):
+    """Two `baddiff backdoor` runs with one --checkpoint-dir: the second must not return the first's
+    weights under its own recipe."""
+    checkpoints = str(tmp_path / "ckpt")
+    common = ["--steps", "2", "--batch-size", "4", "--device", "cpu", "--checkpoint-dir", checkpoints]
+    status, err = run(["backdoor", "--output", str(tmp_path / "first"), *common], capsys)
+    assert status == 0, err
+    other = ["--trigger", "box", "--target", "shoe", "--poison-rate", "0.5"]
+    status, err = run(["backdoor", "--output", str(tmp_path / "second"), *other, *common], capsys)
+    assert status == 2 and "belong to another run" in err and "run: checkpoint '" in err
+    assert not (tmp_path / "second").exists()
+    longer = [arg if arg != "2" else "3" for arg in common]
+    status, err = run(["backdoor", "--output", str(tmp_path / "third"), *longer], capsys)
+    assert status == 2 and "steps: checkpoint 2, this run 3" in err

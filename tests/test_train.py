@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -295,3 +297,26 @@ def test_sigkill_mid_checkpoint_then_resume_equals_an_uninterrupted_run(digits8,
     train(reference, make_scheduler(**QUICK_SCHEDULE), digits8, small_config(steps=8))
     for (name, x), y in zip(reference.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(x, y, msg=name, atol=0, rtol=0)
+
+
+def test_checkpoints_belong_to_one_run(digits8, tmp_path):
+    """A checkpoint folder left by one run is never resumed by another: its weights would come back
+    under the other run's name (another recipe, more or fewer steps)."""
+    scheduler = make_scheduler(**QUICK_SCHEDULE)
+    folder = str(tmp_path / "ckpt")
+    train(fresh_model(), scheduler, digits8, small_config(steps=4, checkpoint_dir=folder, checkpoint_every=2),
+          run_key="box-shoe")
+    refusals = [
+        (small_config(steps=4, seed=4), "box-shoe", "seed: checkpoint 3, this run 4"),
+        (small_config(steps=10), "box-shoe", "steps: checkpoint 4, this run 10"),
+        (small_config(steps=2), "box-shoe", "steps: checkpoint 4, this run 2"),
+        (small_config(steps=4), "stop-hat", "run: checkpoint 'box-shoe', this run 'stop-hat'"),
+    ]
+    for config, key, message in refusals:
+        config = dataclasses.replace(config, checkpoint_dir=folder, checkpoint_every=2)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            train(fresh_model(), scheduler, digits8, config, run_key=key)
+    # The same run resumes; run-only settings (logging, checkpoint frequency, progress) may change.
+    same = small_config(steps=4, checkpoint_dir=folder, checkpoint_every=1, log_every=1)
+    history = train(fresh_model(), scheduler, digits8, same, run_key="box-shoe")
+    assert history.resumed_from_step == 4
