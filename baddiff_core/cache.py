@@ -11,6 +11,13 @@ A chapter asks for a model by recipe and gets it from the cache, or it is traine
 (atomically) first. Change anything in the recipe and a different model is trained. Each training
 appends a line to ``<cache>/trainings.jsonl`` (:func:`trainings`), so "no model is trained twice"
 is something one can check after a book build, not only hope.
+
+The cache trusts nothing it finds. Every entry records the SHA-256 of its files in its
+``baddiff.json`` and is checked on every load, as are its weights (all finite); an entry that fails
+(truncated, edited, swapped for another valid file, NaN weights) is reported in one line, moved
+aside to ``<cache>/corrupt/`` and computed again. Two processes asking for the same missing entry
+do not both compute it: the second waits on a file lock (``<cache>/locks/``), says so, and then
+loads what the first saved.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,10 +35,12 @@ from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from filelock import FileLock, Timeout
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from baddiff_core.files import atomic_folder
-from baddiff_core.models import load_model, save_model
+from baddiff_core.files import atomic_folder, folder_digests
+from baddiff_core.models import METADATA_FILE, load_model, save_model
 
 __all__ = ["CACHE_ENV", "CACHE_FORMAT", "cache_root", "recipe_key", "tensor_digest", "cached_model",
            "cached_tensors", "checkpoint_folder", "trainings"]
@@ -101,19 +112,32 @@ def cached_model(name: str, recipe: Mapping[str, Any], build: Builder, *, device
         came ``from_cache``.
     """
     folder = _entry_folder("models", name, recipe)
-    if use_cache and (folder / "baddiff.json").is_file():
-        unet, scheduler = load_model(folder, device=device)
-        metadata = json.loads((folder / "baddiff.json").read_text())
+
+    def load() -> tuple[UNet2DModel, DDPMScheduler, dict[str, Any]] | None:
+        metadata = _verified_metadata(folder)
+        if metadata is None:
+            return None
+        try:
+            unet, scheduler = load_model(folder, device=device)
+        except (OSError, ValueError, SafetensorError) as error:
+            return _quarantine(folder, f"it cannot be loaded ({str(error).splitlines()[0]})")
+        if not all(torch.isfinite(p).all() for p in unet.parameters()):
+            return _quarantine(folder, "its weights are not all finite")
         return unet, scheduler, dict(metadata, path=str(folder), from_cache=True)
 
+    if use_cache and (found := load()) is not None:
+        return found
     if use_cache:
         _check_writable(folder.parent)
-    began = time.perf_counter()
-    unet, scheduler, report = build()
-    metadata = dict(name=name, recipe=dict(recipe), report=report, format=CACHE_FORMAT)
-    if use_cache:
-        save_model(folder, unet.to("cpu"), scheduler, metadata=metadata)
-        _log_training(folder, time.perf_counter() - began)
+    with _computing(folder, use_cache):
+        if use_cache and (found := load()) is not None:   # another process computed it meanwhile
+            return found
+        began = time.perf_counter()
+        unet, scheduler, report = build()
+        metadata = dict(name=name, recipe=dict(recipe), report=report, format=CACHE_FORMAT)
+        if use_cache:
+            save_model(folder, unet.to("cpu"), scheduler, metadata=metadata, record_digests=True)
+            _log_training(folder, time.perf_counter() - began)
     return unet.to(device).eval(), scheduler, dict(metadata, path=str(folder) if use_cache else None,
                                                    from_cache=False)
 
@@ -130,21 +154,96 @@ def cached_tensors(name: str, recipe: Mapping[str, Any], build: TensorBuilder, *
     renamed when complete. Returns ``(tensors on the CPU, info)``, ``info`` as :func:`cached_model`'s.
     """
     folder = _entry_folder("tensors", name, recipe)
-    if use_cache and (folder / "baddiff.json").is_file():
-        metadata = json.loads((folder / "baddiff.json").read_text())
-        return load_file(str(folder / "tensors.safetensors")), dict(metadata, path=str(folder), from_cache=True)
+
+    def load() -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        metadata = _verified_metadata(folder)
+        if metadata is None:
+            return None
+        try:
+            tensors = load_file(str(folder / "tensors.safetensors"))
+        except (OSError, SafetensorError) as error:
+            return _quarantine(folder, f"it cannot be loaded ({str(error).splitlines()[0]})")
+        if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
+            return _quarantine(folder, "its tensors are not all finite")
+        return tensors, dict(metadata, path=str(folder), from_cache=True)
+
+    if use_cache and (found := load()) is not None:
+        return found
     if use_cache:
         _check_writable(folder.parent)
-    began = time.perf_counter()
-    tensors, report = build()
-    tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
-    metadata = dict(name=name, recipe=dict(recipe), report=report, format=CACHE_FORMAT)
-    if use_cache:
-        with atomic_folder(folder) as staging:
-            save_file(tensors, str(staging / "tensors.safetensors"))
-            (staging / "baddiff.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-        _log_training(folder, time.perf_counter() - began)
+    with _computing(folder, use_cache):
+        if use_cache and (found := load()) is not None:
+            return found
+        began = time.perf_counter()
+        tensors, report = build()
+        tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+        metadata = dict(name=name, recipe=dict(recipe), report=report, format=CACHE_FORMAT)
+        if use_cache:
+            with atomic_folder(folder) as staging:
+                save_file(tensors, str(staging / "tensors.safetensors"))
+                metadata["sha256"] = folder_digests(staging)
+                (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+            _log_training(folder, time.perf_counter() - began)
     return tensors, dict(metadata, path=str(folder) if use_cache else None, from_cache=False)
+
+
+def _verified_metadata(folder: Path) -> dict[str, Any] | None:
+    """The entry's metadata if ``folder`` holds a complete entry whose files are as written; None
+    if there is no entry (or it was found corrupt and moved aside)."""
+    if not (folder / METADATA_FILE).is_file():
+        return None
+    try:
+        metadata = json.loads((folder / METADATA_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return _quarantine(folder, f"its {METADATA_FILE} is unreadable ({error})")
+    expected = metadata.get("sha256") if isinstance(metadata, dict) else None
+    if expected is not None:   # entries written before digests were recorded are checked on loading only
+        actual = folder_digests(folder, exclude=(METADATA_FILE,))
+        changed = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
+        if changed:
+            return _quarantine(folder, f"its files changed since they were written: {', '.join(changed)}")
+    return metadata
+
+
+def _quarantine(folder: Path, problem: str) -> None:
+    """Move a corrupt entry out of the way (``<cache>/corrupt/``) and say so; returns None."""
+    aside = cache_root() / "corrupt" / f"{folder.name}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(folder, aside)
+        where = f"moved to {aside}"
+    except OSError:
+        shutil.rmtree(folder, ignore_errors=True)
+        where = "deleted"
+    print(f"baddiff cache: the entry {folder.name} is corrupt ({problem}); {where}, and it is computed again",
+          file=sys.stderr)
+    return None
+
+
+class _computing:
+    """Hold ``<cache>/locks/<entry>.lock`` while an entry is computed, so that a second process
+    asking for it waits (and says so) instead of computing it too. A no-op without the cache."""
+
+    def __init__(self, folder: Path, use_cache: bool) -> None:
+        self.folder = folder
+        self.lock = None
+        if use_cache:
+            (cache_root() / "locks").mkdir(parents=True, exist_ok=True)
+            self.lock = FileLock(str(cache_root() / "locks" / f"{folder.name}.lock"))
+
+    def __enter__(self) -> "_computing":
+        if self.lock is not None:
+            try:
+                self.lock.acquire(timeout=0)
+            except Timeout:
+                print(f"baddiff cache: another process is computing {self.folder.name}; waiting for it",
+                      file=sys.stderr)
+                self.lock.acquire()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
 _TRAININGS = "trainings.jsonl"

@@ -9,6 +9,7 @@ final one and renamed into place (a rename within one file system is atomic).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_file", "atomic_folder", "write_text_atomically", "check_output_folder"]
+__all__ = ["atomic_file", "atomic_folder", "write_text_atomically", "check_output_folder", "folder_digests"]
 
 
 @contextmanager
@@ -113,6 +114,23 @@ def check_output_folder(path: str | os.PathLike, *, marker: str, overwrite: bool
         raise PermissionError(f"output {str(path)!r} cannot be written: {str(existing)!r} is not writable "
                               f"({error.strerror})") from None
     return target
+
+
+def folder_digests(folder: str | os.PathLike, *, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """The SHA-256 (hex) of every file below ``folder``, by path relative to it ("unet/config.json"),
+    except the top-level names in ``exclude``. Two folders with equal digests hold the same bytes."""
+    folder = Path(folder)
+    digests = {}
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = file.relative_to(folder).as_posix()
+        if name in exclude:
+            continue
+        digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digests[name] = digest.hexdigest()
+    return digests
 
 
 def _umask() -> int:

@@ -25,10 +25,13 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from safetensors import SafetensorError
 
-from baddiff_core.files import atomic_folder
+from baddiff_core.files import atomic_folder, folder_digests
 
 __all__ = ["UNET_PRESETS", "make_unet", "ddpm_cifar10_unet", "count_parameters", "save_model",
            "load_model", "PICKLE_SUFFIXES", "PRETRAINED_CIFAR10"]
+
+#: How a model was made, for people and the model cache (written by :func:`save_model`).
+METADATA_FILE = "baddiff.json"
 
 #: The paper's clean pre-trained CIFAR-10 model on the Hugging Face hub (full mode; downloads).
 PRETRAINED_CIFAR10 = "google/ddpm-cifar10-32"
@@ -84,16 +87,20 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def save_model(path: str | os.PathLike, unet: UNet2DModel, scheduler: DDPMScheduler, *,
-               metadata: dict[str, Any] | None = None) -> Path:
+               metadata: dict[str, Any] | None = None, record_digests: bool = False) -> Path:
     """Save ``unet`` and ``scheduler`` to the folder ``path`` in the diffusers layout, atomically.
 
     Everything is first written to a temporary sibling folder, which then replaces ``path`` by a
     rename (:func:`~baddiff_core.files.atomic_folder`): an interrupted save leaves either the old
     model or the new one, never half of one.
-    ``metadata`` (JSON-serialisable) is stored in ``baddiff.json``.
+    ``metadata`` (JSON-serialisable) is stored in ``baddiff.json``; with ``record_digests`` it also
+    holds, under ``"sha256"``, the digest of every other file (:func:`~baddiff_core.files.folder_digests`),
+    so that a later reader can tell the folder is exactly as written (the model cache does).
     """
     with atomic_folder(path) as staging:
         DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(staging, safe_serialization=True)
+        if record_digests:
+            metadata = dict(metadata or {}, sha256=folder_digests(staging, exclude=(METADATA_FILE,)))
         if metadata is not None:
             (staging / "baddiff.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     return Path(path)

@@ -109,3 +109,116 @@ def test_unwritable_cache_fails_before_training(tmp_path, monkeypatch):
 def test_bad_name(cache):
     with pytest.raises(ValueError, match="name='a b'"):
         cached_model("a b", {}, builder([]))
+
+
+# --------------------------------------------------------------------------- #
+# The cache verifies what it loads, and computes an entry once across processes.
+# --------------------------------------------------------------------------- #
+
+def _weights(info) -> pathlib.Path:
+    return pathlib.Path(info["path"]) / "unet" / "diffusion_pytorch_model.safetensors"
+
+
+def test_a_tampered_entry_is_moved_aside_and_computed_again(cache, capsys):
+    from safetensors.torch import load_file, save_file
+
+    calls: list = []
+    _, _, info = cached_model("test", {"a": 1}, builder(calls))
+    # Swap the weights for another valid file of the same layout (other values): it still loads.
+    state = load_file(str(_weights(info)))
+    save_file({k: v + 1 for k, v in state.items()}, str(_weights(info)))
+    unet, _, again = cached_model("test", {"a": 1}, builder(calls))
+    assert len(calls) == 2 and not again["from_cache"], "the tampered entry was not trusted"
+    err = capsys.readouterr().err
+    assert "is corrupt (its files changed since they were written: unet/diffusion_pytorch_model.safetensors)" in err
+    assert len(os.listdir(cache / "corrupt")) == 1, "the tampered files are kept aside for a look"
+    # The recomputed entry is what the second build made, and loads from the cache again.
+    reference = builder([1])()[0]   # the builder's second call
+    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), reference.state_dict().values()))
+    assert cached_model("test", {"a": 1}, builder(calls))[2]["from_cache"] and len(calls) == 2
+
+
+@pytest.mark.parametrize("damage", ["truncate", "nan", "metadata"])
+def test_a_damaged_entry_is_rebuilt_not_raised(cache, capsys, damage):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    calls: list = []
+    _, _, info = cached_model("test", {"a": 1}, builder(calls))
+    folder = pathlib.Path(info["path"])
+    if damage == "truncate":
+        data = _weights(info).read_bytes()
+        _weights(info).write_bytes(data[: len(data) // 2])
+    elif damage == "nan":   # NaN weights, with the digests made to match: only the finiteness check sees it
+        state = load_file(str(_weights(info)))
+        save_file({k: torch.full_like(v, float("nan")) for k, v in state.items()}, str(_weights(info)))
+        metadata = json.loads((folder / "baddiff.json").read_text())
+        from baddiff_core.files import folder_digests
+        metadata["sha256"] = folder_digests(folder, exclude=("baddiff.json",))
+        (folder / "baddiff.json").write_text(json.dumps(metadata))
+    else:
+        (folder / "baddiff.json").write_text("{not json")
+    unet, _, again = cached_model("test", {"a": 1}, builder(calls))
+    assert len(calls) == 2 and not again["from_cache"]
+    assert all(torch.isfinite(p).all() for p in unet.parameters())
+    assert "is corrupt" in capsys.readouterr().err
+    assert cached_model("test", {"a": 1}, builder(calls))[2]["from_cache"], "the rebuilt entry is trusted"
+
+
+def test_damaged_tensors_are_rebuilt(cache, capsys):
+    calls: list = []
+
+    def build():
+        calls.append(1)
+        return {"mask": torch.ones(3)}, {}
+
+    _, info = cached_tensors("masks", {"m": 1}, build)
+    path = pathlib.Path(info["path"]) / "tensors.safetensors"
+    path.write_bytes(path.read_bytes()[:-4])
+    tensors, again = cached_tensors("masks", {"m": 1}, build)
+    assert len(calls) == 2 and torch.equal(tensors["mask"], torch.ones(3)) and not again["from_cache"]
+    assert "is corrupt" in capsys.readouterr().err
+
+
+_RACE = """
+import os, pathlib, sys, time, torch
+from baddiff_core.cache import cached_model
+from baddiff_core.diffusion import QUICK_SCHEDULE, make_scheduler
+from baddiff_core.models import make_unet
+
+ready = pathlib.Path(os.environ["BADDIFF_CACHE"]) / "second-is-asking"
+
+def build():
+    print("BUILT", flush=True)
+    while not ready.exists():   # the first computes until the second has asked for the same entry
+        time.sleep(0.05)
+    time.sleep(1.0)
+    torch.manual_seed(0)
+    return make_unet(8, 1), make_scheduler(**QUICK_SCHEDULE), {}
+
+if sys.argv[1] == "second":
+    ready.touch()
+cached_model("race", {"r": 1}, build)
+print("DONE", flush=True)
+"""
+
+
+def test_two_processes_compute_one_entry_once(cache):
+    """Two processes ask for the same missing entry at once: one computes it, the other waits for
+    the lock, says so, and loads the result."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BADDIFF_CACHE": str(cache)}
+    first = subprocess.Popen([sys.executable, "-c", _RACE, "first"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    while first.stdout.readline().strip() != "BUILT":   # the first holds the lock and computes
+        assert first.poll() is None, first.stderr.read()
+    second = subprocess.run([sys.executable, "-c", _RACE, "second"], env=env, capture_output=True, text=True,
+                            timeout=120)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0 and second.returncode == 0, (err, second.stderr)
+    assert "BUILT" not in out + second.stdout, "the entry was computed once, by the first process"
+    assert "another process is computing" in second.stderr
+    assert [len(runs) for runs in trainings(cache).values()] == [1]
