@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from baddiff_core.files import check_output_folder
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="baddiff", description="Backdooring diffusion models: train a clean "
                                      "model, plant a backdoor, sample, evaluate.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     clean = commands.add_parser("train-clean", help="train the clean digits model the package ships",
@@ -137,15 +139,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Failures a user can cause and mend (a bad value, a missing or corrupt file, a missing package):
+#: one line, exit status 2. ``OSError`` covers missing files, permissions and unreachable hubs;
+#: ``ValueError`` covers corrupt JSON and undecodable text too.
+EXPECTED_ERRORS = (UsageError, ValueError, TypeError, OSError, MissingDependencyError, SafetensorError, MemoryError)
+#: Longest message printed: a value echoed back (a 60 MB config) is cut.
+MESSAGE_LIMIT = 500
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``baddiff`` command. Exit status: 0 success (``scan``: clean), 1 ``scan``'s
+    backdoored verdict or an internal error, 2 bad input or an expected failure (one line on
+    stderr), 130 interrupted (Ctrl-C). ``baddiff --debug COMMAND`` shows the traceback instead."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    command = f"baddiff {args.command}"
     try:
         return {"train-clean": _train_clean, "backdoor": _backdoor, "sample": _sample,
                 "evaluate": _evaluate, "scan": _scan}[args.command](args)
-    except (UsageError, ValueError, TypeError, FileNotFoundError, PermissionError, MissingDependencyError) as error:
-        print(f"baddiff {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"{command}: interrupted; nothing was written (a training keeps its last checkpoint)", file=sys.stderr)
+        return 130
+    except Exception as error:   # noqa: BLE001 - every failure becomes one line, unless --debug
+        if args.debug:
+            raise
+        if isinstance(error, EXPECTED_ERRORS) or _out_of_memory(error):
+            print(f"{command}: error: {_one_line(error)}", file=sys.stderr)
+            return 2
+        print(f"{command}: internal error: {type(error).__name__}: {_one_line(error)} (run `baddiff --debug "
+              f"{args.command} ...` for the traceback, and please report it)", file=sys.stderr)
+        return 1
+
+
+def _out_of_memory(error: Exception) -> bool:
+    """torch's allocation failures: ``torch.OutOfMemoryError`` on a GPU, a RuntimeError on a CPU."""
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "not enough memory" in text
+                                                or "failed to allocate" in text)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    if _out_of_memory(error) or isinstance(error, MemoryError):
+        text = f"not enough memory ({text[:200]}); ask for fewer images or pass a smaller --batch-size"
+    return text if len(text) <= MESSAGE_LIMIT else text[:MESSAGE_LIMIT] + " [...]"
 
 
 def _positive(name: str, value: int | None) -> None:

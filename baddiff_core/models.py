@@ -125,7 +125,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", a
     if local.exists():
         unet = _load_local_unet(local, path, allow_pickle)
         scheduler = DDPMScheduler.from_pretrained(str(local), subfolder="scheduler")
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
+    elif re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path)):   # "owner/name"; "./x" is a local path
         unet, scheduler = _load_from_hub(str(path))  # a hub id such as "google/ddpm-cifar10-32": downloads
     else:
         raise FileNotFoundError(f"model folder {str(path)!r} does not exist (nor is it a hub id 'owner/name')")
