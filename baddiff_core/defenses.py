@@ -42,7 +42,7 @@ from baddiff_core.cache import cached_model, cached_tensors, tensor_digest
 from baddiff_core.checks import check_image_batch, check_positive_int
 from baddiff_core.diffusion import SOLVERS, diffusion_loss, r_coefficients
 from baddiff_core.metrics import to_unit_range
-from baddiff_core.sampling import DEFAULT_BATCH_SIZE, sample
+from baddiff_core.sampling import DEFAULT_BATCH_SIZE, inference_scheduler, inference_steps, sample
 
 __all__ = [
     "InvertedTrigger",
@@ -269,6 +269,8 @@ def scan_model(unet: UNet2DModel, scheduler: DDPMScheduler, *, n: int = 16, thre
     if not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
         raise ValueError(f"threshold must be in (0, 1), got threshold={threshold!r}")
     sampler = sampler or ("ddpm" if solver == "sde" else "ddim")
+    inference_scheduler(scheduler, sampler=sampler, clip=clip)          # unknown names fail now,
+    inference_steps(scheduler, sampler, num_inference_steps)            # not after the inversion
     settings = dict(n=n, num_noise=num_noise, steps=steps, lr=lr, solver=solver,
                     num_inference_steps=num_inference_steps, sampler=sampler, clip=clip, seed=seed)
     per_pass = min(n, batch_size or DEFAULT_BATCH_SIZE)

@@ -125,11 +125,25 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", a
     if local.exists():
         unet = _load_local_unet(local, path, allow_pickle)
         scheduler = DDPMScheduler.from_pretrained(str(local), subfolder="scheduler")
+        _check_finite(unet, scheduler, str(path))
     elif re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path)):   # "owner/name"; "./x" is a local path
         unet, scheduler = _load_from_hub(str(path))  # a hub id such as "google/ddpm-cifar10-32": downloads
     else:
         raise FileNotFoundError(f"model folder {str(path)!r} does not exist (nor is it a hub id 'owner/name')")
     return unet.to(device).eval(), scheduler
+
+
+def _check_finite(unet: UNet2DModel, scheduler: DDPMScheduler, name: str) -> None:
+    """A model with NaN or infinite weights, or a schedule whose betas are not in (0, 1), samples
+    garbage (an all-white image) without any error: refuse it when it is loaded."""
+    bad = [key for key, value in unet.state_dict().items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise ValueError(f"the weights of {name!r} hold NaN or infinite values ({len(bad)} tensors, e.g. {bad[0]}); "
+                         "the model is damaged")
+    betas = scheduler.betas
+    if not torch.isfinite(betas).all() or betas.min() <= 0 or betas.max() >= 1:
+        raise ValueError(f"the noise schedule of {name!r} is invalid: its betas must be in (0, 1), got "
+                         f"{betas.min().item()} to {betas.max().item()} (scheduler_config.json: beta_start, beta_end)")
 
 
 def _load_local_unet(local: Path, path: str | os.PathLike, allow_pickle: bool) -> UNet2DModel:

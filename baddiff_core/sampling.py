@@ -69,6 +69,23 @@ def inference_scheduler(scheduler: DDPMScheduler, *, sampler: Sampler = "ddpm", 
     return cls(**config)
 
 
+def inference_steps(scheduler: DDPMScheduler, sampler: Sampler, num_inference_steps: int | None) -> int:
+    """The number of sampling steps: ``num_inference_steps``, checked against the training ``T``, or
+    the default (``T`` for DDPM, ``min(50, T)`` for DDIM). Call it before expensive work.
+
+    Raises:
+        ValueError: not an integer in [1, T].
+    """
+    train_steps = scheduler.config.num_train_timesteps
+    if num_inference_steps is None:
+        return train_steps if sampler == "ddpm" else min(50, train_steps)
+    if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) \
+            or not 1 <= num_inference_steps <= train_steps:
+        raise ValueError(f"num_inference_steps must be an integer in [1, {train_steps}] (the training steps), "
+                         f"got num_inference_steps={num_inference_steps!r}")
+    return num_inference_steps
+
+
 @torch.no_grad()
 def sample(model: UNet2DModel, scheduler: DDPMScheduler, n: int, *, trigger: torch.Tensor | None = None,
            clip: ClipMode = "none", sampler: Sampler = "ddpm", num_inference_steps: int | None = None,
@@ -103,12 +120,7 @@ def sample(model: UNet2DModel, scheduler: DDPMScheduler, n: int, *, trigger: tor
     check_positive_int("n", n, meaning="the number of images")
     check_positive_int("batch_size", batch_size, allow_none=True)
     sampler_scheduler = inference_scheduler(scheduler, sampler=sampler, clip=clip)
-    train_steps = scheduler.config.num_train_timesteps
-    if num_inference_steps is None:
-        num_inference_steps = train_steps if sampler == "ddpm" else min(50, train_steps)
-    if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= train_steps:
-        raise ValueError(f"num_inference_steps must be an integer in [1, {train_steps}] (the training steps), "
-                         f"got num_inference_steps={num_inference_steps!r}")
+    num_inference_steps = inference_steps(scheduler, sampler, num_inference_steps)
 
     parameter = next(model.parameters())
     device, dtype = parameter.device, parameter.dtype
@@ -163,12 +175,16 @@ def _starting_noise(shape: tuple[int, ...], noise: torch.Tensor | None, generato
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
     if tuple(noise.shape) != shape:
         raise ValueError(f"noise must have shape {shape} (n,C,H,W of the model), got {tuple(noise.shape)}")
+    if not torch.isfinite(noise).all():
+        raise ValueError("noise holds NaN or infinite values; the starting noise must be finite")
     return noise.to(device, dtype)
 
 
 def _broadcast_trigger(trigger: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     if not isinstance(trigger, torch.Tensor):
         raise TypeError(f"trigger must be a tensor of shape C,H,W or n,C,H,W, got {type(trigger).__name__}")
+    if not torch.isfinite(trigger).all():
+        raise ValueError("trigger holds NaN or infinite values; a trigger is an image in [-1, 1]")
     if tuple(trigger.shape) == shape[1:]:
         return trigger.expand(shape)
     if tuple(trigger.shape) == shape:

@@ -656,5 +656,8 @@ def stamp(images: torch.Tensor, trigger: torch.Tensor) -> torch.Tensor:
             "images (C,H,W or B,C,H,W) and trigger (C,H,W) must have the same C,H,W, "
             f"got images.shape={tuple(images.shape)} and trigger.shape={tuple(trigger.shape)}"
         )
+    if not torch.isfinite(trigger).all() or trigger.min() < -1 or trigger.max() > 1:
+        raise ValueError("trigger must be an image in [-1, 1] (-1: transparent) without NaN or infinite values, "
+                         f"got values from {trigger.min().item()} to {trigger.max().item()}")
     trigger = trigger.to(device=images.device, dtype=images.dtype)
     return torch.where(transparency_mask(trigger), images, trigger)

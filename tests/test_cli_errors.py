@@ -57,3 +57,68 @@ def test_failures_inside_a_command(model_folder, tmp_path, capsys, monkeypatch, 
     assert not (tmp_path / "s.png").exists()
     with pytest.raises(type(failure)):   # --debug: the traceback, for a bug report
         cli.main(["--debug", "sample", str(model_folder), "--n", "2", "--output", str(tmp_path / "s.png")])
+
+
+# --------------------------------------------------------------------------- #
+# Non-finite values are errors where they enter, not an all-white picture.
+# --------------------------------------------------------------------------- #
+
+def test_nan_weights_are_refused_when_loaded(model_folder, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan-weights"
+    shutil.copytree(model_folder, broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    first = next(iter(state))
+    state[first] = state[first].clone().fill_(float("nan"))
+    save_file(state, str(weights))
+    status, err = run(["sample", str(broken), "--n", "2", "--output", str(tmp_path / "s.png")], capsys)
+    assert status == 2 and "NaN or infinite" in err and first in err
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_a_nan_schedule_is_refused(model_folder, tmp_path, capsys):
+    import json
+    import shutil
+
+    broken = tmp_path / "nan-schedule"
+    shutil.copytree(model_folder, broken)
+    config_file = broken / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config["beta_start"] = float("nan")
+    config_file.write_text(json.dumps(config))
+    status, err = run(["sample", str(broken), "--n", "2", "--output", str(tmp_path / "s.png")], capsys)
+    assert status == 2 and "noise schedule" in err and "beta_start" in err
+
+
+def test_nan_or_out_of_range_triggers_are_refused():
+    import torch
+
+    from baddiff_core.sampling import sample
+    from baddiff_core.triggers import make_trigger, stamp
+
+    unet, scheduler = load_clean_digits()
+    images = torch.zeros(2, 1, 16, 16)
+    nan_trigger = make_trigger("box", 16, 1)
+    nan_trigger[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        stamp(images, nan_trigger)
+    with pytest.raises(ValueError, match=r"in \[-1, 1\]"):
+        stamp(images, make_trigger("box", 16, 1) * 3)
+    with pytest.raises(ValueError, match="trigger holds NaN"):
+        sample(unet, scheduler, 2, trigger=nan_trigger, num_inference_steps=1, progress=False)
+    with pytest.raises(ValueError, match="noise holds NaN"):
+        sample(unet, scheduler, 1, noise=torch.full((1, 1, 16, 16), float("nan")), num_inference_steps=1,
+               progress=False)
+
+
+def test_scan_checks_its_sampling_steps_before_the_inversion(model_folder, tmp_path, capsys, monkeypatch):
+    def no_inversion(*args, **kwargs):
+        raise AssertionError("the inversion ran before --steps was checked")
+
+    monkeypatch.setattr("baddiff_core.defenses.invert_trigger", no_inversion)
+    status, err = run(["scan", str(model_folder), "--steps", "1000", "--output", str(tmp_path / "scan")], capsys)
+    assert status == 2 and "num_inference_steps must be an integer in [1, 100]" in err
