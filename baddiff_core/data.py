@@ -327,15 +327,67 @@ def _folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"folder {str(folder)!r} holds no image files (looked for {sorted(_IMAGE_SUFFIXES)})")
-    images = []
-    for file in files:
-        with Image.open(file) as image:
-            image = image.convert("RGB")
-            side = min(image.size)   # centre crop to a square, then one common size
-            left, top = (image.width - side) // 2, (image.height - side) // 2
-            image = image.crop((left, top, left + side, top + side)).resize((64, 64), Image.Resampling.LANCZOS)
-            images.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1))
+    images = [torch.from_numpy(read_image(file, size=_FOLDER_SIZE)).permute(2, 0, 1) for file in files]
     return torch.stack(images), torch.full((len(images),), -1, dtype=torch.long)
+
+
+_FOLDER_SIZE = 64   # images from a folder are centre-cropped to a square and resized to this side first
+#: Pillow modes holding more than 8 bits per pixel, and the value that means white in each.
+_DEEP_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535}
+
+
+def read_image(path: str | os.PathLike, *, size: int | None = None) -> np.ndarray:
+    """An image file as an ``H,W,3`` float32 array in [0, 1], at its real bit depth and orientation.
+
+    8-bit images (any Pillow mode: grey, palette, RGBA, ...) are converted to RGB; 16-bit images
+    ("I;16", and "I" as Pillow opens 16-bit PNGs) are divided by 65535 instead of being saturated at
+    255; floating-point images (mode "F", e.g. 32-bit TIFFs) are taken as they are and must lie in
+    [0, 1]. The EXIF orientation is applied (a phone's portrait photo stays upright). An animated
+    image gives its first frame, with a warning. With ``size``, the image is centre-cropped to a
+    square and resized (Lanczos) to ``size`` x ``size``.
+
+    Raises:
+        ValueError: the file cannot be read (truncated, not an image), or a float image has values
+            outside [0, 1] or not finite; the message names the file.
+    """
+    import warnings
+
+    from PIL import ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            frames = getattr(image, "n_frames", 1)
+            if frames > 1:
+                warnings.warn(f"{path.name} is animated ({frames} frames); its first frame is used", stacklevel=2)
+                image.seek(0)
+            image = ImageOps.exif_transpose(image)
+            image.load()
+    except (OSError, UnidentifiedImageError, SyntaxError) as error:
+        raise ValueError(f"cannot read the image {str(path)!r}: {error}") from None
+    if image.mode in _DEEP_MODES or image.mode == "F":
+        values = np.asarray(image, dtype=np.float32)
+        if image.mode == "F":
+            if not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
+                raise ValueError(f"the floating-point image {str(path)!r} must hold values in [0, 1], got "
+                                 f"{np.nanmin(values)} to {np.nanmax(values)}")
+        else:
+            values = values / _DEEP_MODES[image.mode]
+        channels = [Image.fromarray(np.ascontiguousarray(values), mode="F")]
+    else:
+        rgb = image.convert("RGB")
+        channels = None
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    box = (left, top, left + side, top + side)
+    if channels is None:   # 8 bits: as before, one RGB image
+        if size is not None:
+            rgb = rgb.crop(box).resize((size, size), Image.Resampling.LANCZOS)
+        return np.asarray(rgb, dtype=np.float32) / 255.0
+    if size is not None:
+        channels = [c.crop(box).resize((size, size), Image.Resampling.LANCZOS) for c in channels]
+    grey = np.clip(np.asarray(channels[0], dtype=np.float32), 0.0, 1.0)   # Lanczos may overshoot a little
+    return np.repeat(grey[..., None], 3, axis=2)
 
 
 def _to_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor:

@@ -282,3 +282,55 @@ def test_write_cifar10_binary_rejects_bad_input(tmp_path, images, labels, messag
     with pytest.raises(ValueError, match=message):
         write_cifar10_binary(tmp_path / "cifar-10-batches-bin", images, labels)
     assert not (tmp_path / "cifar-10-batches-bin").exists()
+
+
+# --------------------------------------------------------------------------- #
+# Image files at their real bit depth and orientation.
+# --------------------------------------------------------------------------- #
+
+def test_read_image_keeps_16_bit_and_float_images(tmp_path):
+    from PIL import Image
+
+    from baddiff_core.data import read_image
+
+    ramp = np.linspace(0, 65535, 48 * 48).reshape(48, 48).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    deep = read_image(tmp_path / "deep.png")
+    assert deep.shape == (48, 48, 3) and deep.dtype == np.float32
+    np.testing.assert_allclose(deep[..., 0], ramp / 65535, atol=1e-6)   # not saturated at 255/65535
+    floats = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+    Image.fromarray(floats, mode="F").save(tmp_path / "float.tif")
+    np.testing.assert_allclose(read_image(tmp_path / "float.tif")[..., 2], floats, atol=1e-7)
+    Image.fromarray(floats * 3, mode="F").save(tmp_path / "bright.tif")
+    with pytest.raises(ValueError, match=r"bright.tif.*must hold values in \[0, 1\]"):
+        read_image(tmp_path / "bright.tif")
+    # A folder of 16-bit images loads at full depth too.
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(folder / "grey.png")
+    loaded = load_images(folder, 8)
+    assert torch.allclose(loaded, torch.full_like(loaded, 32768 / 65535 * 2 - 1), atol=1e-4)
+
+
+def test_read_image_orientation_animation_and_broken_files(tmp_path):
+    from PIL import Image
+
+    from baddiff_core.data import read_image
+
+    wide = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6   # EXIF orientation: rotate 90 degrees to display
+    wide.save(tmp_path / "portrait.jpg", exif=exif)
+    assert read_image(tmp_path / "portrait.jpg").shape == (40, 20, 3), "shown upright, as a viewer shows it"
+
+    frames = [Image.new("L", (8, 8), value) for value in (0, 255)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    with pytest.warns(UserWarning, match="animated .2 frames.; its first frame is used"):
+        first = read_image(tmp_path / "anim.gif")
+    assert first.max() == 0.0
+
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(tmp_path / "cut.png")
+    data = (tmp_path / "cut.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut.png"):
+        read_image(tmp_path / "cut.png")
