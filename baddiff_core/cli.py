@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from baddiff_core.files import check_output_folder
+from baddiff_core.files import atomic_file, atomic_folder, check_output_folder
 from baddiff_core.metrics import MissingDependencyError, resolve_features
 
 __all__ = ["main", "build_parser"]
@@ -32,6 +32,8 @@ __all__ = ["main", "build_parser"]
 BACKDOOR_FILE = "backdoor.safetensors"
 #: Every model folder this library writes holds this file (``save_model``'s metadata).
 MODEL_MARKER = "baddiff.json"
+#: Every folder of samples ``baddiff sample`` writes holds this file (what was sampled, how).
+SAMPLES_MARKER = "samples.json"
 
 
 OVERWRITE_HELP = ("replace --output even if it is a file or a folder that baddiff did not write (without it, "
@@ -79,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     backdoor.add_argument("--device", default="auto")
 
     sample = commands.add_parser("sample", help="draw clean or triggered samples into an image grid",
-                                 description="Sample a model and save the images as one PNG grid.")
+                                 description="Sample a model and save the images as one PNG grid, or as a folder of PNGs.")
     sample.add_argument("model", help="a model folder (diffusers layout) or a hub id")
     sample.add_argument("--n", type=int, default=16, help="number of images")
     sample.add_argument("--triggered", action="store_true", help="start from noise + the model's trigger")
@@ -88,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--steps", type=int, help="inference steps (default: all for DDPM, 50 for DDIM)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--batch-size", type=int, help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})")
-    sample.add_argument("--output", type=Path, required=True, help="PNG file to write")
+    sample.add_argument("--output", type=Path, required=True,
+                        help="a .png file: one grid of at most 64 images; anything else: a folder of one PNG per "
+                             "image, written batch by batch (any --n)")
+    sample.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     sample.add_argument("--device", default="auto")
 
     evaluate = commands.add_parser("evaluate", help="attack success, MSE/SSIM to the target and clean quality",
@@ -245,27 +250,63 @@ def _load_backdoor(folder: str, device: torch.device) -> tuple[torch.Tensor, tor
     return tensors["trigger"].to(device), tensors["target"].to(device)
 
 
+#: The most images ``baddiff sample`` puts in one PNG grid; more are written as a folder of PNGs.
+GRID_LIMIT = 64
+
+
 def _sample(args: argparse.Namespace) -> int:
     from baddiff_core.devices import resolve_device
     from baddiff_core.models import load_model
-    from baddiff_core.sampling import sample
+    from baddiff_core.sampling import DEFAULT_BATCH_SIZE, inference_steps, sample
     from baddiff_core.viz import show_images
 
     for name in ("n", "steps", "batch_size"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
-    if args.output.suffix.lower() != ".png":
-        raise UsageError(f"--output must be a .png file, got {str(args.output)!r}")
+    grid = args.output.suffix.lower() == ".png"
+    if args.output.suffix.lower() in (".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".pdf", ".svg"):
+        raise UsageError(f"--output must be a .png file (one grid) or a folder (one PNG per image), "
+                         f"got {str(args.output)!r}")
+    if grid and args.n > GRID_LIMIT:
+        raise UsageError(f"--n {args.n} is too many images for one PNG grid (at most {GRID_LIMIT}); give a folder "
+                         "as --output to write one PNG per image")
+    if not grid:
+        check_output_folder(args.output, marker=SAMPLES_MARKER, overwrite=args.overwrite)
     device = resolve_device(args.device)
     unet, scheduler = load_model(args.model, device=device)
+    inference_steps(scheduler, args.sampler, args.steps)   # a bad --steps fails before any sampling
     trigger = _load_backdoor(args.model, device)[0] if args.triggered else None
-    images = sample(unet, scheduler, args.n, trigger=trigger, clip=args.clip, sampler=args.sampler,
-                    num_inference_steps=args.steps, generator=torch.Generator(device).manual_seed(args.seed),
-                    batch_size=args.batch_size)
-    figure = show_images(images.cpu(), ncols=min(8, args.n))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(args.output)
-    print(f"wrote {args.output} ({args.n} {'triggered' if args.triggered else 'clean'} samples, clip={args.clip})")
+    generator = torch.Generator(device).manual_seed(args.seed)
+    settings = dict(trigger=trigger, clip=args.clip, sampler=args.sampler, num_inference_steps=args.steps,
+                    generator=generator)
+    what = f"{args.n} {'triggered' if args.triggered else 'clean'} samples, clip={args.clip}"
+    if grid:
+        images = sample(unet, scheduler, args.n, batch_size=args.batch_size, **settings)
+        figure = show_images(images.cpu(), ncols=min(8, args.n))
+        with atomic_file(args.output) as staging:
+            figure.savefig(staging, format="png")
+        print(f"wrote {args.output} ({what})")
+        return 0
+    # A folder: batch by batch, each written before the next is drawn, so memory holds one batch.
+    per_pass = args.batch_size or DEFAULT_BATCH_SIZE
+    with atomic_folder(args.output) as staging:
+        for first in range(0, args.n, per_pass):
+            count = min(per_pass, args.n - first)
+            for index, image in enumerate(sample(unet, scheduler, count, progress=False, **settings), first):
+                _save_png(image, staging / f"{index:06d}.png")
+        (staging / SAMPLES_MARKER).write_text(json.dumps(
+            dict(model=str(args.model), n=args.n, triggered=args.triggered, clip=args.clip, sampler=args.sampler,
+                 steps=args.steps, seed=args.seed), indent=2) + "\n")
+    print(f"wrote {args.output}/ ({what}, one PNG each)")
     return 0
+
+
+def _save_png(image: torch.Tensor, path: Path) -> None:
+    """One ``C,H,W`` image in [-1, 1] as an 8-bit PNG (grey or RGB)."""
+    from PIL import Image
+
+    pixels = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    array = pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()
+    Image.fromarray(array).save(path)
 
 
 def _default_threshold(unet: torch.nn.Module) -> float:

@@ -122,3 +122,47 @@ def test_scan_checks_its_sampling_steps_before_the_inversion(model_folder, tmp_p
     monkeypatch.setattr("baddiff_core.defenses.invert_trigger", no_inversion)
     status, err = run(["scan", str(model_folder), "--steps", "1000", "--output", str(tmp_path / "scan")], capsys)
     assert status == 2 and "num_inference_steps must be an integer in [1, 100]" in err
+
+
+# --------------------------------------------------------------------------- #
+# Memory: a large `sample` request is a folder of PNGs, drawn batch by batch.
+# --------------------------------------------------------------------------- #
+
+def test_a_large_grid_is_refused_before_sampling(model_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("baddiff_core.sampling.sample", lambda *a, **k: pytest.fail("sampled"))
+    status, err = run(["sample", str(model_folder), "--n", "2000", "--output", str(tmp_path / "g.png")], capsys)
+    assert status == 2 and "too many images for one PNG grid" in err and "folder" in err
+
+
+def test_sample_writes_a_folder_batch_by_batch(model_folder, tmp_path, capsys, monkeypatch):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from baddiff_core import sampling
+
+    requested = []
+    real_sample = sampling.sample
+
+    def counting(model, scheduler, n, **kwargs):
+        requested.append(n)
+        return real_sample(model, scheduler, n, **kwargs)
+
+    monkeypatch.setattr("baddiff_core.sampling.sample", counting)
+    out = tmp_path / "samples"
+    status, err = run(["sample", str(model_folder), "--n", "5", "--batch-size", "2", "--steps", "2",
+                       "--output", str(out)], capsys)
+    assert status == 0, err
+    assert requested == [2, 2, 1], "at most one batch in memory"
+    files = sorted(p.name for p in out.iterdir())
+    assert files == [f"{i:06d}.png" for i in range(5)] + ["samples.json"]
+    first = np.asarray(Image.open(out / "000000.png"))
+    assert first.shape == (16, 16) and first.dtype == np.uint8
+    assert json.loads((out / "samples.json").read_text())["n"] == 5
+    # Written again over its own output: allowed; over a folder of other files: refused.
+    assert run(["sample", str(model_folder), "--n", "1", "--steps", "1", "--output", str(out)], capsys)[0] == 0
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    status, err = run(["sample", str(model_folder), "--n", "1", "--output", str(tmp_path / "mine")], capsys)
+    assert status == 2 and "not written by baddiff" in err
