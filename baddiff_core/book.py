@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from baddiff_core.attack import BackdoorRecipe
     from baddiff_core.train import TrainConfig
 
-__all__ = ["SCALES", "SCALE_ENV", "SMOKE_SCHEDULE", "ChapterSettings", "chapter_settings", "seed_everything",
+__all__ = ["SCALES", "SCALE_ENV", "SMOKE_SCHEDULE", "FULL_MODE_DOWNLOADS", "ChapterSettings", "chapter_settings", "seed_everything",
            "glue", "in_colab", "markdown_table"]
 
 #: The three scales a chapter runs at (see the module docstring).
@@ -48,6 +48,12 @@ SMOKE_SCHEDULE: dict[str, Any] = dict(num_train_timesteps=10, beta_start=1e-2, b
 #: Training at the smoke scale: a couple of optimizer steps on a few images.
 _SMOKE_TRAIN = dict(steps=2, batch_size=4, gradient_accumulation_steps=1, warmup_steps=0, log_every=1)
 _SMOKE_IMAGES = 32
+
+#: What full mode fetches on first use (then cached), printed when a chapter starts in full mode.
+FULL_MODE_DOWNLOADS = ("Full mode downloads, on first use and once: the pre-trained google/ddpm-cifar10-32 (Hugging "
+                       "Face hub, 143 MB), CIFAR-10's binary release (162 MB, into $BADDIFF_DATA or "
+                       "~/.cache/baddiff/data) and the FID's Inception-v3 weights (torch-fidelity, about 90 MB), as far as "
+                       "this chapter uses them.")
 
 Recipe = TypeVar("Recipe", "BackdoorRecipe", "TrainConfig")
 
@@ -170,6 +176,8 @@ def chapter_settings(*, quick: Any, device: Any, seed: Any) -> ChapterSettings:
     scale = "quick" if quick else requested
     settings = ChapterSettings(quick=bool(quick), device=resolve_device(device), seed=int(seed), scale=scale)
     seed_everything(settings.seed)
+    if scale == "full":
+        print(FULL_MODE_DOWNLOADS)
     return settings
 
 

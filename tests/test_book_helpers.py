@@ -212,3 +212,12 @@ def test_scale_settings_name_the_threshold_and_the_fid_features(monkeypatch):
     assert (quick.fid_features, full.fid_features) == ("digits", "inception")
     monkeypatch.setenv("BADDIFF_SCALE", "smoke")
     assert chapter_settings(quick=False, device="cpu", seed=0).fid_features == "digits"
+
+
+def test_full_mode_says_what_it_downloads(monkeypatch, capsys):
+    monkeypatch.delenv("BADDIFF_SCALE", raising=False)
+    chapter_settings(quick=True, device="cpu", seed=0)
+    assert "downloads" not in capsys.readouterr().out
+    chapter_settings(quick=False, device="cpu", seed=0)
+    out = capsys.readouterr().out
+    assert "google/ddpm-cifar10-32" in out and "CIFAR-10" in out and "Inception" in out
