@@ -55,8 +55,6 @@ QUICK_SHORT_FINETUNE = dataclasses.replace(QUICK_FINETUNE, steps=300, warmup_ste
 
 _CACHE_NAME = "backdoor"   # cache entries: <cache>/models/backdoor-<key>, checkpoints in <cache>/checkpoints/
 
-# Settings that change how a run is executed, not what it produces: not part of the cache key.
-_RUN_ONLY = RUN_ONLY_FIELDS
 
 
 @dataclass(frozen=True)
@@ -119,7 +117,7 @@ class BackdoorRecipe:
     def key(self) -> dict[str, Any]:
         """The recipe as JSON-able data, without run-only settings (device, progress bars, ...)."""
         data = dataclasses.asdict(self)
-        data["train"] = {k: v for k, v in self.train.to_dict().items() if k not in _RUN_ONLY}
+        data["train"] = {k: v for k, v in self.train.to_dict().items() if k not in RUN_ONLY_FIELDS}
         if data["train"]["attack"] == "baddiffusion":
             del data["train"]["attack"]   # added later: BadDiffusion models keep their earlier keys
         if self.base != "scratch":

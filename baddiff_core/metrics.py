@@ -304,10 +304,10 @@ def _torch_fidelity_available() -> bool:
 
 
 def resolve_features(features: object, images: Tensor) -> str:
-    """The features :func:`frechet_distance` will use for ``images`` (``"digits"`` or ``"inception"``),
-    raising :class:`MissingDependencyError` at once when the inception features cannot be had:
-    call it before expensive sampling."""
-    """The feature network for ``images``: ``"auto"`` never quietly swaps the paper's network for another.
+    """The feature network :func:`frechet_distance` will use for ``images`` (``"digits"`` or
+    ``"inception"``), raising :class:`MissingDependencyError` at once when the Inception features
+    cannot be had: call it before expensive sampling. ``"auto"`` never quietly swaps the paper's
+    network for another.
 
     ``"auto"`` is ``"inception"`` (FID) for RGB images of at least 32x32 (those the paper reports FID
     on), whether or not torch-fidelity is installed (a missing package is an error that says how to
@@ -428,5 +428,3 @@ def class_histogram(samples: Tensor) -> Tensor:
     digits, _ = digit_predictions(samples)
     return torch.bincount(digits, minlength=10)
 
-
-_resolve_features = resolve_features   # the earlier private name

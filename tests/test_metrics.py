@@ -399,10 +399,10 @@ def test_fd_auto_and_rgb(fd_sets, monkeypatch):
     rgb_a = F.interpolate(a[:200], size=32, mode="bilinear").repeat(1, 3, 1, 1)
     # the decision rule itself, with torch-fidelity pretended present
     monkeypatch.setattr(metrics, "_torch_fidelity_available", lambda: True)
-    assert metrics._resolve_features("auto", rgb_a) == "inception"
-    assert metrics._resolve_features("auto", a) == "digits"  # grey, 16 px
-    assert metrics._resolve_features("auto", rgb_a[:, :, :16, :16]) == "digits"  # RGB but 16 px
-    assert metrics._resolve_features("auto", rgb_a[:, :1]) == "digits"  # grey, 32 px
+    assert metrics.resolve_features("auto", rgb_a) == "inception"
+    assert metrics.resolve_features("auto", a) == "digits"  # grey, 16 px
+    assert metrics.resolve_features("auto", rgb_a[:, :, :16, :16]) == "digits"  # RGB but 16 px
+    assert metrics.resolve_features("auto", rgb_a[:, :1]) == "digits"  # grey, 32 px
 
 
 def test_fd_auto_never_swaps_inception_for_digits_on_rgb_32px(fd_sets, monkeypatch):
