@@ -3,7 +3,8 @@
 Introduced in the Performance page; ``benchmarks/run.py`` is the command. A machine's speed drifts
 (other processes, clocks, caches), so a figure on its own says little. Every comparison here runs
 its two candidates alternately, ``A B B A A B ...``, and reports the median of the per-pair
-ratios: drift that is slow next to one repeat cancels out.
+ratios: drift that is slow next to one repeat cancels out. Where a claim is about the work a change
+adds, not its time, :func:`torch_calls` counts that work exactly: the torch functions a call makes.
 
 Sizes: ``"small"`` (the book's 16 px model, a few steps; under a minute or two on a 2-core CPU, what
 CI runs) and ``"full"`` (CIFAR-10 size, batch 128, for a GPU). The throughput section trains the
@@ -24,6 +25,7 @@ import platform
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
+from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from baddiff_core.cache import trainings
@@ -48,7 +51,7 @@ from baddiff_core.train import TrainConfig, train
 from baddiff_core.triggers import make_target, make_trigger
 
 __all__ = ["BenchmarkSize", "SIZES", "Comparison", "interleaved", "reference_training_loop",
-           "peak_memory", "matmul_rate", "training_flops", "training_throughput", "measured_modes", "book_times",
+           "torch_calls", "clipping_calls", "peak_memory", "matmul_rate", "training_flops", "training_throughput", "measured_modes", "book_times",
            "run_benchmarks", "write_results", "results_markdown", "cache_summary"]
 
 
@@ -157,6 +160,55 @@ def interleaved(name: str, candidate: Callable[[], float], baseline: Callable[[]
         for key, run in order:
             times[key].append(float(run()))
     return Comparison(name, times["a"], times["b"], TARGETS.get(name))
+
+
+class _CallCounter(TorchFunctionMode):
+    """Counts every torch function called from Python (``torch.*``, ``F.*`` and tensor methods)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        self.calls[getattr(func, "__name__", repr(func))] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def torch_calls(fn: Callable[[], Any]) -> Counter[str]:
+    """How many times ``fn()`` calls each torch function, by name (``"conv2d"``, ``"clamp"``, ...).
+
+    Counted with :class:`torch.overrides.TorchFunctionMode`, which sees every call made from Python
+    (not the kernels inside one call). The difference of two counts is the work one variant adds
+    to another, exactly and on any machine, where a timing ratio is blurred by the machine's noise.
+    """
+    with _CallCounter() as counter:
+        fn()
+    return counter.calls
+
+
+def clipping_calls(size: str | BenchmarkSize = "small", *, steps: int = 5) -> Counter[str]:
+    """The torch calls that ``clip="x0"`` adds to ``steps`` DDPM steps of sampling (one image).
+
+    The defence of the inference-time clipping chapter clamps the predicted ``x_0`` to [-1, 1] at
+    each step (diffusers' ``clip_sample=True``), so the answer is ``{"clamp": steps}``: an
+    element-wise operation on the image, next to a UNet pass per step.
+    """
+    check_positive_int("steps", steps)
+    size = SIZES[size] if isinstance(size, str) else size
+    torch.manual_seed(0)
+    model = size.unet().eval()
+    scheduler = make_scheduler(**QUICK_SCHEDULE)
+
+    def draw(clip: str) -> Counter[str]:
+        generator = torch.Generator().manual_seed(0)
+        return torch_calls(lambda: sample(model, scheduler, 1, generator=generator, clip=clip,
+                                          num_inference_steps=steps, progress=False))
+
+    with_clip, without = draw("x0"), draw("none")
+    if without - with_clip:
+        raise AssertionError(f"clipping removed calls: {dict(without - with_clip)}")
+    return with_clip - without
 
 
 def _synchronize(device: torch.device) -> None:

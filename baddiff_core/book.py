@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import torch
 
-from baddiff_core.devices import resolve_device
+from baddiff_core.devices import resolve_device, use_available_cpus
 
 if TYPE_CHECKING:
     from baddiff_core.attack import BackdoorRecipe
@@ -176,6 +176,7 @@ def chapter_settings(*, quick: Any, device: Any, seed: Any) -> ChapterSettings:
     scale = "quick" if quick else requested
     settings = ChapterSettings(quick=bool(quick), device=resolve_device(device), seed=int(seed), scale=scale)
     seed_everything(settings.seed)
+    use_available_cpus()  # a CPU quota or pinned cores: no more torch threads than CPUs to run them
     if scale == "full":
         print(FULL_MODE_DOWNLOADS)
     return settings

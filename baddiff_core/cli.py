@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = f"baddiff {args.command}"
     try:
+        from baddiff_core.devices import use_available_cpus
+        use_available_cpus()  # a CPU quota or pinned cores: no more torch threads than CPUs
         return {"train-clean": _train_clean, "backdoor": _backdoor, "sample": _sample,
                 "evaluate": _evaluate, "scan": _scan}[args.command](args)
     except KeyboardInterrupt:

@@ -61,6 +61,25 @@ def test_training_flops_match_a_hand_count():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_torch_calls_counts_each_function_by_name():
+    x = torch.ones(3)
+
+    def work():
+        y = torch.clamp(x, 0, 1) + 1  # clamp, then add
+        return y.clamp(-1, 1).sum()  # a method counts like the function
+
+    calls = benchmark.torch_calls(work)
+    assert calls["clamp"] == 2 and calls["sum"] == 1
+    assert benchmark.torch_calls(lambda: None) == {}
+
+
+def test_clipping_adds_one_clamp_per_step_and_nothing_else():
+    # Hand count: diffusers' DDPMScheduler.step with clip_sample=True clamps pred_original_sample
+    # once; every other call is the same with and without clipping.
+    assert benchmark.clipping_calls(steps=3) == {"clamp": 3}
+    assert benchmark.clipping_calls(steps=1) == {"clamp": 1}
+
+
 def test_peak_memory_sees_a_buffer_of_known_size():
     megabytes = 256
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from baddiff_core.benchmark import SIZES, measured_modes
+from baddiff_core import devices
 from baddiff_core.devices import mixed_precision_for
 from baddiff_core.train import TrainConfig
 
@@ -84,3 +85,63 @@ def test_the_benchmark_measures_fp32_only_on_a_cpu(no_gpu):
     assert measured_modes(SIZES["small"].flops_modes, "cpu") == ("fp32",)
     with pytest.raises(ValueError, match="mode='fp8' is not known"):
         measured_modes(("fp32", "fp8"), "cpu")
+
+
+# --------------------------------------------------------------------------- #
+# CPU threads: affinity capped by a cgroup quota, written here as Linux lays it out.
+# --------------------------------------------------------------------------- #
+
+
+def _cgroups(tmp_path, proc_lines: str, files: dict[str, str]):
+    root = tmp_path / "cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text(proc_lines)
+    return root, proc
+
+
+def test_a_cgroup_v2_quota_caps_the_cpus(tmp_path, monkeypatch):
+    monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    # 150000 us per 100000 us: 1.5 CPUs, rounded down to 1 thread.
+    root, proc = _cgroups(tmp_path, "0::/build\n", {"build/cpu.max": "150000 100000\n"})
+    assert devices.available_cpus(root, proc) == 1
+    root, proc = _cgroups(tmp_path, "0::/build\n", {"build/cpu.max": "max 100000\n"})
+    assert devices.available_cpus(root, proc) == 4  # no quota: the affinity mask
+
+
+def test_a_cgroup_v1_quota_caps_the_cpus(tmp_path, monkeypatch):
+    monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    root, proc = _cgroups(tmp_path, "4:memory:/\n3:cpu,cpuacct:/slow\n",
+                          {"cpu,cpuacct/slow/cpu.cfs_quota_us": "200000\n",
+                           "cpu,cpuacct/slow/cpu.cfs_period_us": "100000\n"})
+    assert devices.available_cpus(root, proc) == 2
+    root, proc = _cgroups(tmp_path, "3:cpu:/slow\n", {"cpu/slow/cpu.cfs_quota_us": "20000\n",
+                                                      "cpu/slow/cpu.cfs_period_us": "100000\n"})
+    assert devices.available_cpus(root, proc) == 1  # 0.2 CPU still runs one thread
+
+
+def test_without_cgroups_the_affinity_mask_decides(tmp_path, monkeypatch):
+    monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert devices.available_cpus(tmp_path / "none", tmp_path / "none") == 1
+
+
+def test_use_available_cpus_sets_torch_threads_unless_the_user_chose(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(devices, "available_cpus", lambda: 1)
+        assert devices.use_available_cpus() == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv(devices.THREADS_ENV, "2")
+        assert devices.use_available_cpus() == 2 and torch.get_num_threads() == 2
+        for bad in ("0", "two", "-1"):
+            monkeypatch.setenv(devices.THREADS_ENV, bad)
+            with pytest.raises(ValueError, match="BADDIFF_THREADS"):
+                devices.use_available_cpus()
+        monkeypatch.delenv(devices.THREADS_ENV)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(2)
+        assert devices.use_available_cpus() == 2  # OMP_NUM_THREADS set: torch's own choice stands
+    finally:
+        torch.set_num_threads(before)
