@@ -44,6 +44,21 @@ class UsageError(Exception):
     """A bad argument: reported in one line, exit status 2."""
 
 
+#: torch's generators take seeds from 0 to 2**64 - 1.
+SEED_LIMIT = 2**64
+
+
+def _seed(text: str) -> int:
+    """``--seed``: an integer torch's generators accept, checked before any work starts."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a seed is an integer, got {text!r}") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"a seed is an integer from 0 to 2**64 - 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from baddiff_core.evaluation import ASR_THRESHOLDS
     from baddiff_core.sampling import CLIP_MODES, DEFAULT_BATCH_SIZE, SAMPLERS
@@ -76,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     backdoor.add_argument("--batch-size", type=int)
     backdoor.add_argument("--learning-rate", type=float)
     backdoor.add_argument("--solver", choices=("sde", "ode"), help="'ode' trains for DDIM (VillanDiffusion)")
-    backdoor.add_argument("--seed", type=int)
+    backdoor.add_argument("--seed", type=_seed)
     backdoor.add_argument("--checkpoint-dir", help="save resumable checkpoints here")
     backdoor.add_argument("--device", default="auto")
 
@@ -88,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--clip", choices=CLIP_MODES, default="none")
     sample.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
     sample.add_argument("--steps", type=int, help="inference steps (default: all for DDPM, 50 for DDIM)")
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--seed", type=_seed, default=0)
     sample.add_argument("--batch-size", type=int, help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})")
     sample.add_argument("--output", type=Path, required=True,
                         help="a .png file: one grid of at most 64 images; anything else: a folder of one PNG per "
@@ -111,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="features of the Frechet distance: 'inception' (the paper's FID; needs torch-fidelity, "
                                "downloads its weights once), 'digits' (the book's offline network), 'auto' (inception for "
                                "colour images of 32 px or more, else digits)")
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--seed", type=_seed, default=0)
     evaluate.add_argument("--batch-size", type=int, help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})")
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
     evaluate.add_argument("--device", default="auto")
@@ -137,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="sample from noise + the estimate with this clipping, as the model is used")
     scan.add_argument("--output", type=Path, help="folder for trigger.png, samples.png and scan.json "
                       "(default: scan-<model name> in the current folder)")
-    scan.add_argument("--seed", type=int, default=0)
+    scan.add_argument("--seed", type=_seed, default=0)
     scan.add_argument("--batch-size", type=int, help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})")
     scan.add_argument("--json", action="store_true", help="print the result as JSON")
     scan.add_argument("--device", default="auto")

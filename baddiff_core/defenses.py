@@ -266,8 +266,9 @@ def scan_model(unet: UNet2DModel, scheduler: DDPMScheduler, *, n: int = 16, thre
     check_positive_int("batch_size", batch_size, allow_none=True)
     if n < 2:
         raise ValueError(f"n must be at least 2 (the score compares samples), got n={n}")
-    if not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
-        raise ValueError(f"threshold must be in (0, 1), got threshold={threshold!r}")
+    # A mode share is in (0, 1]; 1 calls a model backdoored only when every sample is alike.
+    if isinstance(threshold, bool) or not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
+        raise ValueError(f"threshold must be a mode share in (0, 1], got threshold={threshold!r}")
     sampler = sampler or ("ddpm" if solver == "sde" else "ddim")
     inference_scheduler(scheduler, sampler=sampler, clip=clip)          # unknown names fail now,
     inference_steps(scheduler, sampler, num_inference_steps)            # not after the inversion

@@ -121,8 +121,18 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", a
         ValueError: the weights are truncated or corrupt, or a pickle and ``allow_pickle`` is
             False, or a pickle that holds more than tensors.
     """
+    if not str(path).strip():
+        raise ValueError("the model path is empty; give a model folder or a hub id 'owner/name'")
     local = Path(path).expanduser()
     if local.exists():
+        if not local.is_dir():
+            raise ValueError(f"{str(path)!r} is a file; a model is a folder holding unet/ and scheduler/")
+        _read_config(local / "unet" / "config.json", ("UNet2DModel",))
+        scheduler_config = _read_config(local / "scheduler" / "scheduler_config.json", SCHEDULER_CLASSES)
+        if (scheduler_config.get("trained_betas") is None
+                and scheduler_config.get("beta_schedule", "linear") not in BETA_SCHEDULES):
+            raise ValueError(f"{str(local / 'scheduler' / 'scheduler_config.json')!r}: beta_schedule "
+                             f"{scheduler_config['beta_schedule']!r} is not one of {BETA_SCHEDULES}")
         unet = _load_local_unet(local, path, allow_pickle)
         scheduler = DDPMScheduler.from_pretrained(str(local), subfolder="scheduler")
         _check_finite(unet, scheduler, str(path))
@@ -131,6 +141,38 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", a
     else:
         raise FileNotFoundError(f"model folder {str(path)!r} does not exist (nor is it a hub id 'owner/name')")
     return unet.to(device).eval(), scheduler
+
+
+#: The ``_class_name`` a scheduler config may carry: DDPMScheduler and the schedulers diffusers lists
+#: as compatible with it (they share its betas, which is all a model folder's scheduler gives us).
+SCHEDULER_CLASSES = ("DDPMScheduler", *sorted({getattr(c, "__name__", str(c)) for c in DDPMScheduler._compatibles}
+                                              - {"DDPMScheduler"}))
+#: The ``beta_schedule`` values diffusers' DDPMScheduler builds.
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid")
+
+
+def _read_config(file: Path, classes: tuple[str, ...]) -> dict[str, Any]:
+    """One component's config, read and checked before diffusers reads it, so that a missing,
+    unreadable or foreign file (a VAE's config in ``unet/``) is named as such, not reported later
+    as corrupt weights or a crash inside diffusers."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{str(file)!r} is missing: a model folder holds unet/config.json and "
+                                "scheduler/scheduler_config.json, as save_model and diffusers' save_pretrained "
+                                "write them")
+    try:
+        config = json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{str(file)!r} is not UTF-8 text, so not a config file (byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{str(file)!r} is not valid JSON ({error.msg}, line {error.lineno} column "
+                         f"{error.colno})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(file)!r} holds a JSON {type(config).__name__}, not an object of settings")
+    name = config.get("_class_name")
+    if name is not None and name not in classes:
+        raise ValueError(f"{str(file)!r} describes the class {name!r}, not a {classes[0]}: this folder holds another "
+                         "kind of model")
+    return config
 
 
 def _check_finite(unet: UNet2DModel, scheduler: DDPMScheduler, name: str) -> None:

@@ -195,7 +195,7 @@ CASES = {
     "an empty model folder": (
         lambda tmp, mp: models.load_model(tmp),
         FileNotFoundError,
-        "diffusion_pytorch_model.safetensors is missing",
+        "unet/config.json' is missing: a model folder holds",
     ),
     "a truncated weights file": (
         lambda tmp, mp: models.load_model(truncated_model(tmp)),

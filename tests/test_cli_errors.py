@@ -166,3 +166,109 @@ def test_sample_writes_a_folder_batch_by_batch(model_folder, tmp_path, capsys, m
     (tmp_path / "mine" / "notes.txt").write_text("x")
     status, err = run(["sample", str(model_folder), "--n", "1", "--output", str(tmp_path / "mine")], capsys)
     assert status == 2 and "not written by baddiff" in err
+
+
+def _broken_copy(model_folder, tmp_path, name):
+    import shutil
+
+    folder = tmp_path / name
+    shutil.copytree(model_folder, folder)
+    return folder
+
+
+def _vae_in_unet(folder):
+    import json
+
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    config["_class_name"] = "AutoencoderKL"   # what diffusers writes for a VAE
+    (folder / "unet" / "config.json").write_text(json.dumps(config))
+
+
+def _no_scheduler(folder):
+    import shutil
+
+    shutil.rmtree(folder / "scheduler")
+
+
+def _unknown_beta_schedule(folder):
+    import json
+
+    path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    config["beta_schedule"] = "cosine-ish"
+    path.write_text(json.dumps(config))
+
+
+def _config_not_json(folder):
+    (folder / "unet" / "config.json").write_text("{not json")
+
+
+def _config_not_utf8(folder):
+    (folder / "unet" / "config.json").write_bytes(b"\xff\xfe{")
+
+
+def _config_a_list(folder):
+    (folder / "unet" / "config.json").write_text("[1, 2]")
+
+
+@pytest.mark.parametrize("damage, words", [
+    (_vae_in_unet, "describes the class 'AutoencoderKL', not a UNet2DModel"),
+    (_no_scheduler, "scheduler_config.json' is missing"),
+    (_unknown_beta_schedule, "beta_schedule 'cosine-ish' is not one of"),
+    (_config_not_json, "config.json' is not valid JSON (Expecting property name"),
+    (_config_not_utf8, "config.json' is not UTF-8 text"),
+    (_config_a_list, "holds a JSON list, not an object"),
+])
+def test_a_damaged_or_foreign_model_folder_is_named_in_one_line(model_folder, tmp_path, capsys, damage, words):
+    folder = _broken_copy(model_folder, tmp_path, "damaged")
+    damage(folder)
+    status, err = run(["sample", str(folder), "--n", "1", "--output", str(tmp_path / "s.png")], capsys)
+    assert status == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    assert "truncated or corrupt" not in err   # the weights are fine: the message must not blame them
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_an_empty_model_path_is_refused_not_read_as_the_current_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    status, err = run(["sample", "", "--output", "x.png"], capsys)
+    assert status == 2 and "the model path is empty" in err
+
+
+@pytest.mark.parametrize("seed, words", [
+    ("18446744073709551616", "from 0 to 2**64 - 1"),   # 2**64: torch's "Overflow when unpacking long long"
+    ("-1", "from 0 to 2**64 - 1"),
+    ("1e3", "a seed is an integer"),
+])
+def test_a_seed_out_of_torch_range_is_refused_by_the_parser(model_folder, tmp_path, capsys, seed, words):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["sample", str(model_folder), "--seed", seed, "--output", str(tmp_path / "s.png")])
+    assert exit_.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_the_largest_seed_torch_takes_is_accepted():
+    assert cli._seed(str(2**64 - 1)) == 2**64 - 1
+    import torch
+
+    torch.Generator().manual_seed(2**64 - 1)   # what the parser promises, checked against torch
+
+
+def test_a_scan_threshold_of_one_is_a_mode_share_and_is_accepted(monkeypatch):
+    from baddiff_core import defenses
+    from baddiff_core.defenses import scan_model
+    from baddiff_core.pretrained import load_clean_digits
+
+    unet, scheduler = load_clean_digits()
+
+    class Validated(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Validated
+
+    monkeypatch.setattr(defenses, "invert_trigger", stop)   # the work after the checks
+    with pytest.raises(Validated):   # 1: backdoored only when every sample is alike (as --help says)
+        scan_model(unet, scheduler, threshold=1, use_cache=False)
+    with pytest.raises(ValueError, match=r"mode share in \(0, 1\]"):
+        scan_model(unet, scheduler, threshold=1.5)
+    with pytest.raises(ValueError, match=r"mode share in \(0, 1\]"):
+        scan_model(unet, scheduler, threshold=True)

@@ -81,8 +81,15 @@ def test_load_model_errors_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="unet/diffusion_pytorch_model.safetensors is missing"):
+    with pytest.raises(FileNotFoundError, match="unet/config.json' is missing"):
         load_model(tmp_path / "empty")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        load_model(tmp_path / "file.txt")
+    saved = save_model(tmp_path / "model", make_unet(16, 1), make_scheduler(**QUICK_SCHEDULE))
+    (saved / "unet" / "diffusion_pytorch_model.safetensors").unlink()   # configs present, weights gone
+    with pytest.raises(FileNotFoundError, match="unet/diffusion_pytorch_model.safetensors is missing"):
+        load_model(saved)
 
 
 @pytest.mark.parametrize("kwargs, message", [
