@@ -19,6 +19,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -291,6 +292,8 @@ def _sample(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     unet, scheduler = load_model(args.model, device=device)
     inference_steps(scheduler, args.sampler, args.steps)   # a bad --steps fails before any sampling
+    if not grid:
+        _check_free_space(args.output, args.n, unet.config)
     trigger = _load_backdoor(args.model, device)[0] if args.triggered else None
     generator = torch.Generator(device).manual_seed(args.seed)
     settings = dict(trigger=trigger, clip=args.clip, sampler=args.sampler, num_inference_steps=args.steps,
@@ -304,17 +307,41 @@ def _sample(args: argparse.Namespace) -> int:
         print(f"wrote {args.output} ({what})")
         return 0
     # A folder: batch by batch, each written before the next is drawn, so memory holds one batch.
+    from tqdm.auto import tqdm
+
     per_pass = args.batch_size or DEFAULT_BATCH_SIZE
-    with atomic_folder(args.output) as staging:
+    with atomic_folder(args.output) as staging, tqdm(total=args.n, desc="sampling", unit="image") as bar:
         for first in range(0, args.n, per_pass):
             count = min(per_pass, args.n - first)
             for index, image in enumerate(sample(unet, scheduler, count, progress=False, **settings), first):
                 _save_png(image, staging / f"{index:06d}.png")
+            bar.update(count)
         (staging / SAMPLES_MARKER).write_text(json.dumps(
             dict(model=str(args.model), n=args.n, triggered=args.triggered, clip=args.clip, sampler=args.sampler,
                  steps=args.steps, seed=args.seed), indent=2) + "\n")
     print(f"wrote {args.output}/ ({what}, one PNG each)")
     return 0
+
+
+#: Disk a small PNG takes at least: one file-system block (4 KiB on ext4, APFS and NTFS).
+FILE_BLOCK = 4096
+
+
+def _check_free_space(output: Path, n: int, unet_config: Any) -> None:
+    """Refuse, before sampling, a folder of ``n`` PNGs that cannot fit on its disk: each takes at
+    least a file-system block, or its raw pixels (``C * H * W`` bytes, an upper bound for PNG) and
+    a header if that is more."""
+    import shutil
+
+    size = unet_config.sample_size
+    height, width = (size, size) if isinstance(size, int) else size
+    per_image = max(FILE_BLOCK, unet_config.out_channels * height * width + 1024)
+    needed = n * per_image
+    existing = next(parent for parent in (output.absolute(), *output.absolute().parents) if parent.exists())
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise UsageError(f"--n {n} PNGs need about {needed / 2**30:.1f} GiB and {str(existing)!r} has "
+                         f"{free / 2**30:.1f} GiB free; ask for fewer images")
 
 
 def _save_png(image: torch.Tensor, path: Path) -> None:

@@ -127,6 +127,11 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", a
     if local.exists():
         if not local.is_dir():
             raise ValueError(f"{str(path)!r} is a file; a model is a folder holding unet/ and scheduler/")
+        try:
+            str(local.absolute()).encode("utf-8")
+        except UnicodeEncodeError:   # bytes that are not UTF-8 in a name: safetensors cannot open the file
+            raise ValueError(f"the path {str(path)!r} has bytes that are not UTF-8, which safetensors cannot "
+                             "open; rename the folder") from None
         _read_config(local / "unet" / "config.json", ("UNet2DModel",))
         scheduler_config = _read_config(local / "scheduler" / "scheduler_config.json", SCHEDULER_CLASSES)
         if (scheduler_config.get("trained_betas") is None

@@ -272,3 +272,42 @@ def test_a_scan_threshold_of_one_is_a_mode_share_and_is_accepted(monkeypatch):
         scan_model(unet, scheduler, threshold=1.5)
     with pytest.raises(ValueError, match=r"mode share in \(0, 1\]"):
         scan_model(unet, scheduler, threshold=True)
+
+
+def test_a_symlinked_config_is_followed(model_folder, tmp_path, capsys):
+    folder = _broken_copy(model_folder, tmp_path, "linked")
+    real = tmp_path / "real_config.json"
+    (folder / "unet" / "config.json").rename(real)
+    (folder / "unet" / "config.json").symlink_to(real)
+    status, err = run(["sample", str(folder), "--n", "1", "--steps", "2", "--output", str(tmp_path / "s.png")],
+                      capsys)
+    assert status == 0 and (tmp_path / "s.png").is_file(), err
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="Linux file names are bytes")
+def test_a_path_that_is_not_utf8_is_named_not_blamed_on_the_weights(model_folder, tmp_path, capsys):
+    import os
+    import shutil
+
+    folder = os.fsdecode(os.fsencode(str(tmp_path)) + b"/m\xff\xfe")   # surrogates, as Python reads it
+    shutil.copytree(model_folder, folder)
+    status, err = run(["sample", folder, "--n", "1", "--output", str(tmp_path / "s.png")], capsys)
+    assert status == 2 and "not UTF-8" in err and "corrupt" not in err
+
+
+def test_a_folder_of_pngs_that_cannot_fit_on_the_disk_is_refused_before_sampling(
+        model_folder, tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 10**6, 10**6))   # 1 MB free
+
+    def never(*args, **kwargs):
+        raise AssertionError("sampled before checking the disk")
+
+    monkeypatch.setattr("baddiff_core.sampling.sample", never)
+    # 16 px grey: a 4 KiB block per file at least, so 1,000 images need about 4 MB.
+    status, err = run(["sample", str(model_folder), "--n", "1000", "--output", str(tmp_path / "many")], capsys)
+    assert status == 2 and "--n 1000 PNGs need about" in err and "GiB free" in err
+    assert not (tmp_path / "many").exists()
