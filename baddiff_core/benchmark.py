@@ -46,12 +46,12 @@ from baddiff_core.diffusion import PAPER_SCHEDULE, QUICK_SCHEDULE, make_schedule
 from baddiff_core.files import write_text_atomically
 from baddiff_core.models import ddpm_cifar10_unet, make_unet
 from baddiff_core.poison import PoisonedDataset
-from baddiff_core.sampling import sample, sample_clean_and_triggered
+from baddiff_core.sampling import DEFAULT_BATCH_SIZE, sample, sample_clean_and_triggered
 from baddiff_core.train import TrainConfig, train
 from baddiff_core.triggers import make_target, make_trigger
 
 __all__ = ["BenchmarkSize", "SIZES", "Comparison", "interleaved", "reference_training_loop",
-           "torch_calls", "clipping_calls", "peak_memory", "matmul_rate", "training_flops", "training_throughput", "measured_modes", "book_times",
+           "torch_calls", "clipping_calls", "fine_tune_cost", "sampling_cost", "peak_memory", "matmul_rate", "training_flops", "training_throughput", "measured_modes", "book_times",
            "run_benchmarks", "write_results", "results_markdown", "cache_summary"]
 
 
@@ -97,6 +97,11 @@ SIZES: dict[str, BenchmarkSize] = {
                           sample_steps=100, long_n=64, repeats=7, flops_batch=128, flops_steps=30,
                           flops_modes=("fp32", "bf16", "bf16+channels_last", "bf16+channels_last+compile"),
                           cifar_unet=True),
+    # benchmarks/gpu_check.py on a GPU: every precision a reader's GPU may train in (fp16 on a T4,
+    # bf16 from Ampere on), memory at the evaluation batch (256 images at 32 px), a few minutes in all.
+    "check": BenchmarkSize("check", image_size=32, channels=3, train_batch=128, train_steps=10, sample_n=256,
+                           sample_steps=20, long_n=64, repeats=3, flops_batch=128, flops_steps=20,
+                           flops_modes=("fp32", "fp16", "bf16", "bf16+channels_last+compile"), cifar_unet=True),
     # The full size's shapes and modes at a few steps: CI's smoke run of full mode (BADDIFF_SCALE=smoke)
     # on a CPU. The ratios use the small 32 px preset: the CIFAR-10 UNet's DDPM-1000 chain alone would
     # take a CPU minutes.
@@ -499,6 +504,74 @@ def _throughput(size: BenchmarkSize, device: torch.device) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- #
+# Full mode's costs: the paper's fine-tune and sampling, per step, projected.
+# --------------------------------------------------------------------------- #
+
+
+def fine_tune_cost(device: torch.device | str = "auto", *, steps: int = 20, batch_size: int | None = None,
+                   ) -> dict[str, Any]:
+    """Seconds per step of the paper's backdoor fine-tune on ``device``, and what its steps would take.
+
+    The step is :meth:`~baddiff_core.attack.BackdoorRecipe.paper`'s: ``google/ddpm-cifar10-32``'s
+    architecture, batch 128, 10% of the images poisoned with the stop sign and the hat, Adam, the
+    precision :func:`~baddiff_core.devices.mixed_precision_for` picks for the device. The weights
+    are random and the images random numbers (nothing is downloaded): a step costs the same
+    arithmetic. The rate is the slope of the steps after the first (warm-up); the projection
+    multiplies it by the recipe's 19,550 steps (50 epochs of CIFAR-10's 50,000 images).
+    ``batch_size`` replaces 128 (a dry run on a CPU).
+    """
+    from baddiff_core.attack import BackdoorRecipe
+
+    check_positive_int("steps", steps)
+    if steps < 2:
+        raise ValueError(f"steps must be at least 2 (the first is warm-up), got steps={steps!r}")
+    device = resolve_device(device)
+    recipe = BackdoorRecipe.paper()
+    batch = batch_size or recipe.train.batch_size
+    torch.manual_seed(0)
+    model = ddpm_cifar10_unet().to(device)
+    images = torch.rand(4 * batch, 3, 32, 32) * 2 - 1
+    dataset = PoisonedDataset(images, trigger=recipe.trigger_image(), target=recipe.target_image(),
+                              poison_rate=recipe.poison_rate, seed=0)
+    config = dataclasses.replace(recipe.train, steps=steps, batch_size=batch, warmup_steps=0, log_every=1,
+                                 checkpoint_every=0, progress=False, device=str(device),
+                                 mixed_precision=mixed_precision_for(device))
+    history = train(model, make_scheduler(**PAPER_SCHEDULE), dataset, config)
+    (first_step, first_time), (last_step, last_time) = history.log_times[0], history.log_times[-1]
+    step_seconds = (last_time - first_time) / (last_step - first_step)
+    paper_steps = recipe.train.steps
+    precision = {"no": "fp32"}.get(config.mixed_precision, config.mixed_precision)
+    return dict(batch=batch, steps=steps, mixed_precision=precision, step_seconds=step_seconds,
+                images_per_second=batch / step_seconds, paper_steps=paper_steps,
+                paper_hours=paper_steps * step_seconds * (recipe.train.batch_size / batch) / 3600)
+
+
+def sampling_cost(device: torch.device | str = "auto", *, batch_size: int = DEFAULT_BATCH_SIZE,
+                  steps: int = 20) -> dict[str, Any]:
+    """Seconds per UNet step at ``batch_size`` images (the evaluation batch) of the CIFAR-10 UNet,
+    in fp32, and what that makes per image for DDPM-1000 and DDIM-50 (one UNet pass per step, at
+    any ``t``), with the peak memory of the batch (:func:`peak_memory`): the largest any chapter or
+    command draws at once."""
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("steps", steps)
+    device = resolve_device(device)
+    torch.manual_seed(0)
+    model = ddpm_cifar10_unet().to(device).eval()
+    scheduler = make_scheduler(**PAPER_SCHEDULE)
+
+    def draw() -> None:
+        sample(model, scheduler, batch_size, num_inference_steps=steps, progress=False,
+               generator=torch.Generator(device=device).manual_seed(0))
+
+    draw()   # warm-up (cuDNN's choice of algorithms, allocations)
+    memory = peak_memory(draw, device)
+    seconds = min(_timed(draw, device) for _ in range(2)) / steps
+    return dict(batch=batch_size, steps=steps, step_seconds=seconds, peak_memory_bytes=memory,
+                ddpm_1000_seconds_per_image=1000 * seconds / batch_size,
+                ddim_50_seconds_per_image=50 * seconds / batch_size)
+
+
+# --------------------------------------------------------------------------- #
 # The book: chapter times from a build's execution cache.
 # --------------------------------------------------------------------------- #
 
@@ -626,6 +699,16 @@ def results_markdown(results: Mapping[str, Any]) -> str:
                                        step_ms=1000 * r["step_seconds"], mfu_percent=100 * r["mfu"])
                                   for r in results["throughput"]["modes"]],
                                  {"images_per_s": ".1f", "step_ms": ".0f", "mfu_percent": ".1f"}), ""]
+    if "fine_tune" in results:
+        f = results["fine_tune"]
+        lines += [f"The paper's backdoor fine-tune ({f['mixed_precision']}, batch {f['batch']}): "
+                  f"{1000 * f['step_seconds']:.0f} ms per step, {f['images_per_second']:.0f} images/s; its "
+                  f"{f['paper_steps']:,} steps would take {f['paper_hours']:.1f} h.", ""]
+    if "sampling_cost" in results:
+        c = results["sampling_cost"]
+        lines += [f"Sampling at batch {c['batch']} (fp32): {1000 * c['step_seconds']:.0f} ms per UNet step; "
+                  f"DDPM-1000 {c['ddpm_1000_seconds_per_image']:.2f} s per image, DDIM-50 "
+                  f"{c['ddim_50_seconds_per_image']:.3f} s per image; peak memory {_mib(c['peak_memory_bytes'])}.", ""]
     if "book" in results:
         times = results["book"]["chapter_seconds"]
         lines += [markdown_table([dict(chapter=k, seconds=v) for k, v in times.items()] +

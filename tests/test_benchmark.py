@@ -193,3 +193,32 @@ def test_the_cache_summary_names_what_was_computed_twice():
     results = dict(when="now", machine=dict(cpu="x", cores=2, torch="t"), size=dict(name="small"),
                    comparisons=[], models=twice)
     assert results_markdown(results).count("backdoor-ab12") == 1
+
+
+def test_the_gpu_check_runs_dry_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.sh as it would run on a lent GPU, in its --dry-run form: every section,
+    the same code, a few steps on the CPU (so that the check cannot rot before a GPU is at hand)."""
+    import os
+
+    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
+    output = tmp_path / "gpu.json"
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "no-wheels"),
+                           "--dry-run", "--output", str(output)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(output.read_text())
+    assert results["dry_run"] is True and results["machine"]
+    assert [row["mode"] for row in results["throughput"]["modes"]] == ["fp32"]   # a CPU has no tensor cores
+    fine_tune, sampling = results["fine_tune"], results["sampling_cost"]
+    assert fine_tune["paper_steps"] == 19_550 and fine_tune["mixed_precision"] == "fp32"
+    assert fine_tune["step_seconds"] > 0 and fine_tune["paper_hours"] > 0
+    # Per image: DDPM-1000 is 20 UNet steps for every one of DDIM-50's.
+    assert sampling["ddpm_1000_seconds_per_image"] == pytest.approx(20 * sampling["ddim_50_seconds_per_image"])
+    markdown = output.with_suffix(".md").read_text()
+    assert "The paper's backdoor fine-tune (fp32, batch 2)" in markdown and "DDIM-50" in markdown
+
+
+def test_the_gpu_check_refuses_a_cpu_without_dry_run():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "is not a GPU; pass --dry-run" in done.stderr
