@@ -225,6 +225,11 @@ def _load_pickled_unet(folder: Path, weights: Path, allow_pickle: bool) -> UNet2
         raise ValueError(f"{str(weights)!r} holds more than tensors; torch.load(weights_only=True) "
                          f"refused it: {str(error).splitlines()[0]}") from error
     unet = UNet2DModel.from_config(UNet2DModel.load_config(str(folder)))
+    # Releases saved by diffusers before 0.15 name attention weights query/key/value/proj_attn;
+    # diffusers' own loader renames them (to_q/to_k/to_v/to_out.0) the same way.
+    fix_keys = getattr(unet, "_fix_state_dict_keys_on_load", None)
+    if fix_keys is not None:
+        fix_keys(state)
     unet.load_state_dict(state)
     return unet
 

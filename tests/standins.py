@@ -71,3 +71,40 @@ def build_cifar10(data_root: Path, *, per_batch: int = 16, seed: int = 0) -> Pat
     images = np.round(np.stack(crops) * 255).astype(np.uint8)          # N,32,32,3
     labels = np.arange(count) % 10
     return write_cifar10_binary(data_root / "cifar-10-batches-bin", images, labels)
+
+
+#: How diffusers before 0.15 named the attention weights that it now calls to_q, to_k, to_v, to_out.0.
+OLD_ATTENTION_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+
+def build_authors_repo(hub_cache: Path, repo_id: str, *, weights: bytes | None = None, old_names: bool = False,
+                       seed: int = 0) -> Path:
+    """Write a stand-in of one of the BadDiffusion authors' released repositories into ``hub_cache``.
+
+    Their layout: ``unet/config.json``, the weights as a pickled ``unet/diffusion_pytorch_model.bin``
+    (a state dict of plain tensors, as ``torch.save`` writes it) and ``scheduler/scheduler_config.json``.
+    The UNet is narrow (``build_hub_cache``'s); ``weights`` replaces the ``.bin``'s bytes (a
+    malicious pickle, in the test that it is refused); ``old_names`` writes the attention weights
+    under their names before diffusers 0.15 (as releases of that time have them). Returns the
+    snapshot folder.
+    """
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / STANDIN_COMMIT
+    (snapshot / "unet").mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(STANDIN_COMMIT)
+    real = dict(ddpm_cifar10_unet().config)
+    real.update(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4)
+    torch.manual_seed(seed)
+    unet = UNet2DModel(**{key: value for key, value in real.items() if not key.startswith("_")})
+    unet.save_config(snapshot / "unet")
+    if weights is None:
+        state = unet.state_dict()
+        if old_names:
+            for new, old in OLD_ATTENTION_NAMES.items():
+                state = {key.replace(f".{new}.", f".{old}."): value for key, value in state.items()}
+        torch.save(state, snapshot / "unet" / "diffusion_pytorch_model.bin")
+    else:
+        (snapshot / "unet" / "diffusion_pytorch_model.bin").write_bytes(weights)
+    DDPMScheduler(**SMOKE_SCHEDULE, beta_schedule="linear").save_pretrained(snapshot / "scheduler")
+    return snapshot
