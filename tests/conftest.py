@@ -37,15 +37,3 @@ def chapter_notebooks() -> list[pathlib.Path]:
 @pytest.fixture(scope="session")
 def config() -> dict:
     return yaml.safe_load((ROOT / "_config.yml").read_text())
-
-
-#: Seconds nbval waits for a cell's outputs after the kernel has answered (nbval's own is 5). A long
-#: training cell with progress bars on a busy machine lags more than that, and nbval then fails
-#: the cell with "Timeout of 5 seconds exceeded waiting for output".
-NBVAL_OUTPUT_TIMEOUT = 120
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if hasattr(item, "output_timeout"):   # nbval's cells of the book's notebooks
-            item.output_timeout = NBVAL_OUTPUT_TIMEOUT
