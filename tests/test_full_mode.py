@@ -16,6 +16,7 @@ import sys
 import time
 
 import papermill as pm
+from nbclient.exceptions import CellTimeoutError
 import pytest
 
 from conftest import BOOK, chapter_notebooks
@@ -42,13 +43,29 @@ def full_mode_env(tmp_path_factory) -> dict[str, str]:
     }
 
 
+#: Seconds one cell may take at the smoke scale (the slowest takes well under a minute on 2 cores).
+CELL_TIMEOUT = 300
+
+
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
 def test_chapter_runs_in_full_mode(chapter, full_mode_env, tmp_path, monkeypatch):
     for name, value in full_mode_env.items():
         monkeypatch.setenv(name, value)
     began = time.perf_counter()
-    pm.execute_notebook(chapter, tmp_path / chapter.name, parameters={"QUICK": False, "DEVICE": "cpu"},
-                        cwd=BOOK, progress_bar=False, kernel_name="python3")
+    for attempt in (1, 2):
+        try:
+            pm.execute_notebook(chapter, tmp_path / chapter.name, parameters={"QUICK": False, "DEVICE": "cpu"},
+                                cwd=BOOK, progress_bar=False, kernel_name="python3",
+                                execution_timeout=CELL_TIMEOUT)
+            break
+        except CellTimeoutError as error:
+            # nbclient can wait forever for the reply to a cell that displays ipywidgets (jupyter/nbclient
+            # issue 312, open; seen here once, on chapter 1's slider, with the kernel idle). A cell
+            # timeout turns that wait into an error; the chapter then runs once more in a new kernel.
+            # Any other failure, or a second timeout, fails the test.
+            if attempt == 2:
+                raise
+            print(f"{chapter.stem}: a cell timed out after {CELL_TIMEOUT} s ({str(error)[:200]}); running it again")
     print(f"{chapter.stem}: full mode at the smoke scale in {time.perf_counter() - began:.1f} s")
 
 
