@@ -32,6 +32,14 @@ from baddiff_core.models import PRETRAINED_CIFAR10, ddpm_cifar10_unet
 STANDIN_COMMIT = "0" * 40
 
 
+def narrow_cifar10_unet(seed: int = 0) -> UNet2DModel:
+    """``google/ddpm-cifar10-32``'s class and block layout, made narrow (about 0.1 M parameters)."""
+    real = dict(ddpm_cifar10_unet().config)
+    real.update(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4)
+    torch.manual_seed(seed)
+    return UNet2DModel(**{key: value for key, value in real.items() if not key.startswith("_")})
+
+
 def build_hub_cache(hub_cache: Path, *, seed: int = 0) -> Path:
     """Write a stand-in of ``google/ddpm-cifar10-32`` into the hub cache folder ``hub_cache``.
 
@@ -44,11 +52,7 @@ def build_hub_cache(hub_cache: Path, *, seed: int = 0) -> Path:
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(STANDIN_COMMIT)
 
-    real = dict(ddpm_cifar10_unet().config)   # the real architecture's settings ...
-    real.update(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4)   # ... made narrow
-    config = {key: value for key, value in real.items() if not key.startswith("_")}
-    torch.manual_seed(seed)
-    UNet2DModel(**config).save_pretrained(snapshot, safe_serialization=True)
+    narrow_cifar10_unet(seed).save_pretrained(snapshot, safe_serialization=True)
     DDPMScheduler(**SMOKE_SCHEDULE, beta_schedule="linear", clip_sample=True,
                   variance_type="fixed_large").save_pretrained(snapshot)
     (snapshot / "model_index.json").write_text(json.dumps(
@@ -93,10 +97,7 @@ def build_authors_repo(hub_cache: Path, repo_id: str, *, weights: bytes | None =
     (snapshot / "unet").mkdir(parents=True, exist_ok=True)
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(STANDIN_COMMIT)
-    real = dict(ddpm_cifar10_unet().config)
-    real.update(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4)
-    torch.manual_seed(seed)
-    unet = UNet2DModel(**{key: value for key, value in real.items() if not key.startswith("_")})
+    unet = narrow_cifar10_unet(seed)
     unet.save_config(snapshot / "unet")
     if weights is None:
         state = unet.state_dict()
