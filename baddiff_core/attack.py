@@ -106,6 +106,13 @@ class BackdoorRecipe:
         settings.update(overrides)
         return cls(**settings)
 
+    @classmethod
+    def colab(cls, **overrides: Any) -> "BackdoorRecipe":
+        """Full mode's attack: :meth:`paper` with the fine-tune cut to fit a free Colab T4 session
+        (:meth:`~baddiff_core.train.TrainConfig.colab_finetune`: 1,000 steps, 2.6 epochs, where the
+        paper trains 50). The paper's exact recipe stays :meth:`paper`."""
+        return cls.paper(**{"train": TrainConfig.colab_finetune(), **overrides})
+
     def trigger_image(self) -> torch.Tensor:
         """The trigger, ``C,H,W`` in [-1, 1] (-1 = transparent)."""
         return make_trigger(self.trigger, self.image_size, self.channels, size=self.trigger_size)

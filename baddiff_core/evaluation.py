@@ -100,12 +100,15 @@ def evaluate_attack(unet: UNet2DModel, scheduler: DDPMScheduler, trigger: torch.
 
 
 def clean_quality(unet: UNet2DModel, scheduler: DDPMScheduler, real: torch.Tensor, *, n: int = 256, seed: int = 0,
-                  clip: str = "none", features: str = "auto", batch_size: int | None = None,
+                  clip: str = "none", features: str = "auto", sampler: str = "ddpm",
+                  num_inference_steps: int | None = None, batch_size: int | None = None,
                   progress: bool = False) -> FrechetScore:
     """Fréchet distance between ``n`` clean samples (seeded) and the real images ``real``.
 
-    ``batch_size`` bounds the images per forward pass (:func:`~baddiff_core.sampling.sample`'s).
+    ``sampler`` and ``num_inference_steps`` as :func:`~baddiff_core.sampling.sample` takes them: full
+    mode scores clean quality on DDIM-50 samples, 20 times fewer network calls than DDPM-1000 (the
+    authors' FID columns use both). ``batch_size`` bounds the images per forward pass.
     """
-    generated = sample(unet, scheduler, n, clip=clip, generator=torch.Generator().manual_seed(seed),
-                       batch_size=batch_size, progress=progress)
+    generated = sample(unet, scheduler, n, clip=clip, sampler=sampler, num_inference_steps=num_inference_steps,
+                       generator=torch.Generator().manual_seed(seed), batch_size=batch_size, progress=progress)
     return frechet_distance(real.to(generated.device), generated, features=features)
