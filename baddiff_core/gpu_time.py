@@ -36,7 +36,7 @@ import torch
 from diffusers import UNet2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["ASSUMED_RATES", "COLAB_MINUTES", "Work", "Plan", "WorkCounter", "pass_flops", "unet_config",
+__all__ = ["ASSUMED_RATES", "COLAB_MINUTES", "Work", "Plan", "WorkCounter", "pass_flops", "unet_config", "train_timesteps",
            "training", "fine_tune", "sampling", "gradient_passes"]
 
 #: Sustained FLOP/s assumed for a 32 px UNet in PyTorch with mixed precision (see the module docstring).
@@ -94,6 +94,27 @@ def unet_config(base: Any) -> dict[str, Any]:
     return json.loads(file.read_text(encoding="utf-8"))
 
 
+def train_timesteps(base: Any) -> int:
+    """T, the DDPM steps of a model (what a DDPM sampling chain costs in passes): a recipe trained
+    from scratch has its ``schedule``'s; a fine-tune keeps its base's (``google/ddpm-cifar10-32``:
+    1000; the shipped digits model and model folders: their ``scheduler_config.json``)."""
+    from baddiff_core.attack import BackdoorRecipe
+    from baddiff_core.models import PRETRAINED_CIFAR10
+    from baddiff_core.pretrained import clean_digits_path
+
+    if isinstance(base, BackdoorRecipe):
+        if base.base == "scratch":
+            return int(base.schedule["num_train_timesteps"])
+        base = base.base
+    if base == PRETRAINED_CIFAR10:
+        return 1000
+    folder = clean_digits_path() if base == "shipped" else Path(base)
+    file = folder / "scheduler" / "scheduler_config.json"
+    if not file.is_file():
+        raise ValueError(f"cannot tell the timesteps of {base!r}: no {file}")
+    return int(json.loads(file.read_text(encoding="utf-8"))["num_train_timesteps"])
+
+
 @dataclass(frozen=True)
 class Work:
     """One item of a chapter's work: ``passes`` image passes through the UNet of ``config``.
@@ -125,8 +146,10 @@ def fine_tune(recipe: Any, what: str | None = None) -> Work:
                                                    f"{recipe.poison_rate:.0%} poison, {recipe.train.steps} steps")
 
 
-def sampling(images: int, steps: int, base: Any, what: str) -> Work:
-    """``images`` samples of ``steps`` denoising steps each (T for DDPM, 50 for DDIM-50)."""
+def sampling(images: int, base: Any, what: str, *, steps: int | None = None) -> Work:
+    """``images`` samples of ``steps`` denoising steps each: by default a DDPM chain of the model's T
+    steps (:func:`train_timesteps`); 50 for DDIM-50."""
+    steps = train_timesteps(base) if steps is None else steps
     return Work(what, int(images) * int(steps), False, unet_config(base))
 
 

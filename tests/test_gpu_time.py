@@ -48,10 +48,21 @@ def test_architectures_of_recipes():
         gpu_time.unet_config("/no/such/model")
 
 
+def test_timesteps_of_a_sampling_chain():
+    assert gpu_time.train_timesteps(BackdoorRecipe.paper()) == 1000
+    assert gpu_time.train_timesteps(BackdoorRecipe()) == 100          # the shipped digits model
+    scratch = BackdoorRecipe(base="scratch", schedule=dict(num_train_timesteps=40, beta_start=1e-3, beta_end=0.2))
+    assert gpu_time.train_timesteps(scratch) == 40
+    assert gpu_time.sampling(3, scratch, "three").passes == 120
+    assert gpu_time.sampling(3, scratch, "DDIM", steps=5).passes == 15
+    with pytest.raises(ValueError, match="cannot tell the timesteps"):
+        gpu_time.train_timesteps("/no/such/model")
+
+
 def test_plan_minutes_by_hand():
     config = gpu_time.unet_config(make_unet(8, 1))
     per_pass, per_grad = gpu_time.pass_flops(config), gpu_time.pass_flops(config, grad=True)
-    plan = gpu_time.Plan([gpu_time.sampling(10, 100, config, "ten samples"),
+    plan = gpu_time.Plan([gpu_time.sampling(10, config, "ten samples", steps=100),
                           gpu_time.training(TrainConfig(steps=3, batch_size=4, gradient_accumulation_steps=2),
                                             config, "a short run"),
                           gpu_time.gradient_passes(7, config, "inversion")])
@@ -103,7 +114,7 @@ def test_counter_sees_every_step_of_a_sampling_chain():
 
 def test_check_fails_when_the_chapter_does_more_than_planned():
     config = gpu_time.unet_config(make_unet(8, 1))
-    plan = gpu_time.Plan([gpu_time.sampling(2, 3, config, "six passes")])
+    plan = gpu_time.Plan([gpu_time.sampling(2, config, "six passes", steps=3)])
     counter = gpu_time.WorkCounter()
     counter.counts[False] = 6
     plan.check(counter)
