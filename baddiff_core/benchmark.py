@@ -44,6 +44,7 @@ from baddiff_core.checks import check_positive_int
 from baddiff_core.devices import mixed_precision_for, resolve_device
 from baddiff_core.diffusion import PAPER_SCHEDULE, QUICK_SCHEDULE, make_scheduler
 from baddiff_core.files import write_text_atomically
+from baddiff_core.gpu_time import Plan, sampling, training
 from baddiff_core.models import ddpm_cifar10_unet, make_unet
 from baddiff_core.poison import PoisonedDataset
 from baddiff_core.sampling import DEFAULT_BATCH_SIZE, sample, sample_clean_and_triggered
@@ -51,7 +52,7 @@ from baddiff_core.train import TrainConfig, train
 from baddiff_core.triggers import make_target, make_trigger
 
 __all__ = ["BenchmarkSize", "SIZES", "Comparison", "interleaved", "reference_training_loop",
-           "torch_calls", "clipping_calls", "fine_tune_cost", "sampling_cost", "peak_memory", "matmul_rate", "training_flops", "training_throughput", "measured_modes", "book_times",
+           "torch_calls", "clipping_calls", "gpu_plan", "fine_tune_cost", "sampling_cost", "peak_memory", "matmul_rate", "training_flops", "training_throughput", "measured_modes", "book_times",
            "run_benchmarks", "write_results", "results_markdown", "cache_summary"]
 
 
@@ -616,6 +617,36 @@ def _machine(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def gpu_plan(size: str | BenchmarkSize, sections: tuple[str, ...] = ("training", "sampling", "memory", "throughput"),
+             *, clipping_steps: int = 5) -> Plan:
+    """The UNet work of :func:`run_benchmarks` for ``size`` and of :func:`clipping_calls`, as a
+    :class:`~baddiff_core.gpu_time.Plan`: an upper bound (every mode of the throughput section, warm-up
+    runs included), so that the Performance page can state its GPU time and check it."""
+    size = SIZES[size] if isinstance(size, str) else size
+    with torch.device("meta"):
+        ratios_unet, cifar = size.unet(), ddpm_cifar10_unet()
+    quick_t = QUICK_SCHEDULE["num_train_timesteps"]
+    train = TrainConfig(steps=size.train_steps, batch_size=size.train_batch)
+    work = []
+    if "training" in sections:   # two comparisons, each (repeats + a warm-up) pairs of two loops
+        runs = 2 * 2 * (size.repeats + 1)
+        work.append(training(dataclasses.replace(train, steps=runs * size.train_steps), ratios_unet, "training ratios"))
+    if "sampling" in sections:
+        pairs = size.repeats + 1
+        work.append(sampling(pairs * 2 * size.sample_n, ratios_unet, "clipping ratio", steps=size.sample_steps))
+        pairs = max(2, size.repeats // 4) + 1   # a pair: one batched call of 2n, two calls of n
+        work.append(sampling(pairs * 4 * size.sample_n, ratios_unet, "batching ratio", steps=size.sample_steps))
+        work.append(sampling(size.long_n, ratios_unet, "DDIM-50 / DDPM-1000", steps=50 + 1000))
+    if "memory" in sections:
+        work.append(training(dataclasses.replace(train, steps=2), ratios_unet, "peak memory, training"))
+        work.append(sampling(size.sample_n, ratios_unet, "peak memory, sampling", steps=quick_t))
+    if "throughput" in sections:
+        throughput = TrainConfig(steps=size.flops_steps * len(size.flops_modes) + 1, batch_size=size.flops_batch)
+        work.append(training(throughput, cifar, "CIFAR-10 UNet throughput, every mode"))
+    work.append(sampling(2, ratios_unet, "clipping's torch calls", steps=clipping_steps))
+    return Plan(work)
 
 
 def run_benchmarks(size: str = "small", device: str | torch.device = "auto", *, jupyter_cache: str | None = None,

@@ -189,7 +189,8 @@ class Plan:
         if not self.flops:
             return "no GPU work"
         t4, a100 = self.minutes("T4"), self.minutes("A100")
-        return f"about {t4:.0f} minutes on a T4, {max(a100, 1):.0f} on an A100 ({self.flops / 1e15:.1f} PFLOP)"
+        t4_text = "under a minute" if t4 < 0.5 else f"about {t4:.0f} minutes"
+        return f"{t4_text} on a T4, {max(round(a100), 1)} on an A100 ({self.flops / 1e15:.2g} PFLOP)"
 
     def check(self, counter: "WorkCounter") -> None:
         """Assert that the passes ``counter`` saw are no more than planned, of either kind."""
