@@ -14,7 +14,9 @@ repository per attack, each with its weights as a *pickled* ``unet/diffusion_pyt
   digests (:func:`~baddiff_core.cache.cached_model`) and never reads the pickle again.
 
 Each entry's attack is written in the book's names (``stop_sign`` 14 px, ``corner``, ...): the
-triggers and targets the library draws to the authors' geometry. The repository ids come from the
+triggers and targets the library draws to the authors' geometry. The exact tensors each model was
+trained with (the authors' stop-sign picture, Fashion-MNIST's shoe) are
+:func:`baddiff_core.authors_assets.authors_trigger` and ``authors_target``. The repository ids come from the
 authors' ``score.json`` collection; they were not checked against the live hub listing from the
 machine this module was written on (no network), so a wrong id fails at download, naming itself.
 """
