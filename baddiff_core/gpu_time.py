@@ -215,7 +215,8 @@ class WorkCounter:
     def _hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if isinstance(module, UNet2DModel):
             sample = output[0] if isinstance(output, tuple) else output.sample
-            self.counts[torch.is_grad_enabled()] += int(sample.shape[0])
+            if sample.device.type != "meta":   # pass_flops' shape-only passes cost nothing
+                self.counts[torch.is_grad_enabled()] += int(sample.shape[0])
 
     def start(self) -> "WorkCounter":
         if self._handle is None:

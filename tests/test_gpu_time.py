@@ -97,6 +97,7 @@ def test_counter_counts_images_per_pass_and_autograd():
             unet(x, t)
         unet(x[:3], t[:3], return_dict=False)
         torch.nn.Conv2d(1, 1, 1)(x)       # not a UNet: not counted
+        gpu_time.pass_flops(dict(make_unet(8, 3).config), grad=True)   # meta device: not counted
     unet(x, t)                           # after stop(): not counted
     assert counter.passes(grad=False) == 5 and counter.passes(grad=True) == 3
 
