@@ -519,3 +519,25 @@ def test_regenerate_writes_both_asset_files_whole(tmp_path, monkeypatch):
     assert json.loads(feat.RECIPE_PATH.read_text()) == recipe
     assert sorted(p.name for p in (tmp_path / "assets").iterdir()) == ["digits_net.json",
                                                                        "digits_net.safetensors"]
+
+
+def test_frechet_distance_computes_the_real_statistics_once(monkeypatch):
+    # Full mode scores several models against the same real images: their features are computed on
+    # the first call only, and the value is the one a fresh computation gives.
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from baddiff_core import metrics
+
+    monkeypatch.setattr(metrics, "_REAL_STATISTICS", {})
+    generator = torch.Generator().manual_seed(0)
+    real = torch.rand(40, 1, 16, 16, generator=generator) * 2 - 1
+    fakes = [torch.rand(30, 1, 16, 16, generator=generator) * 2 - 1 for _ in range(2)]
+    seen = []
+    update = FrechetInceptionDistance.update
+    monkeypatch.setattr(FrechetInceptionDistance, "update",
+                        lambda self, imgs, real: (seen.append(bool(real)), update(self, imgs, real))[1])
+    first = [metrics.frechet_distance(real, fake, features="digits").value for fake in fakes]
+    assert seen.count(True) == 1 and seen.count(False) == 2
+    metrics._REAL_STATISTICS.clear()   # a fresh computation of the second value
+    assert metrics.frechet_distance(real, fakes[1], features="digits").value == pytest.approx(first[1], rel=1e-9)
+    assert metrics.frechet_distance(real[:39], fakes[0], features="digits").value != first[0]   # other real images
