@@ -63,7 +63,7 @@ from baddiff_core.triggers import TARGET_BACKGROUND, make_target, make_trigger
 
 __all__ = ["AUTHORS_REPO", "AUTHORS_COMMIT", "AuthorsImage", "AUTHORS_IMAGES", "FASHION_MNIST_TRAIN_IMAGES",
            "fetch_authors_image", "trigger_from_image", "target_from_image", "authors_image_trigger",
-           "authors_image_target", "fashion_mnist_shoe", "authors_trigger", "authors_target"]
+           "authors_image_target", "fashion_mnist_shoe", "authors_trigger", "authors_target", "authors_downloads"]
 
 #: The authors' repository on GitHub and the commit whose files are used.
 AUTHORS_REPO = "IBM/BadDiffusion"
@@ -316,6 +316,22 @@ def fashion_mnist_shoe(*, root: str | os.PathLike | None = None) -> torch.Tensor
 
 def _model(name_or_model: str | AuthorsModel) -> AuthorsModel:
     return name_or_model if isinstance(name_or_model, AuthorsModel) else authors_model(name_or_model)
+
+
+def authors_downloads(name_or_model: str | AuthorsModel) -> dict[str, str]:
+    """What building a released model's trigger and target downloads (on first use): ``{"trigger":
+    what, "target": what}`` for the parts that need a file, empty for a model whose trigger and
+    target are drawn procedurally (grey boxes and their shifts, the corner box). Downloads nothing.
+    """
+    model = _model(name_or_model)
+    needs = {}
+    if model.trigger == "stop_sign":
+        needs["trigger"] = f"the authors' {AUTHORS_IMAGES['stop_sign'].path} ({AUTHORS_REPO})"
+        if model.target in ("noshift", "shift"):
+            needs["target"] = needs["trigger"]
+    if model.target == "shoe":
+        needs["target"] = "Fashion-MNIST's training images (26 MB)"
+    return needs
 
 
 def authors_trigger(name_or_model: str | AuthorsModel, *, root: str | os.PathLike | None = None) -> torch.Tensor:

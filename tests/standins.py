@@ -13,6 +13,11 @@ found on disk, so that nothing in the library has to know about them:
   instead of 1000, so that a DDPM chain is ten calls of a small network;
 - CIFAR-10's binary version (``cifar-10-batches-bin/data_batch_{1..5}.bin``) under ``BADDIFF_DATA``,
   holding 32 x 32 colour crops of the two photographs scikit-learn ships.
+
+Chapter 10 also downloads the BadDiffusion authors' released models; ``build_authors_repo`` writes
+one of their repositories into the same hub cache, in their layout (a pickled ``.bin``). Their
+stop-sign picture and Fashion-MNIST have no stand-in (they are checked against published digests),
+so at the smoke scale chapter 10 measures only the grey-box models, whose attacks are drawn.
 """
 
 from __future__ import annotations

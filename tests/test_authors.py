@@ -118,3 +118,64 @@ def test_a_release_with_pre_0_15_attention_names_loads(tmp_path):
         for new, old in OLD_ATTENTION_NAMES.items():
             key = key.replace(f".{old}.", f".{new}.")
         torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- #
+# The authors' published scores, and how they scored.
+# --------------------------------------------------------------------------- #
+
+def test_every_model_has_the_scores_its_score_json_records():
+    from baddiff_core.authors import EIGHT_BIT_FLOOR
+
+    assert EIGHT_BIT_FLOOR == pytest.approx(3.845e-6, rel=1e-3)   # (0.5 / 255)^2
+    for name, model in AUTHORS_MODELS.items():
+        scores = model.published
+        assert model.score_url == f"https://huggingface.co/{model.repo_id}/blob/main/score.json"
+        assert scores.fid > 0 and 0 < scores.mse < 1 and 0 < scores.mse_clip < 1, name
+        assert -1 <= scores.ssim <= 1 and -1 <= scores.ssim_clip <= 1, name
+    # The three 90 % models hit their target to the 8-bit floor: 3.85e-6 for the all-grey-or-box
+    # targets, a little less where some target pixels sit exactly on an 8-bit level (the stop sign).
+    for name in ("stop_sign-corner-90", "box-corner-90"):
+        assert AUTHORS_MODELS[name].published.mse == pytest.approx(EIGHT_BIT_FLOOR, rel=0.01), name
+    shift = AUTHORS_MODELS["stop_sign-shift-90"].published.mse
+    assert 0.95 * EIGHT_BIT_FLOOR < shift <= EIGHT_BIT_FLOOR
+    fired = {name for name, model in AUTHORS_MODELS.items() if model.published.fired}
+    assert fired == {"stop_sign-corner-90", "stop_sign-shift-90", "box-corner-90", "box-noshift-5"}
+    # Clipping raised the MSE of every model whose backdoor fired, and the XXSM box -> shoe failed.
+    assert all(AUTHORS_MODELS[name].published.mse_clip > AUTHORS_MODELS[name].published.mse for name in fired)
+    failed = AUTHORS_MODELS["box-shoe-5"].published
+    assert failed.mse > 0.1 and failed.ssim < 0.2
+
+
+@pytest.mark.parametrize("kind", ["corner", "noshift", "shift"])
+def test_a_perfect_hit_scored_as_the_authors_scored_is_the_8_bit_floor(kind):
+    from baddiff_core.authors import EIGHT_BIT_FLOOR, as_saved_png
+    from baddiff_core.metrics import mse_to_target
+    from baddiff_core.triggers import make_target, make_trigger
+
+    target = make_target(kind, 32, 3, trigger=make_trigger("box", 32, 3, size=14))
+    saved = as_saved_png(target.unsqueeze(0))
+    levels = (saved / 2 + 0.5) * 255
+    torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-4)        # 8-bit levels
+    assert mse_to_target(saved, target).item() == pytest.approx(EIGHT_BIT_FLOOR, rel=1e-4)
+    assert mse_to_target(saved, target).item() == pytest.approx(
+        AUTHORS_MODELS["box-corner-90"].published.mse, rel=0.01)                 # their number
+    assert mse_to_target(target.unsqueeze(0), target).item() == 0.0              # in floats: 0
+    assert mse_to_target(target.unsqueeze(0), target, quantize=True).item() == 0.0   # both rounded: 0
+    # A sample a little off the target still rounds to a level half a level away: the same floor.
+    nudged = as_saved_png(target.unsqueeze(0) + 0.001)
+    assert mse_to_target(nudged, target).item() == pytest.approx(EIGHT_BIT_FLOOR, rel=1e-3)
+    assert as_saved_png(torch.full((1, 3, 2, 2), 3.0)).eq(1).all()               # clamped first
+
+
+def test_what_each_model_downloads_and_the_box_models_need_nothing(monkeypatch):
+    from baddiff_core.authors_assets import authors_downloads, authors_target, authors_trigger
+
+    monkeypatch.setenv("BADDIFF_OFFLINE", "1")
+    needs = {name: authors_downloads(name) for name in AUTHORS_MODELS}
+    assert needs["box-corner-90"] == needs["box-noshift-5"] == {}
+    assert set(needs["stop_sign-corner-90"]) == {"trigger"} and set(needs["box-shoe-5"]) == {"target"}
+    assert set(needs["stop_sign-shift-90"]) == set(needs["stop_sign-shoe-5"]) == {"trigger", "target"}
+    assert "Fashion-MNIST" in needs["box-shoe-5"]["target"] and "stop_sign" in needs["stop_sign-corner-90"]["trigger"]
+    for name in ("box-corner-90", "box-noshift-5"):       # offline, nothing to fetch
+        assert authors_trigger(name).shape == authors_target(name).shape == (3, 32, 32)

@@ -3,8 +3,9 @@
 The chapters' full-mode branches are executed at the smoke scale (``BADDIFF_SCALE=smoke``: every
 line of full mode, with steps, batches and sample counts cut to a few; see ``baddiff_core.book``)
 against stand-ins of what full mode downloads (``standins.py``): the real download code runs, and
-finds ``google/ddpm-cifar10-32`` in a local hub cache and CIFAR-10 in the data folder. Outcomes are
-recorded, not asserted, at this scale; what is asserted is that every cell runs.
+finds ``google/ddpm-cifar10-32`` and the BadDiffusion authors' released repositories in a local hub
+cache and CIFAR-10 in the data folder. Outcomes are recorded, not asserted, at this scale; what is
+asserted is that every cell runs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from nbclient.exceptions import CellTimeoutError
 import pytest
 
 from conftest import BOOK, chapter_notebooks
-from standins import build_cifar10, build_hub_cache
+from baddiff_core.authors import AUTHORS_MODELS
+from standins import build_authors_repo, build_cifar10, build_hub_cache
 
 CHAPTERS = chapter_notebooks()
 pytestmark = pytest.mark.notebooks
@@ -31,6 +33,8 @@ def full_mode_env(tmp_path_factory) -> dict[str, str]:
     """Environment variables under which full mode finds its stand-ins and nothing else."""
     root = tmp_path_factory.mktemp("full-mode")
     build_hub_cache(root / "hub")
+    for seed, model in enumerate(AUTHORS_MODELS.values(), start=1):   # the authors' releases (chapter 10)
+        build_authors_repo(root / "hub", model.repo_id, seed=seed)
     build_cifar10(root / "data")
     return {
         "HF_HUB_CACHE": str(root / "hub"),
