@@ -8,7 +8,7 @@
 #               then the small benchmarks (benchmarks/run.py: speed ratios, memory, the chapters'
 #               times in this build, the models trained), written to _build/benchmarks/small.json
 #
-# Other targets: make nbval (every chapter executed once more under nbval, e.g. `make nbval
+# Other targets: make test-fast (the tests not marked slow: about a minute, while editing), make nbval (every chapter executed once more under nbval, e.g. `make nbval
 # NOTEBOOKS=book/04_measuring_the_backdoor.ipynb`), make lock (record the resolved versions),
 # make strip (remove notebook outputs), make clean.
 
@@ -46,7 +46,7 @@ CORE_FILES := $(shell find baddiff_core -type f -not -path '*/__pycache__/*' -no
 # The browser test (tests/test_book_in_browser.py) opens the built book in this headless Chromium.
 export CHROMIUM ?= chromium
 
-.PHONY: book test nbval venv lock strip clean browser
+.PHONY: book test test-fast nbval venv lock strip clean browser
 
 venv: $(STAMP)
 
@@ -84,6 +84,11 @@ browser:
 	  || { echo "make test needs a headless Chromium for tests/test_book_in_browser.py and could not install it." >&2; \
 	       echo "Install Debian's package as root (apt-get install chromium), or set CHROMIUM=/path/to/chromium." >&2; \
 	       exit 1; }; }
+
+# The loop while editing: every test not marked slow (no book build, no chapter, no real training run;
+# about a minute on 2 cores). `make test` stays the complete check.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not slow" -q
 
 NOTEBOOKS ?= book
 nbval: $(STAMP)

@@ -152,6 +152,7 @@ def test_results_are_written_as_json_and_markdown(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["r.json", "r.md"]   # no temporary files left
 
 
+@pytest.mark.slow
 def test_the_command_refuses_bad_arguments():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--size", "huge"],
                             capture_output=True, text=True)
@@ -161,6 +162,7 @@ def test_the_command_refuses_bad_arguments():
     assert result.returncode == 2 and "holds no jupyter-cache" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_tiny_run_measures_every_section(monkeypatch):
     """The whole pipeline on a tiny size: every comparison, memory, throughput and their shapes."""
     tiny = benchmark.BenchmarkSize("tiny", image_size=8, channels=1, train_batch=4, train_steps=2, sample_n=2,
@@ -195,6 +197,7 @@ def test_the_cache_summary_names_what_was_computed_twice():
     assert results_markdown(results).count("backdoor-ab12") == 1
 
 
+@pytest.mark.slow
 def test_the_gpu_check_runs_dry_on_the_cpu(tmp_path):
     """benchmarks/gpu_check.sh as it would run on a lent GPU, in its --dry-run form: every section,
     the same code, a few steps on the CPU (so that the check cannot rot before a GPU is at hand)."""
@@ -218,6 +221,7 @@ def test_the_gpu_check_runs_dry_on_the_cpu(tmp_path):
     assert "The paper's backdoor fine-tune (fp32, batch 2)" in markdown and "DDIM-50" in markdown
 
 
+@pytest.mark.slow
 def test_the_gpu_check_refuses_a_cpu_without_dry_run():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -287,6 +287,7 @@ def chapter(request, site) -> tuple[pathlib.Path, Page]:
 
 # --- The book, page by page ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_builds_the_book_as_make_book_does():
     assert f"$(BIN)/jupyter-book {' '.join(BUILD_ARGS)}" in (ROOT / "Makefile").read_text()
 
@@ -298,6 +299,7 @@ def test_the_book_launches_from_its_repository_on_main(config):
     assert config["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
 
 
+@pytest.mark.slow
 def test_front_page_renders(site):
     root = ROOT / toc_files()[0]
     source = next(root.with_suffix(s) for s in (".md", ".ipynb") if root.with_suffix(s).exists())
@@ -308,6 +310,7 @@ def test_front_page_renders(site):
     assert fetch(site)[0] == 200, "the site's index.html is missing"
 
 
+@pytest.mark.slow
 def test_chapter_renders(chapter):
     notebook, page = chapter
     problems = [] if page.status == 200 else [f"HTTP {page.status}"]
@@ -315,6 +318,7 @@ def test_chapter_renders(chapter):
     assert not problems, report(page, problems)
 
 
+@pytest.mark.slow
 def test_chapter_shows_a_figure(chapter):
     _, page = chapter
     figures = output_figures(page.dom)
@@ -324,16 +328,19 @@ def test_chapter_shows_a_figure(chapter):
     assert not missing, report(page, [f"figure files not served: {missing}"])
 
 
+@pytest.mark.slow
 def test_chapter_colab_link_opens_its_notebook_on_main(chapter, config):
     notebook, page = chapter
     assert not (problems := colab_problems(page.dom, colab_link(notebook, config))), report(page, problems)
 
 
+@pytest.mark.slow
 def test_chapter_outputs_show_no_error(chapter):
     _, page = chapter
     assert not (problems := error_problems(page.dom)), report(page, problems)
 
 
+@pytest.mark.slow
 def test_chapter_widgets_have_saved_state(chapter):
     notebook, page = chapter
     assert not (problems := widget_problems(page.html, uses_widgets(notebook))), report(page, problems)

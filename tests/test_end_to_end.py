@@ -23,6 +23,8 @@ from baddiff_core.data import load_images
 from baddiff_core.evaluation import clean_quality, evaluate_attack
 from baddiff_core.pretrained import load_clean_digits
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def results():

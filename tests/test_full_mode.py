@@ -25,7 +25,7 @@ from baddiff_core.authors import AUTHORS_MODELS
 from standins import build_authors_repo, build_cifar10, build_hub_cache
 
 CHAPTERS = chapter_notebooks()
-pytestmark = pytest.mark.notebooks
+pytestmark = [pytest.mark.notebooks, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ from conftest import BOOK, chapter_notebooks
 
 CHAPTERS = chapter_notebooks()
 
+pytestmark = pytest.mark.slow   # each test starts a Jupyter kernel
+
 
 def run_with(chapter, parameters, tmp_path) -> pm.PapermillExecutionError:
     with pytest.raises(pm.PapermillExecutionError) as failure:

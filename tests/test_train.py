@@ -273,6 +273,7 @@ train_module.train(model, make_scheduler(**QUICK_SCHEDULE), load_images("digits"
 '''
 
 
+@pytest.mark.slow
 def test_sigkill_mid_checkpoint_then_resume_equals_an_uninterrupted_run(digits8, tmp_path):
     """A training process killed with SIGKILL while writing a checkpoint loses nothing: the previous
     checkpoint is intact, and resuming from it ends with the weights of a run that was never killed."""
