@@ -72,6 +72,9 @@ WIDTH = 1300            # pixels: wide enough for the book's three columns
 MAX_HEIGHT = 30_000     # pixels: longer pages are shot down to this height
 
 CHAPTERS = chapter_notebooks()  # the .ipynb entries of _toc.yml, in reading order
+# The first test builds the book: from an empty model cache on a machine three times slower than
+# ours that took 69 minutes (README), so the module's bound is two hours, not pytest's 30 minutes.
+pytestmark = pytest.mark.timeout(7200)
 
 
 # --- What a page should show: small helpers, each returning the problems it finds ----------------
