@@ -21,9 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def chapter_plan(chapter: Path):
-    """The ``PLAN`` a chapter's setup cell builds at full scale."""
-    os.environ.pop("BADDIFF_SCALE", None)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    """The ``PLAN`` a chapter's setup cell builds with ``QUICK = False`` (at full scale when the
+    environment sets no ``BADDIFF_SCALE``)."""
     cells = [c for c in nbformat.read(chapter, as_version=4).cells if c.cell_type == "code"]
     parameters = next(c for c in cells if "parameters" in c.metadata.get("tags", []))
     setup = next(c for c in cells if "chapter_settings(" in c.source)
@@ -39,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true", help="one Markdown table of the chapters")
     args = parser.parse_args(argv)
+    os.environ.pop("BADDIFF_SCALE", None)   # full scale
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import chapter_notebooks
 

@@ -12,12 +12,16 @@ smoke scale in ``test_full_mode.py``.
 from __future__ import annotations
 
 import re
+import sys
 
 import nbformat
 import pytest
 
 from baddiff_core.gpu_time import COLAB_MINUTES
-from conftest import chapter_notebooks
+from conftest import ROOT, chapter_notebooks
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from gpu_plans import chapter_plan  # noqa: E402  (benchmarks/ is not a package)
 
 CHAPTERS = chapter_notebooks()
 STATED = re.compile(r"about (\d+) minutes on a T4, (\d+) on an A100")
@@ -26,15 +30,7 @@ STATED = re.compile(r"about (\d+) minutes on a T4, (\d+) on an A100")
 def full_scale_plan(chapter, monkeypatch):
     monkeypatch.delenv("BADDIFF_SCALE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cells = [c for c in nbformat.read(chapter, as_version=4).cells if c.cell_type == "code"]
-    parameters = next(c for c in cells if "parameters" in c.metadata.get("tags", []))
-    setup = next(c for c in cells if "chapter_settings(" in c.source)
-    namespace: dict = {}
-    exec(compile(parameters.source, f"{chapter.name}:parameters", "exec"), namespace)
-    namespace.update(QUICK=False, DEVICE="cpu")
-    exec(compile(setup.source, f"{chapter.name}:setup", "exec"), namespace)
-    namespace["WORK"].stop()
-    return namespace["PLAN"]
+    return chapter_plan(chapter)
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
