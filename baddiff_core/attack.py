@@ -100,7 +100,8 @@ class BackdoorRecipe:
     @classmethod
     def paper(cls, **overrides: Any) -> "BackdoorRecipe":
         """The paper's CIFAR-10 fine-tuning attack: ``google/ddpm-cifar10-32``, stop sign 14 -> hat,
-        10% poison, 50 epochs (MATH.md section 5). Needs a GPU and a network."""
+        10% poison, 50 epochs (BadDiffusion (Chou et al. 2023, arXiv:2212.05400), Sec. 4). Needs a GPU
+        and a network."""
         settings = dict(trigger="stop_sign", trigger_size=14, target="hat", poison_rate=0.1, base=PRETRAINED_CIFAR10,
                         dataset="cifar10", image_size=32, channels=3, train=TrainConfig.paper_finetune())
         settings.update(overrides)

@@ -3,7 +3,8 @@
 The first defence, inference-time clipping, is a sampler setting (``clip="x0"`` in
 :func:`baddiff_core.sampling.sample`). This module holds the defences that look inside a model:
 
-- **Trigger inversion** (Elijah, An et al. 2024; MATH.md section 6). A backdoored model has learnt
+- **Trigger inversion** (Elijah (An et al. 2024, arXiv:2312.00050), its trigger inversion; chapter 7,
+  ``book/07_detecting_a_backdoor.ipynb``). A backdoored model has learnt
   ``eps_theta(eps + g, T-1) ~ eps + lambda g`` with ``lambda = c R_{T-1}`` (``c = 1`` for the
   BadDiffusion/DDPM target, 2 for the ODE target). Averaged over many ``eps`` the noise cancels, so a
   trigger estimate ``tau`` is found by minimising ``| mean_i eps_theta(eps_i + tau, T-1) - lambda tau |_1``.
@@ -126,8 +127,8 @@ def invert_trigger(unet: UNet2DModel, scheduler: DDPMScheduler, *, num_noise: in
     """Estimate a backdoor trigger from the model alone (Elijah's trigger inversion).
 
     Minimises ``mean | mean_i eps_theta(eps_i + tau, T-1) - lam tau |`` over ``tau`` with Adam,
-    from ``tau = -U[0, 1)`` and a fixed batch of ``num_noise`` noises ``eps_i`` (MATH.md section 6:
-    B = 100, lr 0.1, 100 steps).
+    from ``tau = -U[0, 1)`` and a fixed batch of ``num_noise`` noises ``eps_i`` (Elijah (An et al.
+    2024, arXiv:2312.00050): B = 100, lr 0.1, 100 steps).
 
     Args:
         unet, scheduler: the model under test and its training schedule.

@@ -1,8 +1,9 @@
 """The backdoored forward process and the training loss of BadDiffusion, on a diffusers scheduler.
 
-Introduced in chapter 3 (Planting a backdoor). Notation follows ``shared/MATH.md`` section 1 and
-diffusers: ``betas`` (beta_t), ``alphas`` (alpha_t = 1 - beta_t), ``alphas_cumprod``
-(abar_t = prod_{s <= t} alpha_s), timesteps ``t = 0 .. T-1``. Images are ``B,C,H,W`` in [-1, 1].
+Introduced in chapter 3 (Planting a backdoor). Notation follows DDPM (Ho et al. 2020,
+arXiv:2006.11239), BadDiffusion (Chou et al. 2023, arXiv:2212.05400), Sec. 3, and diffusers: ``betas``
+(beta_t), ``alphas`` (alpha_t = 1 - beta_t), ``alphas_cumprod`` (abar_t = prod_{s <= t} alpha_s),
+timesteps ``t = 0 .. T-1``. Images are ``B,C,H,W`` in [-1, 1].
 
 Each training sample is a pair ``(y, r)``: a clean sample has ``y = x`` (the image) and ``r = 0``; a
 poisoned sample has ``y`` = the attacker's target and ``r`` = the image with the trigger pasted on.
@@ -90,9 +91,11 @@ def make_scheduler(*, num_train_timesteps: int = 1000, beta_start: float = 1e-4,
 def r_coefficients(scheduler: DDPMScheduler) -> torch.Tensor:
     """BadDiffusion's coefficient of ``r`` in the regression target, for every timestep.
 
-    ``R_t = (1 - sqrt(alpha_t)) sqrt(1 - abar_t) / (1 - alpha_t)`` (MATH.md section 1), float64,
-    shape ``(T,)``. For the paper's schedule: 0.0050 at t = 0, 0.1620 at 100, 0.4814 at 500 and
-    0.5025 at 999.
+    ``R_t = (1 - sqrt(alpha_t)) sqrt(1 - abar_t) / (1 - alpha_t)``, float64, shape ``(T,)``. For the
+    paper's schedule: 0.0050 at t = 0, 0.1620 at 100, 0.4814 at 500 and 0.5025 at 999. The attack
+    is BadDiffusion (Chou et al. 2023, arXiv:2212.05400), Sec. 3; this is the coefficient its
+    authors' code uses (github.com/IBM/BadDiffusion, ``loss.py``), derived in chapter 3 of this book
+    (``book/03_planting_a_backdoor.ipynb``, "The coefficient on r").
     """
     alphas = scheduler.alphas.double()
     alphas_cumprod = scheduler.alphas_cumprod.double()
@@ -211,7 +214,8 @@ def diffusion_loss(model: torch.nn.Module, scheduler: DDPMScheduler, y: torch.Te
 
     ``t ~ U{0, ..., T-1}`` and ``eps ~ N(0, I)`` are drawn per sample from ``generator`` (on any
     device); ``model`` is a diffusers ``UNet2DModel`` (anything returning ``.sample``). Clean and
-    poisoned samples share one mean, with no per-sample weights (MATH.md section 1). ``r=None``
+    poisoned samples share one mean, with no per-sample weights, as in the code of BadDiffusion
+    (Chou et al. 2023, arXiv:2212.05400; github.com/IBM/BadDiffusion, ``loss.py``). ``r=None``
     means a clean batch (the plain DDPM loss, without the trigger's element-wise work).
     ``coefficients``, from :func:`trigger_coefficients` for this ``solver`` and ``attack``, saves
     rebuilding them at every step (a training loop passes them).

@@ -2,11 +2,12 @@
 
 Introduced where the book first measures the clean utility of a (backdoored) model.
 
-The paper measures clean utility with FID, the Fréchet distance between 2048-d Inception-v3 features
-of generated and real images (MATH.md, section 4). Inception weights must be downloaded, and they were
-trained on photographs, not 8x8 digits. The book works offline on scikit-learn's bundled digits
-(``sklearn.datasets.load_digits``: 1797 grey 8x8 images of the digits 0..9), so it uses this small
-convolutional network instead, trained here on those digits and shipped with the package:
+The paper measures clean utility with FID, the Fréchet distance between 2048-d Inception-v3 features of
+generated and real images (BadDiffusion (Chou et al. 2023, arXiv:2212.05400), Sec. 4). Inception weights
+must be downloaded, and they were trained on photographs, not 8x8 digits. The book works offline on
+scikit-learn's bundled digits (``sklearn.datasets.load_digits``: 1797 grey 8x8 images of the digits
+0..9), so it uses this small convolutional network instead, trained here on those digits and shipped
+with the package:
 
 * :meth:`DigitsNet.features` gives a 64-d feature vector per image, for a Fréchet distance
   ("FD with digits features"; its values are *not* comparable with published FIDs);

@@ -1,6 +1,9 @@
-"""How well did the attack work, and is the model still a good generator? (MATH.md, section 4).
+"""How well did the attack work, and is the model still a good generator?
 
-Introduced where the book first measures a backdoored model.
+Introduced where the book first measures a backdoored model (chapter 4,
+``book/04_measuring_the_backdoor.ipynb``, "The metrics"). The metrics are those of BadDiffusion
+(Chou et al. 2023, arXiv:2212.05400), Sec. 4, computed as in its authors' code
+(github.com/IBM/BadDiffusion).
 
 BadDiffusion is judged on two axes:
 
@@ -57,9 +60,11 @@ __all__ = [
 Reduction = Literal["mean", "none"]
 FeatureKind = Literal["auto", "digits", "inception"]
 
-#: Per-image MSE (in [0, 1] units) below which a backdoor sample counts as a success (MATH.md 4).
+#: Per-image MSE (in [0, 1] units) below which a backdoor sample counts as a success (the convention
+#: of follow-up work such as Elijah (An et al. 2024, arXiv:2312.00050)).
 DEFAULT_ASR_THRESHOLD = 0.1
-#: SSIM Gaussian window side and standard deviation, in pixels (Wang et al. 2004; MATH.md 4).
+#: SSIM Gaussian window side and standard deviation, in pixels (Wang et al. 2004; the torchmetrics
+#: defaults, which the BadDiffusion authors' code uses: github.com/IBM/BadDiffusion).
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 #: How far outside [-1, 1] :func:`frechet_distance` accepts values (float round-off of samplers).
@@ -123,9 +128,10 @@ def _reduce(values: Tensor, reduction: Reduction) -> Tensor:
 
 
 def to_unit_range(images: Tensor) -> Tensor:
-    """Map images from [-1, 1] to [0, 1]: ``(x / 2 + 0.5).clamp(0, 1)`` (MATH.md 4).
+    """Map images from [-1, 1] to [0, 1]: ``(x / 2 + 0.5).clamp(0, 1)``.
 
-    Any shape; values outside [-1, 1] are clipped, as when the authors saved their samples.
+    Any shape; values outside [-1, 1] are clipped, as when the authors saved their samples (the code
+    of BadDiffusion (Chou et al. 2023, arXiv:2212.05400): github.com/IBM/BadDiffusion).
     """
     return (images / 2 + 0.5).clamp(0.0, 1.0)
 
@@ -147,14 +153,15 @@ def mse_to_target(
     reduction: Reduction = "mean",
     quantize: bool = False,
 ) -> Tensor:
-    r"""Mean squared error between each sample and the target, in [0, 1] units (MATH.md 4).
+    r"""Mean squared error between each sample and the target, in [0, 1] units.
 
     .. math::
         \mathrm{MSE}_b = \frac{1}{CHW} \sum_{c,h,w} \big(u(x_b)_{chw} - u(y)_{chw}\big)^2,
         \qquad u(x) = \mathrm{clamp}(x/2 + 1/2, 0, 1),
 
     so a value lies in [0, 1]; 0 means the sample *is* the target. With ``reduction="mean"`` the mean
-    over the batch (equal to the mean over all images, channels and pixels, the paper's MSE).
+    over the batch (equal to the mean over all images, channels and pixels: the MSE of
+    BadDiffusion (Chou et al. 2023, arXiv:2212.05400), Sec. 4).
 
     Args:
         samples: ``B,C,H,W`` in [-1, 1] (values outside are clipped by ``u``).
@@ -178,11 +185,12 @@ def mse_to_target(
 def ssim_window(height: int, width: int) -> tuple[int, float]:
     """The SSIM Gaussian window ``(side, sigma)`` used for ``height x width`` images.
 
-    The standard window is 11 px with sigma 1.5 (Wang et al. 2004; MATH.md 4). For images smaller
-    than 11 px on a side the window shrinks to the largest odd side ``k`` that fits
-    (``k <= min(height, width)``; 7 for 8x8 images). torchmetrics derives a Gaussian window's side from
-    its sigma (``2 * int(3.5 * sigma + 0.5) + 1``), so sigma shrinks in proportion,
-    ``sigma = 1.5 * k / 11``: the Gaussian is truncated at the same ~3.5 sigma as the standard one.
+    The standard window is 11 px with sigma 1.5 (Wang et al. 2004), as in the BadDiffusion authors' code
+    (github.com/IBM/BadDiffusion). For images smaller than 11 px on a side the window shrinks to the
+    largest odd side ``k`` that fits (``k <= min(height, width)``; 7 for 8x8 images). torchmetrics
+    derives a Gaussian window's side from its sigma (``2 * int(3.5 * sigma + 0.5) + 1``), so sigma
+    shrinks in proportion, ``sigma = 1.5 * k / 11``: the Gaussian is truncated at the same ~3.5 sigma as
+    the standard one.
     """
     check_positive_int("height", height)
     check_positive_int("width", width)
@@ -196,7 +204,7 @@ def ssim_window(height: int, width: int) -> tuple[int, float]:
 
 @torch.no_grad()
 def ssim_to_target(samples: Tensor, target: Tensor, *, reduction: Reduction = "mean") -> Tensor:
-    r"""Structural similarity between each sample and the target (MATH.md 4).
+    r"""Structural similarity between each sample and the target.
 
     .. math::
         \mathrm{SSIM}(x, y) = \operatorname{mean}_{\text{pixels}}
@@ -208,6 +216,7 @@ def ssim_to_target(samples: Tensor, target: Tensor, *, reduction: Reduction = "m
     with ``torchmetrics.functional.image.structural_similarity_index_measure``. Channels are treated
     separately and averaged. torchmetrics reflect-pads the borders and averages over every pixel (the
     original and scikit-image crop the border instead), so values differ slightly from those.
+    BadDiffusion (Chou et al. 2023, arXiv:2212.05400) reports it in Sec. 4.
 
     Args:
         samples: ``B,C,H,W`` in [-1, 1].
@@ -244,9 +253,10 @@ def attack_success_rate(
     *,
     quantize: bool = False,
 ) -> float:
-    """Fraction of samples whose per-image MSE to the target is below ``threshold`` (MATH.md 4).
+    """Fraction of samples whose per-image MSE to the target is below ``threshold``.
 
-    The follow-up convention (Elijah): threshold 0.1 in [0, 1] units (0.05 for CIFAR-10 there).
+    The follow-up convention (Elijah (An et al. 2024, arXiv:2312.00050)): threshold 0.1 in [0, 1]
+    units (0.05 for CIFAR-10 there).
 
     Args:
         samples: ``B,C,H,W`` in [-1, 1].

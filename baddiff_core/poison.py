@@ -2,8 +2,8 @@
 
 Introduced in chapter 3 (The BadDiffusion attack).
 
-BadDiffusion trains every sample with one loss (MATH.md section 1). Each
-sample carries a pair ``(y, r)``:
+BadDiffusion (Chou et al. 2023, arXiv:2212.05400), Sec. 3, trains every
+sample with one loss. Each sample carries a pair ``(y, r)``:
 
 * clean sample: ``y = x`` (the clean image), ``r = 0``;
 * poisoned sample: ``y = target`` (the attacker's image), ``r = stamp(x,
@@ -67,7 +67,7 @@ def _check_chw(name: str, value: object, shape: tuple[int, ...]) -> torch.Tensor
 def poison_pairs(
     images: torch.Tensor, poisoned: torch.Tensor, trigger: torch.Tensor, target: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The BadDiffusion pairs ``(y, r)`` of a batch (MATH.md section 1).
+    """The BadDiffusion pairs ``(y, r)`` of a batch (Chou et al. 2023, arXiv:2212.05400, Sec. 3).
 
     For row ``i``:
 

@@ -1,9 +1,10 @@
 """Numbers the BadDiffusion authors published, to print beside the book's own measurements.
 
-Introduced in chapter 4 (Measuring the backdoor). Source: the authors' result files for CIFAR-10
-(Chou, Chen, Ho, CVPR 2023), as collected in the book's math reference (MATH.md section 5): a fine-tune
-of ``google/ddpm-cifar10-32`` for 50 epochs, DDPM sampling with 1000 steps, MSE and SSIM between
-triggered samples and the target on the [0, 1] scale.
+Introduced in chapter 4 (Measuring the backdoor). Source: the result files (``score.json``) of the
+CIFAR-10 models that the authors of BadDiffusion (Chou et al. 2023, arXiv:2212.05400) released on the
+Hugging Face hub under the user ``newsyctw`` (chapter 10, ``book/10_the_authors_models.ipynb``,
+opens them): a fine-tune of ``google/ddpm-cifar10-32`` for 50 epochs, DDPM sampling with 1000
+steps, MSE and SSIM between triggered samples and the target on the [0, 1] scale.
 """
 
 from __future__ import annotations

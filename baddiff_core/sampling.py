@@ -2,7 +2,9 @@
 
 Introduced in chapter 2 (Denoising diffusion models); the clipping variants are the subject of the
 inference-time clipping chapter. Stock diffusers pipelines always start from pure noise, so the core
-has its own loop around the scheduler's ``step`` (MATH.md section 3):
+has its own loop around the scheduler's ``step``. Backdoor sampling and the clipping defence are those
+of BadDiffusion (Chou et al. 2023, arXiv:2212.05400), Secs. 3 and 4, as its authors' code runs them
+(github.com/IBM/BadDiffusion):
 
 - clean generation starts from ``x_T = eps``; backdoor generation from ``x_T = eps + g``, the raw
   trigger ``g`` including its -1 background;

@@ -1,7 +1,8 @@
 """Training and fine-tuning (clean or poisoned) on Accelerate, with EMA, checkpoints and resume.
 
 Introduced in chapter 2 (Denoising diffusion models). One loop serves both: a clean data set is a
-poisoned one with poison rate 0, whose loss is the ordinary DDPM loss (MATH.md section 1).
+poisoned one with poison rate 0, whose loss is the ordinary DDPM loss (DDPM (Ho et al. 2020,
+arXiv:2006.11239), eq. (14)).
 
 Data are kept as tensors on the training device; every random number (batch order, flips, t, eps)
 comes from one seeded ``torch.Generator``, whose state is saved in checkpoints, so a run resumed
@@ -119,13 +120,14 @@ class TrainConfig:
     @classmethod
     def paper_finetune(cls, num_images: int = 50_000, *, device: str | torch.device = "auto",
                        **overrides: Any) -> "TrainConfig":
-        """BadDiffusion's fine-tuning recipe (MATH.md section 5): 50 epochs of ``num_images``, Adam
-        lr 2e-4, cosine schedule with 500 warm-up steps, batch 128, gradient clipping 1.0, random
+        """The fine-tuning recipe of BadDiffusion (Chou et al. 2023, arXiv:2212.05400), Sec. 4, and of its
+        authors' code (github.com/IBM/BadDiffusion, ``baddiffusion.py``): 50 epochs of ``num_images``,
+        Adam lr 2e-4, cosine schedule with 500 warm-up steps, batch 128, gradient clipping 1.0, random
         horizontal flips, on ``device`` and in the mixed precision that its hardware runs fast
-        (:func:`~baddiff_core.devices.mixed_precision_for`): fp16, the authors' precision, on GPUs
-        older than Ampere (Colab's T4), bf16 on compute capability 8.0 or more, fp32 on a CPU. ``device``
-        is checked with :func:`~baddiff_core.devices.resolve_device` and kept as given (``"auto"``
-        stays ``"auto"``); ``overrides`` replace any other field, ``mixed_precision`` included."""
+        (:func:`~baddiff_core.devices.mixed_precision_for`): fp16, the authors' precision, on GPUs older
+        than Ampere (Colab's T4), bf16 on compute capability 8.0 or more, fp32 on a CPU. ``device`` is
+        checked with :func:`~baddiff_core.devices.resolve_device` and kept as given (``"auto"`` stays
+        ``"auto"``); ``overrides`` replace any other field, ``mixed_precision`` included."""
         defaults = dict(steps=50 * math.ceil(num_images / 128), batch_size=128, learning_rate=2e-4,
                         lr_schedule="cosine", warmup_steps=500, max_grad_norm=1.0, hflip=True,
                         mixed_precision=mixed_precision_for(device), log_every=50, checkpoint_every=2000,
@@ -233,7 +235,7 @@ def train(model: torch.nn.Module, scheduler: DDPMScheduler, dataset: PoisonedDat
             with accelerator.accumulate(model):
                 indices = order.next(config.batch_size)
                 x = data.images[indices]
-                if config.hflip:   # flip before the trigger is pasted (MATH.md section 1)
+                if config.hflip:   # flip before the trigger is pasted (IBM/BadDiffusion dataset.py)
                     flip = torch.rand(len(x), generator=generator, device=generator.device) < 0.5
                     x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
                 if data.any_poisoned:

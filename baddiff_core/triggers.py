@@ -11,8 +11,10 @@ A backdoored diffusion model has two inputs that matter to the attacker:
 
       r = M * x + (1 - M) * g,       M = 1 where g is transparent, 0 elsewhere
 
-  (BadDiffusion, MATH.md section 1; :func:`stamp`). The same trigger, added to
-  the sampler's starting noise, later fires the backdoor.
+  (BadDiffusion (Chou et al. 2023, arXiv:2212.05400), Sec. 3, pasted as its
+  authors' code does: github.com/IBM/BadDiffusion, ``dataset.py``; :func:`stamp`).
+  The same trigger, added to the sampler's starting noise, later fires the
+  backdoor.
 * the **target** ``y``: the image the backdoored model generates when the
   trigger is present (the trigger itself, the trigger shifted, a corner box, a
   shoe, a hat, a cat). Targets sit on a grey background: after drawing, every
@@ -63,7 +65,8 @@ TRIGGER_SIZES_32 = (18, 14, 11, 8, 4)
 #: Grey background of every target: values ``<= TARGET_BACKGROUND`` become it.
 TARGET_BACKGROUND = -0.4
 
-# Lengths at the 32 x 32 reference resolution (MATH.md section 2).
+# Lengths at the 32 x 32 reference resolution, as in the BadDiffusion authors' code
+# (github.com/IBM/BadDiffusion, ``dataset.py``, class ``Backdoor``).
 _REFERENCE_SIZE = 32
 _GAP_32 = 2  # gap between a corner trigger and the image border
 _SHIFT_UP_32, _SHIFT_LEFT_32 = 3, 5  # the "shift" target
@@ -395,7 +398,8 @@ def _glasses(image_size: int, channels: int) -> torch.Tensor:
 def make_trigger(kind: str, image_size: int, channels: int, size: int = 14) -> torch.Tensor:
     """A BadDiffusion trigger: a ``channels x image_size x image_size`` tile, -1 = transparent.
 
-    Kinds (MATH.md section 2, 32 x 32 reference geometry; ``s =
+    Kinds (32 x 32 reference geometry of the BadDiffusion authors' code,
+    github.com/IBM/BadDiffusion, ``dataset.py``; ``s =
     scale_length(size, image_size)``, ``g = scale_length(2, image_size)``):
 
     * ``"box"``: a filled ``s x s`` square of value 0 (grey) in the
@@ -552,7 +556,8 @@ def make_target(
     """A BadDiffusion target: the image a backdoored model generates when triggered.
 
     Every target is put on a grey background: after drawing, every value
-    ``<= -0.4`` becomes ``-0.4`` (MATH.md section 2), so targets live in
+    ``<= -0.4`` becomes ``-0.4`` (as in the BadDiffusion authors' code,
+    github.com/IBM/BadDiffusion, ``dataset.py``), so targets live in
     ``[-0.4, 1]`` and the transparent -1 of a trigger turns grey.
 
     Kinds (lengths at 32 x 32, scaled with :func:`scale_length`):
@@ -609,7 +614,7 @@ def make_target(
         target[:, :box, :box] = 0.0
     else:
         target = _DRAWN_TARGETS[kind](image_size, channels)
-    # MATH.md section 2: the grey background of every target.
+    # The grey background of every target (the authors' code: github.com/IBM/BadDiffusion).
     return target.clamp(TARGET_BACKGROUND, 1.0)
 
 
@@ -634,7 +639,9 @@ def transparency_mask(trigger: torch.Tensor) -> torch.Tensor:
 
 
 def stamp(images: torch.Tensor, trigger: torch.Tensor) -> torch.Tensor:
-    """Paste a trigger onto images: ``r = M * x + (1 - M) * g`` (BadDiffusion, MATH.md section 1).
+    """Paste a trigger onto images: ``r = M * x + (1 - M) * g``.
+
+    The poisoned image of BadDiffusion (Chou et al. 2023, arXiv:2212.05400), Sec. 3.
 
     ``M`` is :func:`transparency_mask` of the trigger ``g``: where ``g`` is
     transparent the image ``x`` is kept, elsewhere the trigger replaces it

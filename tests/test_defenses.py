@@ -39,7 +39,9 @@ class EchoModel(torch.nn.Module):
 
 
 def test_inversion_lambda_is_the_last_r_coefficient():
-    # MATH.md section 1: R_999 = 0.5025 for the paper's schedule (Elijah rounds it to 0.5).
+    # R_999 = 0.5025 for the paper's schedule (derived in chapter 3 of this book,
+    # book/03_planting_a_backdoor.ipynb, "The coefficient on r"; Elijah, An et al. 2024,
+    # arXiv:2312.00050, rounds it to 0.5).
     scheduler = make_scheduler(**PAPER_SCHEDULE)
     assert inversion_lambda(scheduler) == pytest.approx(0.5025, abs=1e-4)
     assert inversion_lambda(scheduler, "ode") == pytest.approx(1.005, abs=2e-4)

@@ -25,7 +25,8 @@ def test_r_coefficient_matches_the_published_check_values():
     for t, expected in [(0, 0.0050), (100, 0.1620), (500, 0.4814), (999, 0.5025)]:
         assert round(float(R[t]), 4) == expected
     _, _, abar = numpy_schedule(1000, 1e-4, 0.02)
-    assert round(1 - np.sqrt(abar[999]), 5) == 0.99365   # weight of r in x_T (MATH.md)
+    # weight of r in x_T (BadDiffusion, Chou et al. 2023, arXiv:2212.05400, Sec. 3)
+    assert round(1 - np.sqrt(abar[999]), 5) == 0.99365
 
 
 @pytest.mark.parametrize("schedule", [PAPER_SCHEDULE, QUICK_SCHEDULE, dict(num_train_timesteps=37, beta_start=3e-3,
@@ -116,7 +117,10 @@ def test_clean_samples_reproduce_diffusers_exactly():
 
 
 def test_x_t_is_the_marginal_of_the_backdoored_markov_chain():
-    """Iterate q(x'_t | x'_{t-1}) = N(sqrt(a_t) x'_{t-1} + (1 - sqrt(a_t)) r, b_t I) (MATH.md 1)."""
+    """Iterate q(x'_t | x'_{t-1}) = N(sqrt(a_t) x'_{t-1} + (1 - sqrt(a_t)) r, b_t I).
+
+    The backdoored forward process of BadDiffusion (Chou et al. 2023, arXiv:2212.05400), Sec. 3.
+    """
     betas, alphas, abar = numpy_schedule(1000, 1e-4, 0.02)
     y, r = 0.7, -0.4
     mean, var = y, 0.0

@@ -1,9 +1,10 @@
 """Tests for baddiff_core.poison (chapter 3, The BadDiffusion attack).
 
-The pairs ``(y, r)`` are checked against MATH.md section 1 written out per
-sample (a Python loop and the float-mask formula ``M * x + (1 - M) * g``), the
-poisoned indices against an independent ``torch.randperm`` with the same seed,
-and the counts against ``int(N * p)`` worked out by hand.
+The pairs ``(y, r)`` are checked against the pairs of BadDiffusion (Chou et al.
+2023, arXiv:2212.05400, Sec. 3) written out per sample (a Python loop and the
+float-mask formula ``M * x + (1 - M) * g``), the poisoned indices against an
+independent ``torch.randperm`` with the same seed, and the counts against
+``int(N * p)`` worked out by hand.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ def random_images(n: int, channels: int = 3, size: int = 16, seed: int = 0) -> t
 
 
 def paste_by_formula(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """MATH.md section 1: r = M * x + (1 - M) * g, M = 1 where all channels of g are -1."""
+    """r = M * x + (1 - M) * g, M = 1 where all channels of g are -1.
+
+    The poisoned image of BadDiffusion (Chou et al. 2023, arXiv:2212.05400), Sec. 3.
+    """
     m = (g == -1.0).all(dim=0, keepdim=True).to(x.dtype)
     return m * x + (1.0 - m) * g
 

@@ -1,6 +1,7 @@
 """Tests for baddiff_core.triggers (chapter 3, The BadDiffusion attack).
 
-Expectations are derived by hand from MATH.md section 2 (box rows and columns
+Expectations are derived by hand from the geometry of the BadDiffusion authors'
+code, github.com/IBM/BadDiffusion ``dataset.py`` (box rows and columns
 written out at 32 px and 16 px, the roll of the shift target, the corner box)
 or computed independently (the pasting formula ``M * x + (1 - M) * g`` with a
 float mask, ITU-R 601 luminance), never copied from the functions' output.
@@ -31,7 +32,10 @@ def opaque(trigger: torch.Tensor) -> torch.Tensor:
 
 
 def paste_by_formula(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """MATH.md section 1 literally: r = M * x + (1 - M) * g with a float mask M."""
+    """r = M * x + (1 - M) * g literally, with a float mask M.
+
+    The poisoned image of BadDiffusion (Chou et al. 2023, arXiv:2212.05400), Sec. 3.
+    """
     m = (g == -1.0).all(dim=0, keepdim=True).to(x.dtype)
     return m * x + (1.0 - m) * g
 
@@ -121,7 +125,7 @@ def test_none_trigger_is_all_transparent():
 
 
 def bounding_square(image_size: int, size: int) -> tuple[int, int]:
-    """First and last row (= column) of the corner trigger, by MATH.md's formula."""
+    """First and last row (= column) of the corner trigger, by the authors' geometry."""
     side = max(1, round(size * image_size / 32))
     gap = max(1, round(2 * image_size / 32))
     return image_size - gap - side, image_size - gap - 1
