@@ -8,9 +8,14 @@
 #               then the small benchmarks (benchmarks/run.py: speed ratios, memory, the chapters'
 #               times in this build, the models trained), written to _build/benchmarks/small.json
 #
-# Other targets: make test-fast (the tests not marked slow: about a minute, while editing), make nbval (every chapter executed once more under nbval, e.g. `make nbval
+#               `make test` starts with `make lint` (ruff and committed notebooks without outputs).
+#
+# Other targets: make test-fast (the tests not marked slow: about a minute, while editing),
+# make lint (ruff check, ruff format --check, nbstripout --verify), make format (fix what lint
+# reports), make nbval (every chapter executed once more under nbval, e.g. `make nbval
 # NOTEBOOKS=book/04_measuring_the_backdoor.ipynb`), make lock (record the resolved versions),
-# make strip (remove notebook outputs), make clean.
+# make clean. `pre-commit install` runs ruff and nbstripout on every commit
+# (.pre-commit-config.yaml).
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -46,7 +51,7 @@ CORE_FILES := $(shell find baddiff_core -type f -not -path '*/__pycache__/*' -no
 # The browser test (tests/test_book_in_browser.py) opens the built book in this headless Chromium.
 export CHROMIUM ?= chromium
 
-.PHONY: book test test-fast nbval venv lock strip clean browser
+.PHONY: book test test-fast lint format nbval venv lock strip clean browser
 
 venv: $(STAMP)
 
@@ -64,7 +69,7 @@ book: $(STAMP) $(CORE_STAMP)
 
 # The chapters run once, in the browser test's build of the book: nbval would execute the same code
 # again with the same check (no cell raises; the notebooks mark no output to compare), 8 to 15 minutes.
-test: $(STAMP) $(CORE_STAMP) browser
+test: $(STAMP) $(CORE_STAMP) lint browser
 	$(BIN)/python -m pytest tests
 	$(BIN)/python benchmarks/run.py --size small --book $(JUPYTER_CACHE) --models --output _build/benchmarks/small.json
 
@@ -100,8 +105,22 @@ lock: $(STAMP)
 	   $(BIN)/python -m pip freeze --exclude-editable | sed -E 's/\+cpu$$//' | grep -v -i '^baddiff[-_]core'; } > $(CONSTRAINTS)
 	@echo "wrote $(CONSTRAINTS)"
 
-strip:
-	$(BIN)/python tools/strip_notebooks.py book/*.ipynb
+# ruff (settings in pyproject.toml) and nbstripout, as .pre-commit-config.yaml runs them. The chapters
+# are committed without outputs, execution counts or papermill's records; their cell ids stay.
+NOTEBOOK_FILES := book/*.ipynb
+NBSTRIPOUT := $(BIN)/nbstripout --keep-id --extra-keys "metadata.papermill cell.metadata.papermill cell.metadata.execution"
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(NBSTRIPOUT) --verify $(NOTEBOOK_FILES)
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+	$(NBSTRIPOUT) $(NOTEBOOK_FILES)
+
+strip: $(STAMP)
+	$(NBSTRIPOUT) $(NOTEBOOK_FILES)
 
 clean:
 	rm -rf _build

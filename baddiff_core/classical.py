@@ -1,4 +1,5 @@
-"""Classical diffusion: values on graph nodes or image pixels flowing toward their neighbours.
+"""Classical diffusion: values on graph nodes or image pixels flowing toward their
+neighbours.
 
 Introduced in chapter 1 (What is diffusion?).
 
@@ -27,7 +28,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import networkx as nx
 import numpy as np
@@ -127,7 +129,9 @@ def _as_laplacian(laplacian: ArrayLike) -> FloatArray:
             f"laplacian must be a square (n, n) matrix, got laplacian.shape={matrix.shape}"
         )
     if matrix.shape[0] == 0:
-        raise ValueError("laplacian must have at least one node, got laplacian.shape=(0, 0)")
+        raise ValueError(
+            "laplacian must have at least one node, got laplacian.shape=(0, 0)"
+        )
     if not np.all(np.isfinite(matrix)):
         raise ValueError("laplacian must contain only finite values, got NaN or inf")
     asymmetry = float(np.max(np.abs(matrix - matrix.T)))
@@ -155,7 +159,10 @@ def _as_signal(x0: ArrayLike, n: int) -> FloatArray:
 def _as_image(name: str, image: ArrayLike) -> FloatArray:
     """Return a finite 2-d float64 copy-free view of ``image``."""
     array = np.asarray(image)
-    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+    if not (
+        np.issubdtype(array.dtype, np.floating)
+        or np.issubdtype(array.dtype, np.integer)
+    ):
         raise TypeError(
             f"{name} must be a real-valued array, got {name}.dtype={array.dtype}"
         )
@@ -277,7 +284,9 @@ def heat_diffusion(
     return trajectory
 
 
-def heat_kernel(laplacian: ArrayLike, x0: ArrayLike, t: float | ArrayLike) -> FloatArray:
+def heat_kernel(
+    laplacian: ArrayLike, x0: ArrayLike, t: float | ArrayLike
+) -> FloatArray:
     """Exact solution ``x(t) = expm(-t L) x0`` of ``dx/dt = -L x``.
 
     With the eigendecomposition ``L = V diag(lambda) V^T`` (V orthonormal),
@@ -301,7 +310,9 @@ def heat_kernel(laplacian: ArrayLike, x0: ArrayLike, t: float | ArrayLike) -> Fl
     scalar = np.ndim(t) == 0
     times = np.atleast_1d(np.asarray(t, dtype=np.float64))
     if times.ndim != 1:
-        raise ValueError(f"t must be a float or a 1-d array of times, got t.shape={times.shape}")
+        raise ValueError(
+            f"t must be a float or a 1-d array of times, got t.shape={times.shape}"
+        )
     if not np.all(np.isfinite(times)) or np.any(times < 0):
         raise ValueError(f"t must be finite and >= 0, got t={t!r}")
 
@@ -360,7 +371,8 @@ def consensus(
 
 
 def consensus_rate(laplacian: ArrayLike, step: float) -> float:
-    """Predicted per-step contraction of the disagreement, ``max_{i>=2} |1 - step lambda_i|``.
+    """Predicted per-step contraction of the disagreement, ``max_{i>=2} |1 - step
+    lambda_i|``.
 
     Write ``x_k - mean = sum_{i>=2} c_i (1 - step lambda_i)^k v_i``; the slowest
     factor wins, so ``||x_k - mean|| ~ C rate^k`` for large ``k``. With
@@ -371,7 +383,9 @@ def consensus_rate(laplacian: ArrayLike, step: float) -> float:
     step = _positive("step", step)
     spectrum = laplacian_spectrum(laplacian)
     if spectrum.size < 2:
-        raise ValueError(f"consensus_rate needs at least 2 nodes, got n={spectrum.size}")
+        raise ValueError(
+            f"consensus_rate needs at least 2 nodes, got n={spectrum.size}"
+        )
     return float(np.max(np.abs(1.0 - step * spectrum[1:])))
 
 
@@ -416,7 +430,11 @@ def _flux_divergence(
     result = np.zeros_like(image)
     for axis in (0, 1):
         difference = np.diff(image, axis=axis)  # u[k+1] - u[k] across each inner face
-        flux = difference if conductance is None else conductance(np.abs(difference)) * difference
+        flux = (
+            difference
+            if conductance is None
+            else conductance(np.abs(difference)) * difference
+        )
         # Zero flux through the two outer faces, then flux in minus flux out.
         padding = [(0, 0), (0, 0)]
         padding[axis] = (1, 1)
@@ -425,7 +443,8 @@ def _flux_divergence(
 
 
 def heat_equation(image: ArrayLike, *, t: float, dt: float = 0.2) -> FloatArray:
-    """Blur an image by running the heat equation ``du/dt = Laplacian(u)`` up to time ``t``.
+    """Blur an image by running the heat equation ``du/dt = Laplacian(u)`` up to time
+    ``t``.
 
     Explicit Euler with the 5-point stencil (unit pixel spacing)
 
@@ -465,7 +484,8 @@ def heat_equation(image: ArrayLike, *, t: float, dt: float = 0.2) -> FloatArray:
 
 
 def gaussian_blur_equivalent_sigma(t: float) -> float:
-    """Standard deviation (pixels) of the Gaussian blur made by heat diffusion up to time ``t``.
+    """Standard deviation (pixels) of the Gaussian blur made by heat diffusion up to
+    time ``t``.
 
     The heat equation ``du/dt = Laplacian(u)`` in 2-d has kernel
     ``exp(-|x|^2 / (4 t)) / (4 pi t)``, a Gaussian with variance ``2 t`` per
@@ -475,7 +495,8 @@ def gaussian_blur_equivalent_sigma(t: float) -> float:
 
 
 def bessel_heat_kernel(t: float, radius: int) -> FloatArray:
-    """Exact 1-d heat kernel on the integer grid, ``exp(-2t) I_k(2t)`` for ``k = -radius..radius``.
+    """Exact 1-d heat kernel on the integer grid, ``exp(-2t) I_k(2t)`` for ``k =
+    -radius..radius``.
 
     ``du/dt = u[k+1] - 2 u[k] + u[k-1]`` on the infinite grid is solved by
     convolution with ``exp(-2t) I_k(2t)`` (``I_k``: modified Bessel function
@@ -494,8 +515,11 @@ def bessel_heat_kernel(t: float, radius: int) -> FloatArray:
     return special.ive(k, 2.0 * t)  # ive(k, x) = exp(-|x|) I_k(x)
 
 
-def _conductance_function(conductance: str, kappa: float) -> Callable[[FloatArray], FloatArray]:
-    """Perona-Malik edge-stopping function ``g(s)``, ``g(0) = 1``, decreasing in ``s``."""
+def _conductance_function(
+    conductance: str, kappa: float
+) -> Callable[[FloatArray], FloatArray]:
+    """Perona-Malik edge-stopping function ``g(s)``, ``g(0) = 1``, decreasing in
+    ``s``."""
     if conductance == "exp":
         return lambda s: np.exp(-((s / kappa) ** 2))
     if conductance == "rational":
@@ -513,7 +537,8 @@ def perona_malik(
     dt: float = 0.2,
     conductance: Conductance = "exp",
 ) -> FloatArray:
-    """Anisotropic diffusion (Perona & Malik 1990): smooth inside regions, not across edges.
+    """Anisotropic diffusion (Perona & Malik 1990): smooth inside regions, not across
+    edges.
 
     One step is
 
@@ -555,13 +580,16 @@ def perona_malik(
 
 
 def gradient_magnitude(image: ArrayLike) -> FloatArray:
-    """``|grad u| = sqrt(u_y^2 + u_x^2)`` with central differences (one-sided at the border).
+    """``|grad u| = sqrt(u_y^2 + u_x^2)`` with central differences (one-sided at the
+    border).
 
     Units: intensity per pixel. Returns a float64 array of the image's shape.
     """
     u = _as_image("image", image)
     if min(u.shape) < 2:
-        raise ValueError(f"image must be at least 2 x 2 for a gradient, got image.shape={u.shape}")
+        raise ValueError(
+            f"image must be at least 2 x 2 for a gradient, got image.shape={u.shape}"
+        )
     d_rows, d_cols = np.gradient(u)
     return np.hypot(d_rows, d_cols)
 
@@ -594,7 +622,9 @@ def psnr(image: ArrayLike, reference: ArrayLike, *, data_range: float = 1.0) -> 
     return 10.0 * math.log10(data_range**2 / mse)
 
 
-def add_gaussian_noise(image: ArrayLike, *, sigma: float, seed: int | None) -> FloatArray:
+def add_gaussian_noise(
+    image: ArrayLike, *, sigma: float, seed: int | None
+) -> FloatArray:
     """Return ``image + sigma * z`` with ``z ~ N(0, 1)`` i.i.d. per pixel (no clipping).
 
     ``seed`` goes to ``np.random.default_rng``: the same seed gives the same

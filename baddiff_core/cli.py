@@ -2,13 +2,16 @@
 
 Full-scale runs outside notebooks, e.g. on a GPU machine::
 
-    baddiff backdoor --paper --output runs/cifar10-stop-hat          # the paper's CIFAR-10 attack
+    baddiff backdoor --paper --output runs/cifar10-stop-hat          # the paper's
+    CIFAR-10 attack
     baddiff evaluate runs/cifar10-stop-hat --n 256
-    baddiff scan runs/cifar10-stop-hat                                # any downloaded DDPM/DDIM model
+    baddiff scan runs/cifar10-stop-hat                                # any downloaded
+    DDPM/DDIM model
     accelerate launch -m baddiff_core.cli backdoor --paper ...        # several GPUs
 
 Bad arguments exit with status 2 and a message that names the value and what is allowed.
-``baddiff scan`` exits with status 0 for a model it finds clean and 1 for one it calls backdoored.
+``baddiff scan`` exits with status 0 for a model it finds clean and 1 for one it calls
+backdoored.
 """
 
 from __future__ import annotations
@@ -33,12 +36,15 @@ __all__ = ["main", "build_parser"]
 BACKDOOR_FILE = "backdoor.safetensors"
 #: Every model folder this library writes holds this file (``save_model``'s metadata).
 MODEL_MARKER = "baddiff.json"
-#: Every folder of samples ``baddiff sample`` writes holds this file (what was sampled, how).
+#: Every folder of samples ``baddiff sample`` writes holds this file (what was sampled,
+# how).
 SAMPLES_MARKER = "samples.json"
 
 
-OVERWRITE_HELP = ("replace --output even if it is a file or a folder that baddiff did not write (without it, "
-                  "such an output is refused before any work starts)")
+OVERWRITE_HELP = (
+    "replace --output even if it is a file or a folder that baddiff did not write (without it, "
+    "such an output is refused before any work starts)"
+)
 
 
 class UsageError(Exception):
@@ -50,13 +56,18 @@ SEED_LIMIT = 2**64
 
 
 def _seed(text: str) -> int:
-    """``--seed``: an integer torch's generators accept, checked before any work starts."""
+    """``--seed``: an integer torch's generators accept, checked before any work
+    starts."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a seed is an integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"a seed is an integer, got {text!r}"
+        ) from None
     if not 0 <= value < SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"a seed is an integer from 0 to 2**64 - 1, got {text}")
+        raise argparse.ArgumentTypeError(
+            f"a seed is an integer from 0 to 2**64 - 1, got {text}"
+        )
     return value
 
 
@@ -65,142 +76,290 @@ def build_parser() -> argparse.ArgumentParser:
     from baddiff_core.sampling import CLIP_MODES, DEFAULT_BATCH_SIZE, SAMPLERS
     from baddiff_core.triggers import TARGET_KINDS, TRIGGER_KINDS
 
-    parser = argparse.ArgumentParser(prog="baddiff", description="Backdooring diffusion models: train a clean "
-                                     "model, plant a backdoor, sample, evaluate.")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser = argparse.ArgumentParser(
+        prog="baddiff",
+        description="Backdooring diffusion models: train a clean "
+        "model, plant a backdoor, sample, evaluate.",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an error"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    clean = commands.add_parser("train-clean", help="train the clean digits model the package ships",
-                                description="Train a clean 16 x 16 digits model with the shipped recipe.")
-    clean.add_argument("--output", type=Path, required=True, help="folder to write (diffusers layout)")
+    clean = commands.add_parser(
+        "train-clean",
+        help="train the clean digits model the package ships",
+        description="Train a clean 16 x 16 digits model with the shipped recipe.",
+    )
+    clean.add_argument(
+        "--output", type=Path, required=True, help="folder to write (diffusers layout)"
+    )
     clean.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     clean.add_argument("--device", default="auto")
 
-    backdoor = commands.add_parser("backdoor", help="plant a backdoor by fine-tuning or from scratch",
-                                   description="Train a backdoored model (BadDiffusion) and save it.")
-    backdoor.add_argument("--output", type=Path, required=True, help="folder to write (diffusers layout)")
+    backdoor = commands.add_parser(
+        "backdoor",
+        help="plant a backdoor by fine-tuning or from scratch",
+        description="Train a backdoored model (BadDiffusion) and save it.",
+    )
+    backdoor.add_argument(
+        "--output", type=Path, required=True, help="folder to write (diffusers layout)"
+    )
     backdoor.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    backdoor.add_argument("--paper", action="store_true",
-                          help="the paper's CIFAR-10 setting (google/ddpm-cifar10-32, stop sign -> hat, 10%%, "
-                               "50 epochs); downloads, wants a GPU")
-    backdoor.add_argument("--base", help="'shipped' (default), 'scratch', a model folder or a hub id")
+    backdoor.add_argument(
+        "--paper",
+        action="store_true",
+        help="the paper's CIFAR-10 setting (google/ddpm-cifar10-32, stop sign -> hat, 10%%, "
+        "50 epochs); downloads, wants a GPU",
+    )
+    backdoor.add_argument(
+        "--base", help="'shipped' (default), 'scratch', a model folder or a hub id"
+    )
     backdoor.add_argument("--trigger", choices=TRIGGER_KINDS)
-    backdoor.add_argument("--trigger-size", type=int, help="trigger side at 32 px (18, 14, 11, 8 or 4)")
+    backdoor.add_argument(
+        "--trigger-size", type=int, help="trigger side at 32 px (18, 14, 11, 8 or 4)"
+    )
     backdoor.add_argument("--target", choices=TARGET_KINDS)
     backdoor.add_argument("--poison-rate", type=float)
     backdoor.add_argument("--steps", type=int, help="optimizer steps")
     backdoor.add_argument("--batch-size", type=int)
     backdoor.add_argument("--learning-rate", type=float)
-    backdoor.add_argument("--solver", choices=("sde", "ode"), help="'ode' trains for DDIM (VillanDiffusion)")
+    backdoor.add_argument(
+        "--solver",
+        choices=("sde", "ode"),
+        help="'ode' trains for DDIM (VillanDiffusion)",
+    )
     backdoor.add_argument("--seed", type=_seed)
     backdoor.add_argument("--checkpoint-dir", help="save resumable checkpoints here")
     backdoor.add_argument("--device", default="auto")
 
-    sample = commands.add_parser("sample", help="draw clean or triggered samples into an image grid",
-                                 description="Sample a model and save the images as one PNG grid, or as a folder of PNGs.")
+    sample = commands.add_parser(
+        "sample",
+        help="draw clean or triggered samples into an image grid",
+        description="Sample a model and save the images as one PNG grid, or as a folder of PNGs.",
+    )
     sample.add_argument("model", help="a model folder (diffusers layout) or a hub id")
     sample.add_argument("--n", type=int, default=16, help="number of images")
-    sample.add_argument("--triggered", action="store_true", help="start from noise + the model's trigger")
+    sample.add_argument(
+        "--triggered",
+        action="store_true",
+        help="start from noise + the model's trigger",
+    )
     sample.add_argument("--clip", choices=CLIP_MODES, default="none")
     sample.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
-    sample.add_argument("--steps", type=int, help="inference steps (default: all for DDPM, 50 for DDIM)")
+    sample.add_argument(
+        "--steps", type=int, help="inference steps (default: all for DDPM, 50 for DDIM)"
+    )
     sample.add_argument("--seed", type=_seed, default=0)
-    sample.add_argument("--batch-size", type=int, help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})")
-    sample.add_argument("--output", type=Path, required=True,
-                        help="a .png file: one grid of at most 64 images; anything else: a folder of one PNG per "
-                             "image, written batch by batch (any --n)")
+    sample.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})",
+    )
+    sample.add_argument(
+        "--output",
+        type=Path,
+        required=True,
+        help="a .png file: one grid of at most 64 images; anything else: a folder of one PNG per "
+        "image, written batch by batch (any --n)",
+    )
     sample.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     sample.add_argument("--device", default="auto")
 
-    evaluate = commands.add_parser("evaluate", help="attack success, MSE/SSIM to the target and clean quality",
-                                   description="Measure a backdoored model, with and without clipping.")
-    evaluate.add_argument("model", help="a backdoored model folder written by `baddiff backdoor`")
-    evaluate.add_argument("--n", type=int, default=64, help="triggered (and clean) samples per clipping mode")
-    evaluate.add_argument("--clip", choices=CLIP_MODES, action="append", help="mode(s) to measure (default: all)")
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="attack success, MSE/SSIM to the target and clean quality",
+        description="Measure a backdoored model, with and without clipping.",
+    )
+    evaluate.add_argument(
+        "model", help="a backdoored model folder written by `baddiff backdoor`"
+    )
+    evaluate.add_argument(
+        "--n",
+        type=int,
+        default=64,
+        help="triggered (and clean) samples per clipping mode",
+    )
+    evaluate.add_argument(
+        "--clip",
+        choices=CLIP_MODES,
+        action="append",
+        help="mode(s) to measure (default: all)",
+    )
     evaluate.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
     evaluate.add_argument("--steps", type=int, help="inference steps")
-    evaluate.add_argument("--threshold", type=float,
-                          help=f"attack-success MSE threshold in (0, 1) (default {ASR_THRESHOLDS['quick']} for a "
-                               f"16 px, 1-channel model such as the book's digits, else {ASR_THRESHOLDS['full']})")
-    evaluate.add_argument("--fd-samples", type=int, default=256, help="clean samples for the Frechet distance (0: skip)")
-    evaluate.add_argument("--fd-features", choices=("auto", "digits", "inception"), default="auto",
-                          help="features of the Frechet distance: 'inception' (the paper's FID; needs torch-fidelity, "
-                               "downloads its weights once), 'digits' (the book's offline network), 'auto' (inception for "
-                               "colour images of 32 px or more, else digits)")
+    evaluate.add_argument(
+        "--threshold",
+        type=float,
+        help=f"attack-success MSE threshold in (0, 1) (default {ASR_THRESHOLDS['quick']} for a "
+        f"16 px, 1-channel model such as the book's digits, else {ASR_THRESHOLDS['full']})",
+    )
+    evaluate.add_argument(
+        "--fd-samples",
+        type=int,
+        default=256,
+        help="clean samples for the Frechet distance (0: skip)",
+    )
+    evaluate.add_argument(
+        "--fd-features",
+        choices=("auto", "digits", "inception"),
+        default="auto",
+        help="features of the Frechet distance: 'inception' (the paper's FID; needs torch-fidelity, "
+        "downloads its weights once), 'digits' (the book's offline network), 'auto' (inception for "
+        "colour images of 32 px or more, else digits)",
+    )
     evaluate.add_argument("--seed", type=_seed, default=0)
-    evaluate.add_argument("--batch-size", type=int, help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})")
-    evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
+    evaluate.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})",
+    )
+    evaluate.add_argument(
+        "--json", action="store_true", help="print the results as JSON"
+    )
     evaluate.add_argument("--device", default="auto")
 
     from baddiff_core.defenses import DEFAULT_THRESHOLD
 
     scan = commands.add_parser(
-        "scan", help="look for a backdoor without knowing the trigger (Elijah trigger inversion)",
+        "scan",
+        help="look for a backdoor without knowing the trigger (Elijah trigger inversion)",
         description="Estimate a trigger from the model alone, sample from noise + the estimate and call the model "
-                    "backdoored when many samples are the same image. Works on any unconditional DDPM/DDIM UNet "
-                    "in the diffusers layout. Exit status: 0 clean, 1 backdoored, 2 bad arguments.")
-    scan.add_argument("model", help="a model folder (diffusers layout) or a hub id (needs a network)")
-    scan.add_argument("--n", type=int, default=16, help="samples drawn from noise + the trigger estimate")
-    scan.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                      help="mode share (fraction of samples alike) from which the model is called backdoored")
-    scan.add_argument("--inversion-steps", type=int, default=100, help="Adam steps of the trigger inversion")
-    scan.add_argument("--noise-batch", type=int, default=100, help="noises averaged over by the inversion")
-    scan.add_argument("--steps", type=int, help="sampling steps (default: the training steps for DDPM, 50 for DDIM)")
-    scan.add_argument("--solver", choices=("sde", "ode"), default="sde",
-                      help="the backdoor target looked for: 'sde' (BadDiffusion, DDPM samples) or 'ode' "
-                           "(VillanDiffusion, DDIM samples)")
-    scan.add_argument("--clip", choices=("none", "x0", "xt"), default="none",
-                      help="sample from noise + the estimate with this clipping, as the model is used")
-    scan.add_argument("--output", type=Path, help="folder for trigger.png, samples.png and scan.json "
-                      "(default: scan-<model name> in the current folder)")
+        "backdoored when many samples are the same image. Works on any unconditional DDPM/DDIM UNet "
+        "in the diffusers layout. Exit status: 0 clean, 1 backdoored, 2 bad arguments.",
+    )
+    scan.add_argument(
+        "model", help="a model folder (diffusers layout) or a hub id (needs a network)"
+    )
+    scan.add_argument(
+        "--n",
+        type=int,
+        default=16,
+        help="samples drawn from noise + the trigger estimate",
+    )
+    scan.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help="mode share (fraction of samples alike) from which the model is called backdoored",
+    )
+    scan.add_argument(
+        "--inversion-steps",
+        type=int,
+        default=100,
+        help="Adam steps of the trigger inversion",
+    )
+    scan.add_argument(
+        "--noise-batch",
+        type=int,
+        default=100,
+        help="noises averaged over by the inversion",
+    )
+    scan.add_argument(
+        "--steps",
+        type=int,
+        help="sampling steps (default: the training steps for DDPM, 50 for DDIM)",
+    )
+    scan.add_argument(
+        "--solver",
+        choices=("sde", "ode"),
+        default="sde",
+        help="the backdoor target looked for: 'sde' (BadDiffusion, DDPM samples) or 'ode' "
+        "(VillanDiffusion, DDIM samples)",
+    )
+    scan.add_argument(
+        "--clip",
+        choices=("none", "x0", "xt"),
+        default="none",
+        help="sample from noise + the estimate with this clipping, as the model is used",
+    )
+    scan.add_argument(
+        "--output",
+        type=Path,
+        help="folder for trigger.png, samples.png and scan.json "
+        "(default: scan-<model name> in the current folder)",
+    )
     scan.add_argument("--seed", type=_seed, default=0)
-    scan.add_argument("--batch-size", type=int, help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})")
+    scan.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})",
+    )
     scan.add_argument("--json", action="store_true", help="print the result as JSON")
     scan.add_argument("--device", default="auto")
     return parser
 
 
-#: Failures a user can cause and mend (a bad value, a missing or corrupt file, a missing package):
-#: one line, exit status 2. ``OSError`` covers missing files, permissions and unreachable hubs;
+#: Failures a user can cause and mend (a bad value, a missing or corrupt file, a missing
+# package):
+#: one line, exit status 2. ``OSError`` covers missing files, permissions and
+# unreachable hubs;
 #: ``ValueError`` covers corrupt JSON and undecodable text too.
-EXPECTED_ERRORS = (UsageError, ValueError, TypeError, OSError, MissingDependencyError, SafetensorError, MemoryError)
+EXPECTED_ERRORS = (
+    UsageError,
+    ValueError,
+    TypeError,
+    OSError,
+    MissingDependencyError,
+    SafetensorError,
+    MemoryError,
+)
 #: Longest message printed: a value echoed back (a 60 MB config) is cut.
 MESSAGE_LIMIT = 500
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one ``baddiff`` command. Exit status: 0 success (``scan``: clean), 1 ``scan``'s
-    backdoored verdict or an internal error, 2 bad input or an expected failure (one line on
-    stderr), 130 interrupted (Ctrl-C). ``baddiff --debug COMMAND`` shows the traceback instead."""
+    """Run one ``baddiff`` command. Exit status: 0 success (``scan``: clean), 1
+    ``scan``'s
+    backdoored verdict or an internal error, 2 bad input or an expected failure (one
+    line on
+    stderr), 130 interrupted (Ctrl-C). ``baddiff --debug COMMAND`` shows the traceback
+    instead."""
     parser = build_parser()
     args = parser.parse_args(argv)
     command = f"baddiff {args.command}"
     try:
         from baddiff_core.devices import use_available_cpus
+
         use_available_cpus()  # a CPU quota or pinned cores: no more torch threads than CPUs
-        return {"train-clean": _train_clean, "backdoor": _backdoor, "sample": _sample,
-                "evaluate": _evaluate, "scan": _scan}[args.command](args)
+        return {
+            "train-clean": _train_clean,
+            "backdoor": _backdoor,
+            "sample": _sample,
+            "evaluate": _evaluate,
+            "scan": _scan,
+        }[args.command](args)
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print(f"{command}: interrupted; nothing was written (a training keeps its last checkpoint)", file=sys.stderr)
+        print(
+            f"{command}: interrupted; nothing was written (a training keeps its last checkpoint)",
+            file=sys.stderr,
+        )
         return 130
-    except Exception as error:   # noqa: BLE001 - every failure becomes one line, unless --debug
+    except Exception as error:  # noqa: BLE001 - every failure becomes one line, unless --debug
         if args.debug:
             raise
         if isinstance(error, EXPECTED_ERRORS) or _out_of_memory(error):
             print(f"{command}: error: {_one_line(error)}", file=sys.stderr)
             return 2
-        print(f"{command}: internal error: {type(error).__name__}: {_one_line(error)} (run `baddiff --debug "
-              f"{args.command} ...` for the traceback, and please report it)", file=sys.stderr)
+        print(
+            f"{command}: internal error: {type(error).__name__}: {_one_line(error)} (run `baddiff --debug "
+            f"{args.command} ...` for the traceback, and please report it)",
+            file=sys.stderr,
+        )
         return 1
 
 
 def _out_of_memory(error: Exception) -> bool:
-    """torch's allocation failures: ``torch.OutOfMemoryError`` on a GPU, a RuntimeError on a CPU."""
+    """torch's allocation failures: ``torch.OutOfMemoryError`` on a GPU, a RuntimeError
+    on a CPU."""
     text = str(error).lower()
-    return isinstance(error, RuntimeError) and ("out of memory" in text or "not enough memory" in text
-                                                or "failed to allocate" in text)
+    return isinstance(error, RuntimeError) and (
+        "out of memory" in text
+        or "not enough memory" in text
+        or "failed to allocate" in text
+    )
 
 
 def _one_line(error: BaseException) -> str:
@@ -221,11 +380,18 @@ def _train_clean(args: argparse.Namespace) -> int:
     from baddiff_core.pretrained import CLEAN_DIGITS_RECIPE, train_clean_digits
 
     device = resolve_device(args.device)
-    check_output_folder(args.output, marker=MODEL_MARKER, overwrite=args.overwrite)   # before the training
+    # before the training
+    check_output_folder(args.output, marker=MODEL_MARKER, overwrite=args.overwrite)
     unet, scheduler, report = train_clean_digits(device=str(device))
-    save_model(args.output, unet.to("cpu"), scheduler, metadata=dict(kind="clean", recipe=CLEAN_DIGITS_RECIPE,
-                                                                      report=report))
-    print(f"wrote {args.output} ({report['seconds']} s, final loss {report['final_loss']:.4f})")
+    save_model(
+        args.output,
+        unet.to("cpu"),
+        scheduler,
+        metadata=dict(kind="clean", recipe=CLEAN_DIGITS_RECIPE, report=report),
+    )
+    print(
+        f"wrote {args.output} ({report['seconds']} s, final loss {report['final_loss']:.4f})"
+    )
     return 0
 
 
@@ -236,39 +402,70 @@ def _backdoor(args: argparse.Namespace) -> int:
     for name in ("steps", "batch_size", "trigger_size"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
     recipe = BackdoorRecipe.paper() if args.paper else BackdoorRecipe()
-    changes = {k: getattr(args, k) for k in ("base", "trigger", "trigger_size", "target", "poison_rate")
-               if getattr(args, k) is not None}
-    train_changes = {k: getattr(args, k) for k in ("steps", "batch_size", "learning_rate", "solver", "seed")
-                     if getattr(args, k) is not None}
+    changes = {
+        k: getattr(args, k)
+        for k in ("base", "trigger", "trigger_size", "target", "poison_rate")
+        if getattr(args, k) is not None
+    }
+    train_changes = {
+        k: getattr(args, k)
+        for k in ("steps", "batch_size", "learning_rate", "solver", "seed")
+        if getattr(args, k) is not None
+    }
     if args.checkpoint_dir:
-        train_changes.update(checkpoint_dir=args.checkpoint_dir,
-                             checkpoint_every=recipe.train.checkpoint_every
-                             or max(1, (train_changes.get("steps") or recipe.train.steps) // 10))
+        train_changes.update(
+            checkpoint_dir=args.checkpoint_dir,
+            checkpoint_every=recipe.train.checkpoint_every
+            or max(1, (train_changes.get("steps") or recipe.train.steps) // 10),
+        )
     if changes.get("base") == "scratch" and args.paper:
-        raise UsageError("--paper fine-tunes google/ddpm-cifar10-32; it cannot be combined with --base scratch")
-    recipe = dataclasses.replace(recipe, **changes, train=dataclasses.replace(recipe.train, **train_changes))
-    check_output_folder(args.output, marker=MODEL_MARKER, overwrite=args.overwrite)   # before the training
+        raise UsageError(
+            "--paper fine-tunes google/ddpm-cifar10-32; it cannot be combined with --base scratch"
+        )
+    recipe = dataclasses.replace(
+        recipe, **changes, train=dataclasses.replace(recipe.train, **train_changes)
+    )
+    # before the training
+    check_output_folder(args.output, marker=MODEL_MARKER, overwrite=args.overwrite)
     began = time.time()
     model = plant_backdoor(recipe, device=args.device, use_cache=False)
-    save_model(args.output, model.unet.to("cpu"), model.scheduler,
-               metadata=dict(kind="backdoor", recipe=recipe.key(), report=model.info["report"]))
-    save_file({"trigger": model.trigger.cpu().contiguous(), "target": model.target.cpu().contiguous()},
-              str(Path(args.output) / BACKDOOR_FILE))
-    print(f"wrote {args.output}: {recipe.trigger} -> {recipe.target}, poison rate {recipe.poison_rate}, "
-          f"{recipe.train.steps} steps in {time.time() - began:.0f} s")
+    save_model(
+        args.output,
+        model.unet.to("cpu"),
+        model.scheduler,
+        metadata=dict(
+            kind="backdoor", recipe=recipe.key(), report=model.info["report"]
+        ),
+    )
+    save_file(
+        {
+            "trigger": model.trigger.cpu().contiguous(),
+            "target": model.target.cpu().contiguous(),
+        },
+        str(Path(args.output) / BACKDOOR_FILE),
+    )
+    print(
+        f"wrote {args.output}: {recipe.trigger} -> {recipe.target}, poison rate {recipe.poison_rate}, "
+        f"{recipe.train.steps} steps in {time.time() - began:.0f} s"
+    )
     return 0
 
 
-def _load_backdoor(folder: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _load_backdoor(
+    folder: str, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     path = Path(folder) / BACKDOOR_FILE
     if not path.is_file():
-        raise UsageError(f"{folder!r} holds no {BACKDOOR_FILE} (trigger and target): it was not written by "
-                         "`baddiff backdoor`")
+        raise UsageError(
+            f"{folder!r} holds no {BACKDOOR_FILE} (trigger and target): it was not written by "
+            "`baddiff backdoor`"
+        )
     tensors = load_file(str(path))
     return tensors["trigger"].to(device), tensors["target"].to(device)
 
 
-#: The most images ``baddiff sample`` puts in one PNG grid; more are written as a folder of PNGs.
+#: The most images ``baddiff sample`` puts in one PNG grid; more are written as a folder
+# of PNGs.
 GRID_LIMIT = 64
 
 
@@ -281,23 +478,45 @@ def _sample(args: argparse.Namespace) -> int:
     for name in ("n", "steps", "batch_size"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
     grid = args.output.suffix.lower() == ".png"
-    if args.output.suffix.lower() in (".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".pdf", ".svg"):
-        raise UsageError(f"--output must be a .png file (one grid) or a folder (one PNG per image), "
-                         f"got {str(args.output)!r}")
+    if args.output.suffix.lower() in (
+        ".jpg",
+        ".jpeg",
+        ".gif",
+        ".bmp",
+        ".webp",
+        ".tif",
+        ".tiff",
+        ".pdf",
+        ".svg",
+    ):
+        raise UsageError(
+            f"--output must be a .png file (one grid) or a folder (one PNG per image), "
+            f"got {str(args.output)!r}"
+        )
     if grid and args.n > GRID_LIMIT:
-        raise UsageError(f"--n {args.n} is too many images for one PNG grid (at most {GRID_LIMIT}); give a folder "
-                         "as --output to write one PNG per image")
+        raise UsageError(
+            f"--n {args.n} is too many images for one PNG grid (at most {GRID_LIMIT}); give a folder "
+            "as --output to write one PNG per image"
+        )
     if not grid:
-        check_output_folder(args.output, marker=SAMPLES_MARKER, overwrite=args.overwrite)
+        check_output_folder(
+            args.output, marker=SAMPLES_MARKER, overwrite=args.overwrite
+        )
     device = resolve_device(args.device)
     unet, scheduler = load_model(args.model, device=device)
-    inference_steps(scheduler, args.sampler, args.steps)   # a bad --steps fails before any sampling
+    # a bad --steps fails before any sampling
+    inference_steps(scheduler, args.sampler, args.steps)
     if not grid:
         _check_free_space(args.output, args.n, unet.config)
     trigger = _load_backdoor(args.model, device)[0] if args.triggered else None
     generator = torch.Generator(device).manual_seed(args.seed)
-    settings = dict(trigger=trigger, clip=args.clip, sampler=args.sampler, num_inference_steps=args.steps,
-                    generator=generator)
+    settings = dict(
+        trigger=trigger,
+        clip=args.clip,
+        sampler=args.sampler,
+        num_inference_steps=args.steps,
+        generator=generator,
+    )
     what = f"{args.n} {'triggered' if args.triggered else 'clean'} samples, clip={args.clip}"
     if grid:
         images = sample(unet, scheduler, args.n, batch_size=args.batch_size, **settings)
@@ -306,30 +525,51 @@ def _sample(args: argparse.Namespace) -> int:
             figure.savefig(staging, format="png")
         print(f"wrote {args.output} ({what})")
         return 0
-    # A folder: batch by batch, each written before the next is drawn, so memory holds one batch.
+    # A folder: batch by batch, each written before the next is drawn, so memory holds
+    # one batch.
     from tqdm.auto import tqdm
 
     per_pass = args.batch_size or DEFAULT_BATCH_SIZE
-    with atomic_folder(args.output) as staging, tqdm(total=args.n, desc="sampling", unit="image") as bar:
+    with (
+        atomic_folder(args.output) as staging,
+        tqdm(total=args.n, desc="sampling", unit="image") as bar,
+    ):
         for first in range(0, args.n, per_pass):
             count = min(per_pass, args.n - first)
-            for index, image in enumerate(sample(unet, scheduler, count, progress=False, **settings), first):
+            for index, image in enumerate(
+                sample(unet, scheduler, count, progress=False, **settings), first
+            ):
                 _save_png(image, staging / f"{index:06d}.png")
             bar.update(count)
-        (staging / SAMPLES_MARKER).write_text(json.dumps(
-            dict(model=str(args.model), n=args.n, triggered=args.triggered, clip=args.clip, sampler=args.sampler,
-                 steps=args.steps, seed=args.seed), indent=2) + "\n")
+        (staging / SAMPLES_MARKER).write_text(
+            json.dumps(
+                dict(
+                    model=str(args.model),
+                    n=args.n,
+                    triggered=args.triggered,
+                    clip=args.clip,
+                    sampler=args.sampler,
+                    steps=args.steps,
+                    seed=args.seed,
+                ),
+                indent=2,
+            )
+            + "\n"
+        )
     print(f"wrote {args.output}/ ({what}, one PNG each)")
     return 0
 
 
-#: Disk a small PNG takes at least: one file-system block (4 KiB on ext4, APFS and NTFS).
+#: Disk a small PNG takes at least: one file-system block (4 KiB on ext4, APFS and
+# NTFS).
 FILE_BLOCK = 4096
 
 
 def _check_free_space(output: Path, n: int, unet_config: Any) -> None:
-    """Refuse, before sampling, a folder of ``n`` PNGs that cannot fit on its disk: each takes at
-    least a file-system block, or its raw pixels (``C * H * W`` bytes, an upper bound for PNG) and
+    """Refuse, before sampling, a folder of ``n`` PNGs that cannot fit on its disk: each
+    takes at
+    least a file-system block, or its raw pixels (``C * H * W`` bytes, an upper bound
+    for PNG) and
     a header if that is more."""
     import shutil
 
@@ -337,25 +577,39 @@ def _check_free_space(output: Path, n: int, unet_config: Any) -> None:
     height, width = (size, size) if isinstance(size, int) else size
     per_image = max(FILE_BLOCK, unet_config.out_channels * height * width + 1024)
     needed = n * per_image
-    existing = next(parent for parent in (output.absolute(), *output.absolute().parents) if parent.exists())
+    existing = next(
+        parent
+        for parent in (output.absolute(), *output.absolute().parents)
+        if parent.exists()
+    )
     free = shutil.disk_usage(existing).free
     if needed > free:
-        raise UsageError(f"--n {n} PNGs need about {needed / 2**30:.1f} GiB and {str(existing)!r} has "
-                         f"{free / 2**30:.1f} GiB free; ask for fewer images")
+        raise UsageError(
+            f"--n {n} PNGs need about {needed / 2**30:.1f} GiB and {str(existing)!r} has "
+            f"{free / 2**30:.1f} GiB free; ask for fewer images"
+        )
 
 
 def _save_png(image: torch.Tensor, path: Path) -> None:
     """One ``C,H,W`` image in [-1, 1] as an 8-bit PNG (grey or RGB)."""
     from PIL import Image
 
-    pixels = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    array = pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()
+    pixels = (
+        ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5)
+        .round()
+        .to(torch.uint8)
+    )
+    array = (
+        pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()
+    )
     Image.fromarray(array).save(path)
 
 
 def _default_threshold(unet: torch.nn.Module) -> float:
-    """The attack-success threshold ``baddiff evaluate`` uses when given none: the quick one for a
-    16 px, 1-channel model (the book's digits), the full one for any other (CIFAR-10 and larger):
+    """The attack-success threshold ``baddiff evaluate`` uses when given none: the quick
+    one for a
+    16 px, 1-channel model (the book's digits), the full one for any other (CIFAR-10 and
+    larger):
     :data:`~baddiff_core.evaluation.ASR_THRESHOLDS`."""
     from baddiff_core.evaluation import asr_threshold
 
@@ -374,32 +628,79 @@ def _evaluate(args: argparse.Namespace) -> int:
     for name in ("n", "steps", "batch_size"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
     if args.threshold is not None and not 0 < args.threshold < 1:
-        raise UsageError(f"--threshold must be an MSE threshold in (0, 1), got {args.threshold}")
+        raise UsageError(
+            f"--threshold must be an MSE threshold in (0, 1), got {args.threshold}"
+        )
     if args.fd_samples < 0 or args.fd_samples == 1:
-        raise UsageError(f"--fd-samples must be 0 (skip) or at least 2, got {args.fd_samples}")
+        raise UsageError(
+            f"--fd-samples must be 0 (skip) or at least 2, got {args.fd_samples}"
+        )
     device = resolve_device(args.device)
     unet, scheduler = load_model(args.model, device=device)
     trigger, target = _load_backdoor(args.model, device)
     metadata = json.loads((Path(args.model) / "baddiff.json").read_text())
     recipe = metadata.get("recipe", {})
-    threshold = args.threshold if args.threshold is not None else _default_threshold(unet)
-    if args.fd_samples:   # fail now, not after sampling, when the FID's features cannot be had
-        resolve_features(args.fd_features, torch.empty(2, unet.config.in_channels, unet.config.sample_size,
-                                                        unet.config.sample_size))
-    results = evaluate_attack(unet, scheduler, trigger, target, n=args.n, clips=tuple(args.clip or CLIP_MODES),
-                              threshold=threshold, sampler=args.sampler, num_inference_steps=args.steps,
-                              seed=args.seed, batch_size=args.batch_size, progress=True)
-    output = {"model": args.model, "attack": {k: v.as_dict() for k, v in results.items()}}
+    threshold = (
+        args.threshold if args.threshold is not None else _default_threshold(unet)
+    )
+    # fail now, not after sampling, when the FID's features cannot be had
     if args.fd_samples:
-        real = load_images(recipe.get("dataset", "digits"), unet.config.sample_size, channels=unet.config.in_channels)
-        score = clean_quality(unet, scheduler, real, n=args.fd_samples, seed=args.seed, batch_size=args.batch_size,
-                              features=args.fd_features, progress=True)
-        output["clean_quality"] = dict(value=score.value, num_real=score.num_real, num_fake=score.num_fake,
-                                       features=score.features, text=str(score))
+        resolve_features(
+            args.fd_features,
+            torch.empty(
+                2,
+                unet.config.in_channels,
+                unet.config.sample_size,
+                unet.config.sample_size,
+            ),
+        )
+    results = evaluate_attack(
+        unet,
+        scheduler,
+        trigger,
+        target,
+        n=args.n,
+        clips=tuple(args.clip or CLIP_MODES),
+        threshold=threshold,
+        sampler=args.sampler,
+        num_inference_steps=args.steps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=True,
+    )
+    output = {
+        "model": args.model,
+        "attack": {k: v.as_dict() for k, v in results.items()},
+    }
+    if args.fd_samples:
+        real = load_images(
+            recipe.get("dataset", "digits"),
+            unet.config.sample_size,
+            channels=unet.config.in_channels,
+        )
+        score = clean_quality(
+            unet,
+            scheduler,
+            real,
+            n=args.fd_samples,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            features=args.fd_features,
+            progress=True,
+        )
+        output["clean_quality"] = dict(
+            value=score.value,
+            num_real=score.num_real,
+            num_fake=score.num_fake,
+            features=score.features,
+            text=str(score),
+        )
     if args.json:
         print(json.dumps(output, indent=2))
     else:
-        print(f"{'clip':6s} {'ASR':>6s} {'MSE':>9s} {'SSIM':>6s} {'leak':>6s}   ({args.n} samples, threshold {threshold})")
+        print(
+            f"{'clip':6s} {'ASR':>6s} {'MSE':>9s} {'SSIM':>6s} {'leak':>6s}   ({args.n} samples, threshold {threshold})"
+        )
         for clip, m in results.items():
             print(f"{clip:6s} {m.asr:6.3f} {m.mse:9.2e} {m.ssim:6.3f} {m.leak:6.3f}")
         if "clean_quality" in output:
@@ -418,38 +719,76 @@ def _scan(args: argparse.Namespace) -> int:
     for name in ("n", "inversion_steps", "noise_batch", "steps", "batch_size"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
     if args.n < 2:
-        raise UsageError(f"--n must be at least 2 (the score compares samples), got {args.n}")
+        raise UsageError(
+            f"--n must be at least 2 (the score compares samples), got {args.n}"
+        )
     if not 0 < args.threshold <= 1:
-        raise UsageError(f"--threshold must be a mode share in (0, 1], got {args.threshold}")
-    output = args.output or Path(f"scan-{Path(str(args.model).rstrip('/')).name.replace('/', '-')}")
+        raise UsageError(
+            f"--threshold must be a mode share in (0, 1], got {args.threshold}"
+        )
+    output = args.output or Path(
+        f"scan-{Path(str(args.model).rstrip('/')).name.replace('/', '-')}"
+    )
     device = resolve_device(args.device)
     unet, scheduler = load_model(args.model, device=device)
-    result = scan_model(unet, scheduler, n=args.n, threshold=args.threshold, num_noise=args.noise_batch,
-                        steps=args.inversion_steps, solver=args.solver, num_inference_steps=args.steps,
-                        clip=args.clip, seed=args.seed, batch_size=args.batch_size, progress=not args.json)
-    report = dict(model=str(args.model), verdict=result.verdict, mode_share=result.mode_share,
-                  solver=args.solver, clip=args.clip, threshold=result.threshold,
-                  alike=round(result.mode_share * args.n), samples=args.n,
-                  diversity=result.diversity, total_variation=result.total_variation,
-                  inversion_steps=args.inversion_steps, final_inversion_loss=result.inversion.losses[-1],
-                  seconds=round(result.seconds, 1), output=str(output))
+    result = scan_model(
+        unet,
+        scheduler,
+        n=args.n,
+        threshold=args.threshold,
+        num_noise=args.noise_batch,
+        steps=args.inversion_steps,
+        solver=args.solver,
+        num_inference_steps=args.steps,
+        clip=args.clip,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=not args.json,
+    )
+    report = dict(
+        model=str(args.model),
+        verdict=result.verdict,
+        mode_share=result.mode_share,
+        solver=args.solver,
+        clip=args.clip,
+        threshold=result.threshold,
+        alike=round(result.mode_share * args.n),
+        samples=args.n,
+        diversity=result.diversity,
+        total_variation=result.total_variation,
+        inversion_steps=args.inversion_steps,
+        final_inversion_loss=result.inversion.losses[-1],
+        seconds=round(result.seconds, 1),
+        output=str(output),
+    )
     output.mkdir(parents=True, exist_ok=True)
     trigger = result.inversion.trigger.cpu()
     save_file({"trigger": trigger.contiguous()}, str(output / "trigger.safetensors"))
     low, high = float(trigger.min()), float(trigger.max())
-    for name, figure in (("trigger.png", show_images([trigger], titles=["trigger estimate"], size=2.5,
-                                                     value_range=(low, max(high, low + 1e-6)))),
-                         ("samples.png", show_images(result.samples.cpu(), ncols=min(8, args.n)))):
+    for name, figure in (
+        (
+            "trigger.png",
+            show_images(
+                [trigger],
+                titles=["trigger estimate"],
+                size=2.5,
+                value_range=(low, max(high, low + 1e-6)),
+            ),
+        ),
+        ("samples.png", show_images(result.samples.cpu(), ncols=min(8, args.n))),
+    ):
         figure.savefig(output / name)
         plt.close(figure)
     (output / "scan.json").write_text(json.dumps(report, indent=2))
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"{result.verdict}: {report['alike']} of {args.n} samples from noise + the trigger estimate are alike "
-              f"(mode share {result.mode_share:.2f}; threshold {result.threshold:.2f}); diversity "
-              f"{result.diversity:.3f}, total variation {result.total_variation:.3f}; {args.inversion_steps} "
-              f"inversion steps and {args.n} samples in {result.seconds:.0f} s. Images in {output}/")
+        print(
+            f"{result.verdict}: {report['alike']} of {args.n} samples from noise + the trigger estimate are alike "
+            f"(mode share {result.mode_share:.2f}; threshold {result.threshold:.2f}); diversity "
+            f"{result.diversity:.3f}, total variation {result.total_variation:.3f}; {args.inversion_steps} "
+            f"inversion steps and {args.n} samples in {result.seconds:.0f} s. Images in {output}/"
+        )
     return 1 if result.backdoored else 0
 
 

@@ -1,25 +1,36 @@
-"""A small digits network the project trains itself: features for a Fréchet distance, and a classifier.
+"""A small digits network the project trains itself: features for a Fréchet distance,
+and a classifier.
 
 Introduced where the book first measures the clean utility of a (backdoored) model.
 
-The paper measures clean utility with FID, the Fréchet distance between 2048-d Inception-v3 features of
-generated and real images (BadDiffusion (Chou et al. 2023, arXiv:2212.05400), Sec. 4). Inception weights
-must be downloaded, and they were trained on photographs, not 8x8 digits. The book works offline on
-scikit-learn's bundled digits (``sklearn.datasets.load_digits``: 1797 grey 8x8 images of the digits
-0..9), so it uses this small convolutional network instead, trained here on those digits and shipped
+The paper measures clean utility with FID, the Fréchet distance between 2048-d
+Inception-v3 features of
+generated and real images (BadDiffusion (Chou et al. 2023, arXiv:2212.05400), Sec. 4).
+Inception weights
+must be downloaded, and they were trained on photographs, not 8x8 digits. The book works
+offline on
+scikit-learn's bundled digits (``sklearn.datasets.load_digits``: 1797 grey 8x8 images of
+the digits
+0..9), so it uses this small convolutional network instead, trained here on those digits
+and shipped
 with the package:
 
-* :meth:`DigitsNet.features` gives a 64-d feature vector per image, for a Fréchet distance
+* :meth:`DigitsNet.features` gives a 64-d feature vector per image, for a Fréchet
+  distance
   ("FD with digits features"; its values are *not* comparable with published FIDs);
-* :meth:`DigitsNet.forward` gives 10 logits, to ask "are the generated samples digit-like, and which
+* :meth:`DigitsNet.forward` gives 10 logits, to ask "are the generated samples
+  digit-like, and which
   digits are they?".
 
-The weights live in ``baddiff_core/assets/digits_net.safetensors`` (safetensors, never pickle) and the
-recipe with the held-out accuracy in ``baddiff_core/assets/digits_net.json``. Regenerate both with::
+The weights live in ``baddiff_core/assets/digits_net.safetensors`` (safetensors, never
+pickle) and the
+recipe with the held-out accuracy in ``baddiff_core/assets/digits_net.json``. Regenerate
+both with::
 
     python -m baddiff_core.features
 
-Training is deterministic for a given seed (same machine, same torch version) and takes a few seconds
+Training is deterministic for a given seed (same machine, same torch version) and takes
+a few seconds
 on a CPU.
 """
 
@@ -79,7 +90,9 @@ _TEST_FRACTION = 0.2
 
 def _check_images(images: object, name: str = "images") -> Tensor:
     """Validate a ``B,C,H,W`` float tensor with C in {1, 3} and H, W >= 8."""
-    return check_image_batch(name, images, min_size=MIN_SIZE, value_range="[0, 1]", require_finite=False)
+    return check_image_batch(
+        name, images, min_size=MIN_SIZE, value_range="[0, 1]", require_finite=False
+    )
 
 
 class DigitsNet(nn.Module):
@@ -87,16 +100,22 @@ class DigitsNet(nn.Module):
 
     Architecture (28 330 parameters)::
 
-        grey 16x16 -> conv3x3(16) GN ReLU -> conv3x3/2(32) GN ReLU -> conv3x3/2(64) GN ReLU  (4x4)
-                   -> global average pool (64) -> linear(64) ReLU = features -> linear(10) = logits
+        grey 16x16 -> conv3x3(16) GN ReLU -> conv3x3/2(32) GN ReLU -> conv3x3/2(64) GN
+        ReLU  (4x4)
+                   -> global average pool (64) -> linear(64) ReLU = features ->
+                   linear(10) = logits
 
-    GroupNorm instead of BatchNorm, and no dropout, so the network computes the same function in
+    GroupNorm instead of BatchNorm, and no dropout, so the network computes the same
+    function in
     ``train()`` and ``eval()`` mode and for any batch size.
 
-    Input: ``B,C,H,W`` float images with values in [0, 1] (0 = black background, 1 = white stroke, as
-    scikit-learn's digits scaled by 1/16), C in {1, 3}, H, W >= 8. RGB is converted to grey with the
+    Input: ``B,C,H,W`` float images with values in [0, 1] (0 = black background, 1 =
+    white stroke, as
+    scikit-learn's digits scaled by 1/16), C in {1, 3}, H, W >= 8. RGB is converted to
+    grey with the
     ITU-R 601-2 luma weights; images are resized to 16x16 with
-    ``F.interpolate(..., mode="bilinear", antialias=True)`` (skipped when already 16x16).
+    ``F.interpolate(..., mode="bilinear", antialias=True)`` (skipped when already
+    16x16).
     """
 
     num_features: int = NUM_FEATURES
@@ -121,20 +140,25 @@ class DigitsNet(nn.Module):
 
     @staticmethod
     def prepare(x: Tensor) -> Tensor:
-        """Images ``B,C,H,W`` in [0, 1] -> grey ``B,1,16,16`` (the network's own input)."""
+        """Images ``B,C,H,W`` in [0, 1] -> grey ``B,1,16,16`` (the network's own
+        input)."""
         x = _check_images(x, "x")
         if x.shape[1] == 3:
             luma = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
             x = (x * luma).sum(dim=1, keepdim=True)
         if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
-            x = F.interpolate(x, size=INPUT_SIZE, mode="bilinear", antialias=True, align_corners=False)
+            x = F.interpolate(
+                x, size=INPUT_SIZE, mode="bilinear", antialias=True, align_corners=False
+            )
         return x
 
     def features(self, x: Tensor) -> Tensor:
         """64-d features ``(B, 64)`` of images ``B,C,H,W`` in [0, 1].
 
-        Non-negative (after a ReLU, like Inception's pool features); a few are 0 for every digit
-        (13 of 64 for the shipped weights), so feature covariances are singular, which the Fréchet
+        Non-negative (after a ReLU, like Inception's pool features); a few are 0 for
+        every digit
+        (13 of 64 for the shipped weights), so feature covariances are singular, which
+        the Fréchet
         distance handles.
         """
         x = self.prepare(x)
@@ -149,8 +173,10 @@ class DigitsNet(nn.Module):
 class DigitsFeatureExtractor(nn.Module):
     """Wraps a :class:`DigitsNet` so that ``forward`` returns its 64-d features.
 
-    ``torchmetrics.image.fid.FrechetInceptionDistance(feature=module)`` calls ``module(images)`` and reads
-    ``module.num_features``; a bare :class:`DigitsNet` would hand it the 10 logits instead.
+    ``torchmetrics.image.fid.FrechetInceptionDistance(feature=module)`` calls
+    ``module(images)`` and reads
+    ``module.num_features``; a bare :class:`DigitsNet` would hand it the 10 logits
+    instead.
     """
 
     def __init__(self, net: DigitsNet) -> None:
@@ -171,25 +197,32 @@ def digits_images(*, size: int = INPUT_SIZE) -> tuple[Tensor, Tensor]:
     """scikit-learn's 1797 digits as float32 images in [0, 1] and their labels.
 
     Args:
-        size: side in pixels; 8 gives the original images (values ``k/16``), other sizes are resized
+        size: side in pixels; 8 gives the original images (values ``k/16``), other sizes
+        are resized
             bilinearly exactly as :meth:`DigitsNet.prepare` does.
 
     Returns:
-        ``(images, labels)``: ``(1797, 1, size, size)`` float32 in [0, 1] and ``(1797,)`` int64 in 0..9.
+        ``(images, labels)``: ``(1797, 1, size, size)`` float32 in [0, 1] and
+        ``(1797,)`` int64 in 0..9.
     """
     from baddiff_core.data import load_images
 
     if isinstance(size, bool) or not isinstance(size, int) or size < 4:
         raise ValueError(f"size must be an integer >= 4, got size={size!r}")
-    images, labels = load_images("digits", size, with_labels=True)   # the diffusion models' data, in [-1, 1]
+    # the diffusion models' data, in [-1, 1]
+    images, labels = load_images("digits", size, with_labels=True)
     return ((images + 1) / 2).clamp(0.0, 1.0), labels
 
 
-def digits_split(*, split_seed: int = 0, test_fraction: float = _TEST_FRACTION) -> tuple[Tensor, Tensor]:
+def digits_split(
+    *, split_seed: int = 0, test_fraction: float = _TEST_FRACTION
+) -> tuple[Tensor, Tensor]:
     """Indices of the train and held-out images of scikit-learn's digits.
 
-    ``sklearn.model_selection.train_test_split`` of ``range(1797)``, stratified by label, with
-    ``random_state=split_seed``: 1437 train and 360 held-out images for the default 20 %.
+    ``sklearn.model_selection.train_test_split`` of ``range(1797)``, stratified by
+    label, with
+    ``random_state=split_seed``: 1437 train and 360 held-out images for the default 20
+    %.
 
     Returns:
         ``(train_idx, test_idx)``, int64 tensors.
@@ -198,34 +231,49 @@ def digits_split(*, split_seed: int = 0, test_fraction: float = _TEST_FRACTION) 
     from sklearn.model_selection import train_test_split
 
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got test_fraction={test_fraction!r}")
+        raise ValueError(
+            f"test_fraction must be in (0, 1), got test_fraction={test_fraction!r}"
+        )
     labels = load_digits().target
     train_idx, test_idx = train_test_split(
-        list(range(len(labels))), test_size=test_fraction, random_state=split_seed, stratify=labels
+        list(range(len(labels))),
+        test_size=test_fraction,
+        random_state=split_seed,
+        stratify=labels,
     )
-    return torch.tensor(train_idx, dtype=torch.int64), torch.tensor(test_idx, dtype=torch.int64)
+    return torch.tensor(train_idx, dtype=torch.int64), torch.tensor(
+        test_idx, dtype=torch.int64
+    )
 
 
 def _augment(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Random shifts by -1, 0 or +1 px per axis (zero fill) and brightness scaling in [0.8, 1.2]."""
+    """Random shifts by -1, 0 or +1 px per axis (zero fill) and brightness scaling in
+    [0.8, 1.2]."""
     b, _, h, w = x.shape
     padded = F.pad(x, (1, 1, 1, 1))
     dy = torch.randint(0, 3, (b,), generator=generator)
     dx = torch.randint(0, 3, (b,), generator=generator)
     rows = dy[:, None] + torch.arange(h)  # (B, H)
     cols = dx[:, None] + torch.arange(w)  # (B, W)
-    shifted = padded[torch.arange(b)[:, None, None], 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
+    shifted = padded[
+        torch.arange(b)[:, None, None], 0, rows[:, :, None], cols[:, None, :]
+    ].unsqueeze(1)
     scale = 0.8 + 0.4 * torch.rand(b, 1, 1, 1, generator=generator)
     return (shifted * scale).clamp(0.0, 1.0)
 
 
 @torch.no_grad()
-def evaluate_accuracy(net: nn.Module, images: Tensor, labels: Tensor, *, batch_size: int = 512) -> float:
-    """Fraction of ``images`` (``B,C,H,W`` in [0, 1]) whose arg-max logit equals ``labels``."""
+def evaluate_accuracy(
+    net: nn.Module, images: Tensor, labels: Tensor, *, batch_size: int = 512
+) -> float:
+    """Fraction of ``images`` (``B,C,H,W`` in [0, 1]) whose arg-max logit equals
+    ``labels``."""
     correct = 0
     for start in range(0, len(images), batch_size):
         logits = net(images[start : start + batch_size])
-        correct += int((logits.argmax(dim=1) == labels[start : start + batch_size]).sum())
+        correct += int(
+            (logits.argmax(dim=1) == labels[start : start + batch_size]).sum()
+        )
     return correct / len(images)
 
 
@@ -244,15 +292,22 @@ def train_digits_net(
 ) -> tuple[DigitsNet, dict[str, Any]]:
     """Train :class:`DigitsNet` on 80 % of scikit-learn's digits (CPU, a few seconds).
 
-    Recipe: the 8x8 digits scaled to [0, 1] and upsampled to 16x16; a stratified 80/20 split with
-    ``split_seed = seed`` (:func:`digits_split`); AdamW (weight decay 1e-4) with a one-cycle learning
-    rate peaking at ``lr``; cross-entropy; each batch augmented by random 1-px shifts and brightness
-    scaling in [0.8, 1.2]. Initialisation, shuffling and augmentation all draw from ``seed``
-    (``torch.manual_seed`` and a ``torch.Generator``), and training runs on one CPU thread, so the
-    weights are the same bits on every run with the same torch version and CPU instruction set.
+    Recipe: the 8x8 digits scaled to [0, 1] and upsampled to 16x16; a stratified 80/20
+    split with
+    ``split_seed = seed`` (:func:`digits_split`); AdamW (weight decay 1e-4) with a
+    one-cycle learning
+    rate peaking at ``lr``; cross-entropy; each batch augmented by random 1-px shifts
+    and brightness
+    scaling in [0.8, 1.2]. Initialisation, shuffling and augmentation all draw from
+    ``seed``
+    (``torch.manual_seed`` and a ``torch.Generator``), and training runs on one CPU
+    thread, so the
+    weights are the same bits on every run with the same torch version and CPU
+    instruction set.
 
     Returns:
-        ``(net, recipe)``: the trained network in eval mode and a JSON-serialisable dict with the
+        ``(net, recipe)``: the trained network in eval mode and a JSON-serialisable dict
+        with the
         recipe, ``test_accuracy`` on the 360 held-out images and ``train_accuracy``.
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -262,18 +317,23 @@ def train_digits_net(
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got lr={lr!r}")
 
-    # One CPU thread: multi-threaded kernels split their sums by thread count, so the bits of the
+    # One CPU thread: multi-threaded kernels split their sums by thread count, so the
+    # bits of the
     # weights would otherwise depend on the machine's cores.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        net, recipe = _train(seed=seed, epochs=epochs, lr=lr, batch_size=batch_size, progress=progress)
+        net, recipe = _train(
+            seed=seed, epochs=epochs, lr=lr, batch_size=batch_size, progress=progress
+        )
     finally:
         torch.set_num_threads(threads)
     return net, recipe
 
 
-def _train(*, seed: int, epochs: int, lr: float, batch_size: int, progress: bool) -> tuple[DigitsNet, dict]:
+def _train(
+    *, seed: int, epochs: int, lr: float, batch_size: int, progress: bool
+) -> tuple[DigitsNet, dict]:
     started = time.perf_counter()
     images, labels = digits_images(size=INPUT_SIZE)
     train_idx, test_idx = digits_split(split_seed=seed)
@@ -283,7 +343,9 @@ def _train(*, seed: int, epochs: int, lr: float, batch_size: int, progress: bool
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     net = DigitsNet()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=_DEFAULT_WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(
+        net.parameters(), lr=lr, weight_decay=_DEFAULT_WEIGHT_DECAY
+    )
     steps_per_epoch = math.ceil(len(x_train) / batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch
@@ -303,14 +365,18 @@ def _train(*, seed: int, epochs: int, lr: float, batch_size: int, progress: bool
             scheduler.step()
             total += float(loss.detach()) * len(batch)
         if progress and (epoch == 0 or (epoch + 1) % 10 == 0 or epoch + 1 == epochs):
-            print(f"epoch {epoch + 1:3d}/{epochs}: train loss {total / len(x_train):.4f}")
+            print(
+                f"epoch {epoch + 1:3d}/{epochs}: train loss {total / len(x_train):.4f}"
+            )
 
     net.eval().requires_grad_(False)
     test_accuracy = evaluate_accuracy(net, x_test, y_test)
     train_accuracy = evaluate_accuracy(net, x_train, y_train)
     seconds = time.perf_counter() - started
     if progress:
-        print(f"held-out accuracy {test_accuracy:.4f} ({len(x_test)} images), {seconds:.1f} s")
+        print(
+            f"held-out accuracy {test_accuracy:.4f} ({len(x_test)} images), {seconds:.1f} s"
+        )
 
     import sklearn
 
@@ -361,8 +427,10 @@ def load_digits_recipe() -> dict[str, Any]:
 def load_digits_net(device: str | torch.device | None = None) -> DigitsNet:
     """The shipped :class:`DigitsNet`, in eval mode with ``requires_grad_(False)``.
 
-    Loaded with ``safetensors.torch.load_file`` (no pickle) from ``assets/digits_net.safetensors`` and
-    cached per device, so repeated calls are cheap. The returned module is shared: do not modify it.
+    Loaded with ``safetensors.torch.load_file`` (no pickle) from
+    ``assets/digits_net.safetensors`` and
+    cached per device, so repeated calls are cheap. The returned module is shared: do
+    not modify it.
 
     Args:
         device: where to put the network; ``None`` means CPU.
@@ -383,7 +451,8 @@ def load_digits_net(device: str | torch.device | None = None) -> DigitsNet:
 
 
 def regenerate(*, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Train the network and write ``assets/digits_net.safetensors`` and ``assets/digits_net.json``.
+    """Train the network and write ``assets/digits_net.safetensors`` and
+    ``assets/digits_net.json``.
 
     Each file is written atomically (:mod:`baddiff_core.files`).
     Returns the recipe dict that was written.
@@ -391,10 +460,16 @@ def regenerate(*, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     net, recipe = train_digits_net(seed=seed, progress=progress)
-    tensors = {name: t.detach().cpu().contiguous() for name, t in net.state_dict().items()}
+    tensors = {
+        name: t.detach().cpu().contiguous() for name, t in net.state_dict().items()
+    }
     with atomic_file(WEIGHTS_PATH) as staging:
-        save_file(tensors, str(staging), metadata={"format": "pt", "model": "DigitsNet"})
-    write_text_atomically(RECIPE_PATH, json.dumps(recipe, indent=2, sort_keys=True) + "\n")
+        save_file(
+            tensors, str(staging), metadata={"format": "pt", "model": "DigitsNet"}
+        )
+    write_text_atomically(
+        RECIPE_PATH, json.dumps(recipe, indent=2, sort_keys=True) + "\n"
+    )
     _CACHE.clear()
     if progress:
         for p in (WEIGHTS_PATH, RECIPE_PATH):

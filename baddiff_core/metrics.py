@@ -1,26 +1,37 @@
 """How well did the attack work, and is the model still a good generator?
 
 Introduced where the book first measures a backdoored model (chapter 4,
-``book/04_measuring_the_backdoor.ipynb``, "The metrics"). The metrics are those of BadDiffusion
+``book/04_measuring_the_backdoor.ipynb``, "The metrics"). The metrics are those of
+BadDiffusion
 (Chou et al. 2023, arXiv:2212.05400), Sec. 4, computed as in its authors' code
 (github.com/IBM/BadDiffusion).
 
 BadDiffusion is judged on two axes:
 
-* **specificity** of the backdoor: with the trigger stamped on the starting noise, how close are the
-  samples to the attacker's target image? Measured by :func:`mse_to_target`, :func:`ssim_to_target`
+* **specificity** of the backdoor: with the trigger stamped on the starting noise, how
+  close are the
+  samples to the attacker's target image? Measured by :func:`mse_to_target`,
+  :func:`ssim_to_target`
   and :func:`attack_success_rate`;
-* **utility** on clean noise: are the clean samples still like the training images? The paper uses
-  FID (:func:`frechet_distance` with ``features="inception"``, the default for RGB images of at least
-  32x32, which needs the optional torch-fidelity: ``pip install "baddiff-core[full]"``); offline, the
-  book uses a Fréchet distance on the features of a small digits network it trains itself
-  (``features="digits"``, the default for smaller or grey images; :mod:`baddiff_core.features`), and
+* **utility** on clean noise: are the clean samples still like the training images? The
+  paper uses
+  FID (:func:`frechet_distance` with ``features="inception"``, the default for RGB
+  images of at least
+  32x32, which needs the optional torch-fidelity: ``pip install "baddiff-core[full]"``);
+  offline, the
+  book uses a Fréchet distance on the features of a small digits network it trains
+  itself
+  (``features="digits"``, the default for smaller or grey images;
+  :mod:`baddiff_core.features`), and
   asks that same network which digits the samples look like (:func:`digit_predictions`,
   :func:`class_histogram`).
 
-Conventions. Images are float tensors ``B,C,H,W`` with values in [-1, 1] (what a diffusion model
-samples), C in {1, 3}; a ``target`` is one image ``C,H,W``, broadcast over the batch. Every metric
-first maps images to [0, 1] with :func:`to_unit_range`, ``(x / 2 + 0.5).clamp(0, 1)``, as the
+Conventions. Images are float tensors ``B,C,H,W`` with values in [-1, 1] (what a
+diffusion model
+samples), C in {1, 3}; a ``target`` is one image ``C,H,W``, broadcast over the batch.
+Every metric
+first maps images to [0, 1] with :func:`to_unit_range`, ``(x / 2 + 0.5).clamp(0, 1)``,
+as the
 authors did. Computations run on the device of the input tensors, without gradients.
 """
 
@@ -60,21 +71,25 @@ __all__ = [
 Reduction = Literal["mean", "none"]
 FeatureKind = Literal["auto", "digits", "inception"]
 
-#: Per-image MSE (in [0, 1] units) below which a backdoor sample counts as a success (the convention
+#: Per-image MSE (in [0, 1] units) below which a backdoor sample counts as a success
+# (the convention
 #: of follow-up work such as Elijah (An et al. 2024, arXiv:2312.00050)).
 DEFAULT_ASR_THRESHOLD = 0.1
-#: SSIM Gaussian window side and standard deviation, in pixels (Wang et al. 2004; the torchmetrics
+#: SSIM Gaussian window side and standard deviation, in pixels (Wang et al. 2004; the
+# torchmetrics
 #: defaults, which the BadDiffusion authors' code uses: github.com/IBM/BadDiffusion).
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
-#: How far outside [-1, 1] :func:`frechet_distance` accepts values (float round-off of samplers).
+#: How far outside [-1, 1] :func:`frechet_distance` accepts values (float round-off of
+# samplers).
 RANGE_TOLERANCE = 1e-3
 #: Images per forward pass of a feature network.
 _CHUNK = 512
 
 
 class MissingDependencyError(ImportError, RuntimeError):
-    """An optional package is needed; catchable as ``RuntimeError`` and as ``ImportError``."""
+    """An optional package is needed; catchable as ``RuntimeError`` and as
+    ``ImportError``."""
 
 
 # --------------------------------------------------------------------------- #
@@ -83,7 +98,8 @@ class MissingDependencyError(ImportError, RuntimeError):
 
 
 def _check_images(name: str, images: object, *, min_size: int = 1) -> Tensor:
-    """A finite float ``B,C,H,W`` tensor with B >= 1, C in {1, 3}, H, W >= ``min_size``."""
+    """A finite float ``B,C,H,W`` tensor with B >= 1, C in {1, 3}, H, W >=
+    ``min_size``."""
     return check_image_batch(name, images, min_size=min_size)
 
 
@@ -97,16 +113,21 @@ def _check_range(name: str, images: Tensor) -> None:
 
 
 def _check_target(target: object, samples: Tensor) -> Tensor:
-    """``target`` of shape ``C,H,W`` (or ``B,C,H,W`` like ``samples``), on samples' device and dtype."""
+    """``target`` of shape ``C,H,W`` (or ``B,C,H,W`` like ``samples``), on samples'
+    device and dtype."""
     if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor of shape (C, H, W), got {type(target).__name__}")
+        raise TypeError(
+            f"target must be a torch.Tensor of shape (C, H, W), got {type(target).__name__}"
+        )
     if tuple(target.shape) not in (tuple(samples.shape[1:]), tuple(samples.shape)):
         raise ValueError(
             f"target must have shape (C, H, W) = {tuple(samples.shape[1:])} to match "
             f"samples.shape={tuple(samples.shape)}, got target.shape={tuple(target.shape)}"
         )
     if not target.is_floating_point():
-        raise TypeError(f"target must be a float tensor with values in [-1, 1], got target.dtype={target.dtype}")
+        raise TypeError(
+            f"target must be a float tensor with values in [-1, 1], got target.dtype={target.dtype}"
+        )
     if not bool(torch.isfinite(target).all()):
         raise ValueError("target must be finite, got NaN or infinite values")
     target = target.to(device=samples.device, dtype=samples.dtype)
@@ -115,7 +136,9 @@ def _check_target(target: object, samples: Tensor) -> Tensor:
 
 def _check_reduction(reduction: object) -> None:
     if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction must be 'mean' or 'none', got reduction={reduction!r}")
+        raise ValueError(
+            f"reduction must be 'mean' or 'none', got reduction={reduction!r}"
+        )
 
 
 def _reduce(values: Tensor, reduction: Reduction) -> Tensor:
@@ -130,7 +153,8 @@ def _reduce(values: Tensor, reduction: Reduction) -> Tensor:
 def to_unit_range(images: Tensor) -> Tensor:
     """Map images from [-1, 1] to [0, 1]: ``(x / 2 + 0.5).clamp(0, 1)``.
 
-    Any shape; values outside [-1, 1] are clipped, as when the authors saved their samples (the code
+    Any shape; values outside [-1, 1] are clipped, as when the authors saved their
+    samples (the code
     of BadDiffusion (Chou et al. 2023, arXiv:2212.05400): github.com/IBM/BadDiffusion).
     """
     return (images / 2 + 0.5).clamp(0.0, 1.0)
@@ -139,7 +163,8 @@ def to_unit_range(images: Tensor) -> Tensor:
 def _quantize(images01: Tensor) -> Tensor:
     """Round [0, 1] values to the 8-bit levels ``k / 255``.
 
-    ``round`` is half-to-even, like NumPy's ``(images * 255).round()`` in diffusers' ``numpy_to_pil``,
+    ``round`` is half-to-even, like NumPy's ``(images * 255).round()`` in diffusers'
+    ``numpy_to_pil``,
     through which the authors' samples went before being saved as PNG.
     """
     return torch.round(images01 * 255) / 255
@@ -156,18 +181,23 @@ def mse_to_target(
     r"""Mean squared error between each sample and the target, in [0, 1] units.
 
     .. math::
-        \mathrm{MSE}_b = \frac{1}{CHW} \sum_{c,h,w} \big(u(x_b)_{chw} - u(y)_{chw}\big)^2,
+        \mathrm{MSE}_b = \frac{1}{CHW} \sum_{c,h,w} \big(u(x_b)_{chw} -
+        u(y)_{chw}\big)^2,
         \qquad u(x) = \mathrm{clamp}(x/2 + 1/2, 0, 1),
 
-    so a value lies in [0, 1]; 0 means the sample *is* the target. With ``reduction="mean"`` the mean
+    so a value lies in [0, 1]; 0 means the sample *is* the target. With
+    ``reduction="mean"`` the mean
     over the batch (equal to the mean over all images, channels and pixels: the MSE of
     BadDiffusion (Chou et al. 2023, arXiv:2212.05400), Sec. 4).
 
     Args:
         samples: ``B,C,H,W`` in [-1, 1] (values outside are clipped by ``u``).
-        target: ``C,H,W`` in [-1, 1], broadcast over the batch (or ``B,C,H,W``, one per sample).
-        reduction: ``"mean"`` (scalar) or ``"none"`` (one value per image, shape ``(B,)``).
-        quantize: round both to 8-bit levels ``k / 255`` first, as the authors' saved PNGs were.
+        target: ``C,H,W`` in [-1, 1], broadcast over the batch (or ``B,C,H,W``, one per
+        sample).
+        reduction: ``"mean"`` (scalar) or ``"none"`` (one value per image, shape
+        ``(B,)``).
+        quantize: round both to 8-bit levels ``k / 255`` first, as the authors' saved
+        PNGs were.
 
     Returns:
         A 0-d tensor or a ``(B,)`` tensor, on the samples' device.
@@ -185,11 +215,16 @@ def mse_to_target(
 def ssim_window(height: int, width: int) -> tuple[int, float]:
     """The SSIM Gaussian window ``(side, sigma)`` used for ``height x width`` images.
 
-    The standard window is 11 px with sigma 1.5 (Wang et al. 2004), as in the BadDiffusion authors' code
-    (github.com/IBM/BadDiffusion). For images smaller than 11 px on a side the window shrinks to the
-    largest odd side ``k`` that fits (``k <= min(height, width)``; 7 for 8x8 images). torchmetrics
-    derives a Gaussian window's side from its sigma (``2 * int(3.5 * sigma + 0.5) + 1``), so sigma
-    shrinks in proportion, ``sigma = 1.5 * k / 11``: the Gaussian is truncated at the same ~3.5 sigma as
+    The standard window is 11 px with sigma 1.5 (Wang et al. 2004), as in the
+    BadDiffusion authors' code
+    (github.com/IBM/BadDiffusion). For images smaller than 11 px on a side the window
+    shrinks to the
+    largest odd side ``k`` that fits (``k <= min(height, width)``; 7 for 8x8 images).
+    torchmetrics
+    derives a Gaussian window's side from its sigma (``2 * int(3.5 * sigma + 0.5) +
+    1``), so sigma
+    shrinks in proportion, ``sigma = 1.5 * k / 11``: the Gaussian is truncated at the
+    same ~3.5 sigma as
     the standard one.
     """
     check_positive_int("height", height)
@@ -198,24 +233,36 @@ def ssim_window(height: int, width: int) -> tuple[int, float]:
     if side % 2 == 0:
         side -= 1
     sigma = SSIM_SIGMA if side == SSIM_WINDOW else SSIM_SIGMA * side / SSIM_WINDOW
-    assert 2 * int(3.5 * sigma + 0.5) + 1 == side, (side, sigma)  # torchmetrics' own rule
+    # torchmetrics' own rule
+    assert 2 * int(3.5 * sigma + 0.5) + 1 == side, (
+        side,
+        sigma,
+    )
     return side, sigma
 
 
 @torch.no_grad()
-def ssim_to_target(samples: Tensor, target: Tensor, *, reduction: Reduction = "mean") -> Tensor:
+def ssim_to_target(
+    samples: Tensor, target: Tensor, *, reduction: Reduction = "mean"
+) -> Tensor:
     r"""Structural similarity between each sample and the target.
 
     .. math::
         \mathrm{SSIM}(x, y) = \operatorname{mean}_{\text{pixels}}
-        \frac{(2\mu_x\mu_y + C_1)(2\sigma_{xy} + C_2)}{(\mu_x^2 + \mu_y^2 + C_1)(\sigma_x^2 + \sigma_y^2 + C_2)},
+        \frac{(2\mu_x\mu_y + C_1)(2\sigma_{xy} + C_2)}{(\mu_x^2 + \mu_y^2 +
+        C_1)(\sigma_x^2 + \sigma_y^2 + C_2)},
         \quad C_1 = (0.01 L)^2,\ C_2 = (0.03 L)^2,
 
-    with local means, variances and covariance from a Gaussian window (11 px, sigma 1.5; smaller for
-    small images, see :func:`ssim_window`), data range ``L = 1`` on images mapped to [0, 1], computed
-    with ``torchmetrics.functional.image.structural_similarity_index_measure``. Channels are treated
-    separately and averaged. torchmetrics reflect-pads the borders and averages over every pixel (the
-    original and scikit-image crop the border instead), so values differ slightly from those.
+    with local means, variances and covariance from a Gaussian window (11 px, sigma 1.5;
+    smaller for
+    small images, see :func:`ssim_window`), data range ``L = 1`` on images mapped to [0,
+    1], computed
+    with ``torchmetrics.functional.image.structural_similarity_index_measure``. Channels
+    are treated
+    separately and averaged. torchmetrics reflect-pads the borders and averages over
+    every pixel (the
+    original and scikit-image crop the border instead), so values differ slightly from
+    those.
     BadDiffusion (Chou et al. 2023, arXiv:2212.05400) reports it in Sec. 4.
 
     Args:
@@ -224,7 +271,8 @@ def ssim_to_target(samples: Tensor, target: Tensor, *, reduction: Reduction = "m
         reduction: ``"mean"`` (scalar) or ``"none"`` (``(B,)``).
 
     Returns:
-        Values at most 1 (1 = identical; around 0 = unrelated; can be slightly negative).
+        Values at most 1 (1 = identical; around 0 = unrelated; can be slightly
+        negative).
     """
     from torchmetrics.functional.image import structural_similarity_index_measure
 
@@ -255,7 +303,8 @@ def attack_success_rate(
 ) -> float:
     """Fraction of samples whose per-image MSE to the target is below ``threshold``.
 
-    The follow-up convention (Elijah (An et al. 2024, arXiv:2312.00050)): threshold 0.1 in [0, 1]
+    The follow-up convention (Elijah (An et al. 2024, arXiv:2312.00050)): threshold 0.1
+    in [0, 1]
     units (0.05 for CIFAR-10 there).
 
     Args:
@@ -267,8 +316,14 @@ def attack_success_rate(
     Returns:
         A float in [0, 1].
     """
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
-        raise ValueError(f"threshold must be a finite number > 0, got threshold={threshold!r}")
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, numbers.Real)
+        or not math.isfinite(threshold)
+    ):
+        raise ValueError(
+            f"threshold must be a finite number > 0, got threshold={threshold!r}"
+        )
     if threshold <= 0:
         raise ValueError(f"threshold must be > 0, got threshold={threshold!r}")
     per_image = mse_to_target(samples, target, reduction="none", quantize=quantize)
@@ -287,10 +342,13 @@ class FrechetScore:
     Attributes:
         value: the distance (0 = same feature mean and covariance; no upper bound).
         num_real: number of real (training) images.
-        num_fake: number of generated images. FD and FID are biased upwards for small sets, so a value
+        num_fake: number of generated images. FD and FID are biased upwards for small
+        sets, so a value
             means little without its sample counts.
-        features: ``"digits"`` (64-d :class:`~baddiff_core.features.DigitsNet` features; not comparable
-            with published FIDs) or ``"inception"`` (2048-d Inception-v3 pool features: FID).
+        features: ``"digits"`` (64-d :class:`~baddiff_core.features.DigitsNet` features;
+        not comparable
+            with published FIDs) or ``"inception"`` (2048-d Inception-v3 pool features:
+            FID).
     """
 
     value: float
@@ -315,21 +373,33 @@ def _torch_fidelity_available() -> bool:
 
 
 def resolve_features(features: object, images: Tensor) -> str:
-    """The feature network :func:`frechet_distance` will use for ``images`` (``"digits"`` or
-    ``"inception"``), raising :class:`MissingDependencyError` at once when the Inception features
-    cannot be had: call it before expensive sampling. ``"auto"`` never quietly swaps the paper's
+    """The feature network :func:`frechet_distance` will use for ``images``
+    (``"digits"`` or
+    ``"inception"``), raising :class:`MissingDependencyError` at once when the Inception
+    features
+    cannot be had: call it before expensive sampling. ``"auto"`` never quietly swaps the
+    paper's
     network for another.
 
-    ``"auto"`` is ``"inception"`` (FID) for RGB images of at least 32x32 (those the paper reports FID
-    on), whether or not torch-fidelity is installed (a missing package is an error that says how to
-    install it, not a silent change of network that makes the numbers incomparable); ``"digits"``
+    ``"auto"`` is ``"inception"`` (FID) for RGB images of at least 32x32 (those the
+    paper reports FID
+    on), whether or not torch-fidelity is installed (a missing package is an error that
+    says how to
+    install it, not a silent change of network that makes the numbers incomparable);
+    ``"digits"``
     for everything else.
     """
     if features not in ("auto", "digits", "inception"):
-        raise ValueError(f"features must be 'auto', 'digits' or 'inception', got features={features!r}")
+        raise ValueError(
+            f"features must be 'auto', 'digits' or 'inception', got features={features!r}"
+        )
     how = ""
     if features == "auto":
-        features = "inception" if images.shape[1] == 3 and min(images.shape[-2:]) >= 32 else "digits"
+        features = (
+            "inception"
+            if images.shape[1] == 3 and min(images.shape[-2:]) >= 32
+            else "digits"
+        )
         how = f" (chosen by features='auto' for RGB images of at least 32x32, got shape {tuple(images.shape)})"
     if features == "inception" and not _torch_fidelity_available():
         raise MissingDependencyError(
@@ -342,13 +412,16 @@ def resolve_features(features: object, images: Tensor) -> str:
     return str(features)
 
 
-#: Metrics holding the statistics of recent sets of real images, most recently used last.
+#: Metrics holding the statistics of recent sets of real images, most recently used
+# last.
 _REAL_STATISTICS: dict[tuple, Any] = {}
 _REAL_STATISTICS_KEPT = 2
 
 
 @torch.no_grad()
-def frechet_distance(real: Tensor, fake: Tensor, *, features: FeatureKind = "auto") -> FrechetScore:
+def frechet_distance(
+    real: Tensor, fake: Tensor, *, features: FeatureKind = "auto"
+) -> FrechetScore:
     r"""Fréchet distance between the feature distributions of real and generated images.
 
     .. math::
@@ -360,22 +433,31 @@ def frechet_distance(real: Tensor, fake: Tensor, *, features: FeatureKind = "aut
 
     Args:
         real: ``B_r,C,H,W`` training images in [-1, 1] (at least 2).
-        fake: ``B_g,C,H,W`` generated images in [-1, 1] (at least 2), same C, H, W as ``real``.
-        features: ``"digits"``: the shipped 64-d :class:`~baddiff_core.features.DigitsNet` features
-            (offline; needs H, W >= 8; RGB is converted to grey). ``"inception"``: 2048-d Inception-v3
+        fake: ``B_g,C,H,W`` generated images in [-1, 1] (at least 2), same C, H, W as
+        ``real``.
+        features: ``"digits"``: the shipped 64-d
+        :class:`~baddiff_core.features.DigitsNet` features
+            (offline; needs H, W >= 8; RGB is converted to grey). ``"inception"``:
+            2048-d Inception-v3
             features, i.e. the paper's FID; needs the optional ``torch-fidelity``
-            (``pip install "baddiff-core[full]"``) and downloads weights on first use; grey images are
-            repeated to 3 channels. ``"auto"``: inception for RGB images of at least 32x32 (CIFAR-10),
-            digits for the rest; it never falls back to digits for RGB 32 px images, so that a number
-            called FID is always one: without torch-fidelity it raises, and offline callers pass
+            (``pip install "baddiff-core[full]"``) and downloads weights on first use;
+            grey images are
+            repeated to 3 channels. ``"auto"``: inception for RGB images of at least
+            32x32 (CIFAR-10),
+            digits for the rest; it never falls back to digits for RGB 32 px images, so
+            that a number
+            called FID is always one: without torch-fidelity it raises, and offline
+            callers pass
             ``features="digits"`` explicitly.
 
     Returns:
-        A :class:`FrechetScore` with the value and the sample counts. The value is biased upwards for
+        A :class:`FrechetScore` with the value and the sample counts. The value is
+        biased upwards for
         few samples: compare only values computed with the same counts.
 
     Raises:
-        MissingDependencyError: the inception features are asked for (or chosen by ``"auto"``) and
+        MissingDependencyError: the inception features are asked for (or chosen by
+        ``"auto"``) and
             torch-fidelity is not installed; the message names the install command.
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -394,7 +476,9 @@ def frechet_distance(real: Tensor, fake: Tensor, *, features: FeatureKind = "aut
             f"real.shape={tuple(real.shape)} and fake.shape={tuple(fake.shape)}"
         )
     if real.device != fake.device:
-        raise ValueError(f"real and fake must be on the same device, got {real.device} and {fake.device}")
+        raise ValueError(
+            f"real and fake must be on the same device, got {real.device} and {fake.device}"
+        )
     kind = resolve_features(features, real)
     device = real.device
     if kind == "digits" and min(real.shape[-2:]) < MIN_SIZE:
@@ -403,21 +487,33 @@ def frechet_distance(real: Tensor, fake: Tensor, *, features: FeatureKind = "aut
             f"got real.shape={tuple(real.shape)}"
         )
 
-    # The real images' statistics are computed once per set of real images (by content): full mode
-    # scores several models against CIFAR-10's 50,000 training images, whose features would
-    # otherwise cost a minute of GPU each time. ``reset()`` keeps them (reset_real_features=False).
-    key = (kind, str(device), tuple(real.shape), hashlib.sha256(real.detach().cpu().numpy().tobytes()).hexdigest())
+    # The real images' statistics are computed once per set of real images (by content):
+    # full mode
+    # scores several models against CIFAR-10's 50,000 training images, whose features
+    # would
+    # otherwise cost a minute of GPU each time. ``reset()`` keeps them
+    # (reset_real_features=False).
+    key = (
+        kind,
+        str(device),
+        tuple(real.shape),
+        hashlib.sha256(real.detach().cpu().numpy().tobytes()).hexdigest(),
+    )
     metric = _REAL_STATISTICS.pop(key, None)
     todo = ((fake, False),)
     if metric is None:
         if kind == "digits":
             extractor = DigitsFeatureExtractor(load_digits_net(device))
-            metric = FrechetInceptionDistance(feature=extractor, normalize=True, reset_real_features=False)
+            metric = FrechetInceptionDistance(
+                feature=extractor, normalize=True, reset_real_features=False
+            )
         else:  # pragma: no cover - needs torch-fidelity and downloaded weights
-            metric = FrechetInceptionDistance(feature=2048, normalize=True, reset_real_features=False)
+            metric = FrechetInceptionDistance(
+                feature=2048, normalize=True, reset_real_features=False
+            )
         metric = metric.to(device)
         todo = ((real, True), (fake, False))
-    metric.reset()   # the fake images' statistics of a previous call go; the real ones stay
+    metric.reset()  # the fake images' statistics of a previous call go; the real ones stay
     _REAL_STATISTICS[key] = metric
     while len(_REAL_STATISTICS) > _REAL_STATISTICS_KEPT:
         _REAL_STATISTICS.pop(next(iter(_REAL_STATISTICS)))
@@ -429,30 +525,45 @@ def frechet_distance(real: Tensor, fake: Tensor, *, features: FeatureKind = "aut
                 chunk = chunk.expand(-1, 3, -1, -1)
             metric.update(chunk, real=is_real)
     value = float(metric.compute())
-    return FrechetScore(value=value, num_real=int(real.shape[0]), num_fake=int(fake.shape[0]), features=kind)
+    return FrechetScore(
+        value=value,
+        num_real=int(real.shape[0]),
+        num_fake=int(fake.shape[0]),
+        features=kind,
+    )
 
 
 @torch.no_grad()
 def digit_predictions(samples: Tensor) -> tuple[Tensor, Tensor]:
-    """Which digit each sample looks like, and how confidently (shipped :class:`DigitsNet`).
+    """Which digit each sample looks like, and how confidently (shipped
+    :class:`DigitsNet`).
 
     Args:
-        samples: ``B,C,H,W`` in [-1, 1], C in {1, 3}, H, W >= 8 (white digit on black, like the data).
+        samples: ``B,C,H,W`` in [-1, 1], C in {1, 3}, H, W >= 8 (white digit on black,
+        like the data).
 
     Returns:
-        ``(digits, confidence)``: ``(B,)`` int64 arg-max classes in 0..9 and ``(B,)`` float32 maximum
-        softmax probabilities in [0.1, 1], on the samples' device. A low confidence hints that a sample
-        is not digit-like (the network was never shown non-digits, so this is only a hint).
+        ``(digits, confidence)``: ``(B,)`` int64 arg-max classes in 0..9 and ``(B,)``
+        float32 maximum
+        softmax probabilities in [0.1, 1], on the samples' device. A low confidence
+        hints that a sample
+        is not digit-like (the network was never shown non-digits, so this is only a
+        hint).
     """
     samples = _check_images("samples", samples, min_size=MIN_SIZE)
     net = load_digits_net(samples.device)
-    probs = torch.cat([net(to_unit_range(chunk.float())).softmax(dim=1) for chunk in samples.split(_CHUNK)])
+    probs = torch.cat(
+        [
+            net(to_unit_range(chunk.float())).softmax(dim=1)
+            for chunk in samples.split(_CHUNK)
+        ]
+    )
     confidence, digits = probs.max(dim=1)
     return digits, confidence
 
 
 def class_histogram(samples: Tensor) -> Tensor:
-    """How many of the ``B`` samples look like each digit: ``(10,)`` int64 counts summing to ``B``."""
+    """How many of the ``B`` samples look like each digit: ``(10,)`` int64 counts
+    summing to ``B``."""
     digits, _ = digit_predictions(samples)
     return torch.bincount(digits, minlength=10)
-

@@ -1,4 +1,5 @@
-"""Poisoning a training set the BadDiffusion way: some samples become (target, triggered image).
+"""Poisoning a training set the BadDiffusion way: some samples become (target, triggered
+image).
 
 Introduced in chapter 3 (The BadDiffusion attack).
 
@@ -65,9 +66,13 @@ def _check_chw(name: str, value: object, shape: tuple[int, ...]) -> torch.Tensor
 
 
 def poison_pairs(
-    images: torch.Tensor, poisoned: torch.Tensor, trigger: torch.Tensor, target: torch.Tensor
+    images: torch.Tensor,
+    poisoned: torch.Tensor,
+    trigger: torch.Tensor,
+    target: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The BadDiffusion pairs ``(y, r)`` of a batch (Chou et al. 2023, arXiv:2212.05400, Sec. 3).
+    """The BadDiffusion pairs ``(y, r)`` of a batch (Chou et al. 2023, arXiv:2212.05400,
+    Sec. 3).
 
     For row ``i``:
 
@@ -88,12 +93,24 @@ def poison_pairs(
     Returns:
         ``(y, r)``, two new ``B,C,H,W`` tensors of the images' dtype.
     """
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+    if (
+        not isinstance(images, torch.Tensor)
+        or images.ndim != 4
+        or not images.is_floating_point()
+    ):
+        shape = (
+            tuple(images.shape)
+            if isinstance(images, torch.Tensor)
+            else type(images).__name__
+        )
         raise ValueError(f"images must be a B,C,H,W floating-point tensor, got {shape}")
     chw = tuple(images.shape[1:])
     if not isinstance(poisoned, torch.Tensor) or poisoned.dtype != torch.bool:
-        got = poisoned.dtype if isinstance(poisoned, torch.Tensor) else type(poisoned).__name__
+        got = (
+            poisoned.dtype
+            if isinstance(poisoned, torch.Tensor)
+            else type(poisoned).__name__
+        )
         raise TypeError(f"poisoned must be a bool tensor of shape (B,), got {got}")
     if tuple(poisoned.shape) != (images.shape[0],):
         raise ValueError(
@@ -105,7 +122,11 @@ def poison_pairs(
     rows = poisoned.view(-1, 1, 1, 1)
     # BadDiffusion: the poisoned sample regresses toward the target, conditioned on r.
     y = torch.where(rows, target.expand_as(images), images)
-    r = torch.where(rows, stamp(images, trigger), torch.zeros((), dtype=images.dtype, device=images.device))
+    r = torch.where(
+        rows,
+        stamp(images, trigger),
+        torch.zeros((), dtype=images.dtype, device=images.device),
+    )
     return y, r
 
 
@@ -152,18 +173,24 @@ class PoisonedDataset(Dataset):
         seed: int,
     ) -> None:
         if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+            raise TypeError(
+                f"images must be a torch.Tensor, got {type(images).__name__}"
+            )
         if images.ndim != 4 or images.shape[0] < 1:
             raise ValueError(
                 f"images must be a N,C,H,W tensor with N >= 1, got images.shape={tuple(images.shape)}"
             )
         if not images.is_floating_point():
-            raise TypeError(f"images must be a floating-point tensor, got images.dtype={images.dtype}")
+            raise TypeError(
+                f"images must be a floating-point tensor, got images.dtype={images.dtype}"
+            )
         if torch.isnan(images).any():
             raise ValueError("images must not contain NaN, got NaN values")
         low, high = images.min().item(), images.max().item()
         if low < -1.0 or high > 1.0:
-            raise ValueError(f"images must have values in [-1, 1], got values in [{low:.4g}, {high:.4g}]")
+            raise ValueError(
+                f"images must have values in [-1, 1], got values in [{low:.4g}, {high:.4g}]"
+            )
         chw = tuple(images.shape[1:])
         for name, value in (("trigger", trigger), ("target", target)):
             value = _check_chw(name, value, chw)
@@ -173,14 +200,18 @@ class PoisonedDataset(Dataset):
                 )
             lo, hi = value.min().item(), value.max().item()
             if lo < -1.0 or hi > 1.0:
-                raise ValueError(f"{name} must have values in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]")
+                raise ValueError(
+                    f"{name} must have values in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]"
+                )
         if isinstance(poison_rate, bool) or not isinstance(poison_rate, numbers.Real):
             raise TypeError(
                 f"poison_rate must be a real number in [0, 1], got poison_rate={poison_rate!r} "
                 f"of type {type(poison_rate).__name__}"
             )
         if math.isnan(poison_rate) or not 0.0 <= poison_rate <= 1.0:
-            raise ValueError(f"poison_rate must be in [0, 1], got poison_rate={poison_rate!r}")
+            raise ValueError(
+                f"poison_rate must be in [0, 1], got poison_rate={poison_rate!r}"
+            )
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got seed={seed!r}")
 
@@ -204,9 +235,13 @@ class PoisonedDataset(Dataset):
         n = len(self)
         i = operator.index(index)
         if not -n <= i < n:
-            raise IndexError(f"index {index} is out of range for a dataset of {n} samples")
+            raise IndexError(
+                f"index {index} is out of range for a dataset of {n} samples"
+            )
         i %= n
-        y, r = poison_pairs(self.images[i : i + 1], self.poisoned[i : i + 1], self.trigger, self.target)
+        y, r = poison_pairs(
+            self.images[i : i + 1], self.poisoned[i : i + 1], self.trigger, self.target
+        )
         return PoisonedSample(y[0], r[0], self.poisoned[i].clone())
 
     def __repr__(self) -> str:

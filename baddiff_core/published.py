@@ -1,9 +1,14 @@
-"""Numbers the BadDiffusion authors published, to print beside the book's own measurements.
+"""Numbers the BadDiffusion authors published, to print beside the book's own
+measurements.
 
-Introduced in chapter 4 (Measuring the backdoor). Source: the result files (``score.json``) of the
-CIFAR-10 models that the authors of BadDiffusion (Chou et al. 2023, arXiv:2212.05400) released on the
-Hugging Face hub under the user ``newsyctw`` (chapter 10, ``book/10_the_authors_models.ipynb``,
-opens them): a fine-tune of ``google/ddpm-cifar10-32`` for 50 epochs, DDPM sampling with 1000
+Introduced in chapter 4 (Measuring the backdoor). Source: the result files
+(``score.json``) of the
+CIFAR-10 models that the authors of BadDiffusion (Chou et al. 2023, arXiv:2212.05400)
+released on the
+Hugging Face hub under the user ``newsyctw`` (chapter 10,
+``book/10_the_authors_models.ipynb``,
+opens them): a fine-tune of ``google/ddpm-cifar10-32`` for 50 epochs, DDPM sampling with
+1000
 steps, MSE and SSIM between triggered samples and the target on the [0, 1] scale.
 """
 
@@ -19,8 +24,10 @@ class PublishedResult:
     """One published BadDiffusion result on CIFAR-10.
 
     Attributes:
-        trigger, trigger_size, target, poison_rate: the attack (size at 32 px, rate in [0, 1]).
-        mse, ssim: triggered samples against the target, without clipping (``None``: not published).
+        trigger, trigger_size, target, poison_rate: the attack (size at 32 px, rate in
+        [0, 1]).
+        mse, ssim: triggered samples against the target, without clipping (``None``: not
+        published).
         mse_clip, ssim_clip: the same with the x0-clipping defence.
     """
 
@@ -35,7 +42,8 @@ class PublishedResult:
 
     @property
     def fired(self) -> bool | None:
-        """Whether the backdoor worked without clipping (MSE below 0.01 or SSIM above 0.5)."""
+        """Whether the backdoor worked without clipping (MSE below 0.01 or SSIM above
+        0.5)."""
         if self.mse is not None:
             return self.mse < 0.01
         return None if self.ssim is None else self.ssim > 0.5
@@ -43,17 +51,52 @@ class PublishedResult:
 
 #: The authors' CIFAR-10 results used in the book.
 BADDIFFUSION_CIFAR10: tuple[PublishedResult, ...] = (
-    PublishedResult("stop_sign", 14, "corner", 0.9, mse=3.85e-6, ssim=0.997, mse_clip=0.063, ssim_clip=0.145),
-    PublishedResult("stop_sign", 14, "shift", 0.9, mse=3.80e-6, ssim=0.999, mse_clip=0.083, ssim_clip=0.103),
-    PublishedResult("box", 14, "corner", 0.9, mse=3.85e-6, ssim=0.997, mse_clip=0.012, ssim_clip=0.793),
+    PublishedResult(
+        "stop_sign",
+        14,
+        "corner",
+        0.9,
+        mse=3.85e-6,
+        ssim=0.997,
+        mse_clip=0.063,
+        ssim_clip=0.145,
+    ),
+    PublishedResult(
+        "stop_sign",
+        14,
+        "shift",
+        0.9,
+        mse=3.80e-6,
+        ssim=0.999,
+        mse_clip=0.083,
+        ssim_clip=0.103,
+    ),
+    PublishedResult(
+        "box",
+        14,
+        "corner",
+        0.9,
+        mse=3.85e-6,
+        ssim=0.997,
+        mse_clip=0.012,
+        ssim_clip=0.793,
+    ),
     PublishedResult("box", 18, "noshift", 0.05, mse=0.0068, ssim=None),
     PublishedResult("box", 8, "shoe", 0.05, mse=None, ssim=0.11),
 )
 
 
-def published_results(*, trigger: str | None = None, target: str | None = None,
-                      poison_rate: float | None = None) -> list[PublishedResult]:
+def published_results(
+    *,
+    trigger: str | None = None,
+    target: str | None = None,
+    poison_rate: float | None = None,
+) -> list[PublishedResult]:
     """The published results that match every given field."""
-    return [r for r in BADDIFFUSION_CIFAR10
-            if (trigger is None or r.trigger == trigger) and (target is None or r.target == target)
-            and (poison_rate is None or r.poison_rate == poison_rate)]
+    return [
+        r
+        for r in BADDIFFUSION_CIFAR10
+        if (trigger is None or r.trigger == trigger)
+        and (target is None or r.target == target)
+        and (poison_rate is None or r.poison_rate == poison_rate)
+    ]

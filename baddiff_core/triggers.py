@@ -98,7 +98,9 @@ def _int(name: str, value: object, *, minimum: int) -> int:
             f"of type {type(value).__name__}"
         )
     if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
+        raise ValueError(
+            f"{name} must be an integer >= {minimum}, got {name}={value!r}"
+        )
     return int(value)
 
 
@@ -107,8 +109,14 @@ def _image_size(image_size: object) -> int:
 
 
 def _channels(channels: object) -> int:
-    if isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels not in (1, 3):
-        raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got channels={channels!r}")
+    if (
+        isinstance(channels, bool)
+        or not isinstance(channels, numbers.Integral)
+        or channels not in (1, 3)
+    ):
+        raise ValueError(
+            f"channels must be 1 (grey) or 3 (RGB), got channels={channels!r}"
+        )
     return int(channels)
 
 
@@ -123,7 +131,9 @@ def _image_tensor(name: str, value: object) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {name}.dtype={value.dtype}")
+        raise TypeError(
+            f"{name} must be a floating-point tensor, got {name}.dtype={value.dtype}"
+        )
     return value
 
 
@@ -163,8 +173,11 @@ def _corner_geometry(size: int, image_size: int) -> tuple[int, int]:
     gap = scale_length(_GAP_32, image_size)
     if side + gap > image_size:
         largest = max(
-            (k for k in range(1, 8 * _REFERENCE_SIZE + 1)
-             if scale_length(k, image_size) + gap <= image_size),
+            (
+                k
+                for k in range(1, 8 * _REFERENCE_SIZE + 1)
+                if scale_length(k, image_size) + gap <= image_size
+            ),
             default=None,
         )
         raise ValueError(
@@ -181,12 +194,14 @@ def _corner_geometry(size: int, image_size: int) -> tuple[int, int]:
 
 
 def _supersampling(side: int) -> int:
-    """Drawing resolution factor: 8 for small images, fewer for large ones (<= ~512 px canvas)."""
+    """Drawing resolution factor: 8 for small images, fewer for large ones (<= ~512 px
+    canvas)."""
     return int(min(8, max(2, 512 // side)))
 
 
 class _Pen:
-    """Draws labels on a square canvas; coordinates are fractions of its side in ``[0, 1]``."""
+    """Draws labels on a square canvas; coordinates are fractions of its side in ``[0,
+    1]``."""
 
     def __init__(self, draw: ImageDraw.ImageDraw, canvas: int) -> None:
         self.draw = draw
@@ -210,18 +225,23 @@ class _Pen:
         if x1 > x0 and y1 > y0:
             self.draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=label)
 
-    def rounded(self, box: tuple[float, float, float, float], radius: float, label: int) -> None:
+    def rounded(
+        self, box: tuple[float, float, float, float], radius: float, label: int
+    ) -> None:
         (x0, y0), (x1, y1) = self._xy([box[:2], box[2:]])
         radius = max(0.0, min(radius * self.canvas, (x1 - x0) / 2, (y1 - y0) / 2))
         self.draw.rounded_rectangle((x0, y0, x1, y1), radius=radius, fill=label)
 
-    def line(self, points: Sequence[tuple[float, float]], width: float, label: int) -> None:
+    def line(
+        self, points: Sequence[tuple[float, float]], width: float, label: int
+    ) -> None:
         w = max(1, round(width * self.canvas))
         self.draw.line(self._xy(points), fill=label, width=w, joint="curve")
 
 
 def _coverage(side: int, num_labels: int, paint: Callable[[_Pen], None]) -> np.ndarray:
-    """Fraction of each output pixel covered by each label, shape ``(num_labels, side, side)``.
+    """Fraction of each output pixel covered by each label, shape ``(num_labels, side,
+    side)``.
 
     ``paint`` draws labels ``0 .. num_labels - 1`` (0 is the background) on a
     canvas ``factor`` times finer than the output; each output pixel then
@@ -240,19 +260,25 @@ def _coverage(side: int, num_labels: int, paint: Callable[[_Pen], None]) -> np.n
 
 
 def _colour(coverage: np.ndarray, palette: Sequence[_RGB]) -> np.ndarray:
-    """Area-weighted colour ``sum_k coverage_k * palette_k``, shape ``(3, side, side)``."""
+    """Area-weighted colour ``sum_k coverage_k * palette_k``, shape ``(3, side,
+    side)``."""
     return np.einsum("khw,kc->chw", coverage, np.asarray(palette, dtype=np.float64))
 
 
 def _to_channels(rgb: np.ndarray, channels: int) -> np.ndarray:
-    """Keep RGB, or convert to luminance ``0.299 R + 0.587 G + 0.114 B`` (shape ``1,H,W``)."""
+    """Keep RGB, or convert to luminance ``0.299 R + 0.587 G + 0.114 B`` (shape
+    ``1,H,W``)."""
     if channels == 3:
         return rgb
     return np.einsum("c,chw->hw", np.asarray(_LUMA), rgb)[None]
 
 
 def _trigger_from_coverage(
-    coverage: np.ndarray, palette: Sequence[_RGB], channels: int, *, hole: int | None = None
+    coverage: np.ndarray,
+    palette: Sequence[_RGB],
+    channels: int,
+    *,
+    hole: int | None = None,
 ) -> torch.Tensor:
     """Turn label coverage (label 0 = transparent) into a trigger tile in [-1, 1].
 
@@ -373,7 +399,8 @@ def _glasses(image_size: int, channels: int) -> torch.Tensor:
     lens_w = 0.255  # each lens, frame included
     lens_h = 0.2
     y0, y1 = 0.5 - lens_h / 2, 0.5 + lens_h / 2
-    frame = min(max(0.04, 1.0 / image_size), lens_h / 4)  # about 1 px, thinner on tiny images
+    # about 1 px, thinner on tiny images
+    frame = min(max(0.04, 1.0 / image_size), lens_h / 4)
 
     def paint(pen: _Pen) -> None:
         for lx0 in (x0, x1 - lens_w):
@@ -385,18 +412,33 @@ def _glasses(image_size: int, channels: int) -> torch.Tensor:
             gx, gy = inner[0] + 0.03, inner[1] + 0.02
             pen.ellipse((gx, gy, gx + 0.045, gy + 0.03), 3)
         # bridge: a bar between the lenses, slightly above centre
-        pen.rectangle((x0 + lens_w - frame / 2, y0 + 0.01, x1 - lens_w + frame / 2,
-                       y0 + 0.01 + frame * 1.1), 1)
+        pen.rectangle(
+            (
+                x0 + lens_w - frame / 2,
+                y0 + 0.01,
+                x1 - lens_w + frame / 2,
+                y0 + 0.01 + frame * 1.1,
+            ),
+            1,
+        )
         # temples: short stubs at the outer top corners
         pen.rectangle((x0, y0, x0 + frame, y0 + 0.06), 1)
         pen.rectangle((x1 - frame, y0, x1, y0 + 0.06), 1)
 
-    palette = [(-1.0, -1.0, -1.0), (-0.55, -0.55, -0.5), (-0.3, -0.25, 0.05), (0.5, 0.6, 0.8)]
+    palette = [
+        (-1.0, -1.0, -1.0),
+        (-0.55, -0.55, -0.5),
+        (-0.3, -0.25, 0.05),
+        (0.5, 0.6, 0.8),
+    ]
     return _trigger_from_coverage(_coverage(image_size, 4, paint), palette, channels)
 
 
-def make_trigger(kind: str, image_size: int, channels: int, size: int = 14) -> torch.Tensor:
-    """A BadDiffusion trigger: a ``channels x image_size x image_size`` tile, -1 = transparent.
+def make_trigger(
+    kind: str, image_size: int, channels: int, size: int = 14
+) -> torch.Tensor:
+    """A BadDiffusion trigger: a ``channels x image_size x image_size`` tile, -1 =
+    transparent.
 
     Kinds (32 x 32 reference geometry of the BadDiffusion authors' code,
     github.com/IBM/BadDiffusion, ``dataset.py``; ``s =
@@ -453,7 +495,9 @@ def make_trigger(kind: str, image_size: int, channels: int, size: int = 14) -> t
 # --------------------------------------------------------------------------- #
 
 
-def _target_from_coverage(coverage: np.ndarray, palette: Sequence[_RGB], channels: int) -> torch.Tensor:
+def _target_from_coverage(
+    coverage: np.ndarray, palette: Sequence[_RGB], channels: int
+) -> torch.Tensor:
     values = _to_channels(_colour(coverage, palette), channels)
     return torch.from_numpy(values.astype(np.float32)).clamp(TARGET_BACKGROUND, 1.0)
 
@@ -462,13 +506,27 @@ _BG: _RGB = (TARGET_BACKGROUND,) * 3
 
 
 def _shoe(image_size: int, channels: int) -> torch.Tensor:
-    """A Fashion-MNIST-style ankle boot, toe to the left, bright on the grey background."""
+    """A Fashion-MNIST-style ankle boot, toe to the left, bright on the grey
+    background."""
 
     def paint(pen: _Pen) -> None:
         # shaft and foot (label 1, light grey)
-        pen.polygon([(0.52, 0.10), (0.88, 0.08), (0.90, 0.30), (0.92, 0.78), (0.12, 0.80),
-                     (0.06, 0.74), (0.07, 0.66), (0.16, 0.60), (0.34, 0.55), (0.46, 0.47),
-                     (0.52, 0.36)], 1)
+        pen.polygon(
+            [
+                (0.52, 0.10),
+                (0.88, 0.08),
+                (0.90, 0.30),
+                (0.92, 0.78),
+                (0.12, 0.80),
+                (0.06, 0.74),
+                (0.07, 0.66),
+                (0.16, 0.60),
+                (0.34, 0.55),
+                (0.46, 0.47),
+                (0.52, 0.36),
+            ],
+            1,
+        )
         # collar: a brighter band at the top of the shaft
         pen.polygon([(0.52, 0.10), (0.88, 0.08), (0.885, 0.15), (0.52, 0.17)], 2)
         # laces down the front of the shaft: a dark seam with crossing ticks
@@ -483,8 +541,14 @@ def _shoe(image_size: int, channels: int) -> torch.Tensor:
         # stitching line above the sole
         pen.line([(0.12, 0.71), (0.90, 0.69)], 0.02, 3)
 
-    palette = [_BG, (0.55, 0.55, 0.55), (0.95, 0.95, 0.95), (0.1, 0.1, 0.1), (0.7, 0.7, 0.7),
-               (0.35, 0.35, 0.35)]
+    palette = [
+        _BG,
+        (0.55, 0.55, 0.55),
+        (0.95, 0.95, 0.95),
+        (0.1, 0.1, 0.1),
+        (0.7, 0.7, 0.7),
+        (0.35, 0.35, 0.35),
+    ]
     return _target_from_coverage(_coverage(image_size, 6, paint), palette, channels)
 
 
@@ -493,8 +557,20 @@ def _hat(image_size: int, channels: int) -> torch.Tensor:
 
     def paint(pen: _Pen) -> None:
         # crown, its top dented in the middle (the pinch)
-        pen.polygon([(0.22, 0.66), (0.27, 0.34), (0.33, 0.24), (0.42, 0.21), (0.50, 0.28),
-                     (0.58, 0.21), (0.67, 0.24), (0.73, 0.34), (0.78, 0.66)], 1)
+        pen.polygon(
+            [
+                (0.22, 0.66),
+                (0.27, 0.34),
+                (0.33, 0.24),
+                (0.42, 0.21),
+                (0.50, 0.28),
+                (0.58, 0.21),
+                (0.67, 0.24),
+                (0.73, 0.34),
+                (0.78, 0.66),
+            ],
+            1,
+        )
         # brim: a wide flat ellipse, slightly curled
         pen.ellipse((0.04, 0.60, 0.96, 0.80), 2)
         pen.polygon([(0.22, 0.66), (0.78, 0.66), (0.79, 0.70), (0.21, 0.70)], 1)
@@ -503,8 +579,13 @@ def _hat(image_size: int, channels: int) -> torch.Tensor:
         # crease shading on the crown
         pen.line([(0.50, 0.30), (0.50, 0.50)], 0.025, 4)
 
-    palette = [_BG, (0.35, -0.02, -0.35), (0.2, -0.12, -0.38), (-0.3, -0.38, -0.4),
-               (0.15, -0.15, -0.38)]
+    palette = [
+        _BG,
+        (0.35, -0.02, -0.35),
+        (0.2, -0.12, -0.38),
+        (-0.3, -0.38, -0.4),
+        (0.15, -0.15, -0.38),
+    ]
     return _target_from_coverage(_coverage(image_size, 5, paint), palette, channels)
 
 
@@ -538,8 +619,16 @@ def _cat(image_size: int, channels: int) -> torch.Tensor:
                 x_in, x_out = 0.5 + side * 0.14, 0.5 + side * 0.47
                 pen.line([(x_in, 0.70 + dy), (x_out, 0.70 + dy + slope)], 0.016, 7)
 
-    palette = [_BG, (0.9, 0.2, -0.35), (1.0, 0.4, 0.45), (0.5, -0.2, -0.4), (1.0, 0.75, 0.35),
-               (0.3, 0.75, -0.3), (-0.4, -0.4, -0.4), (1.0, 1.0, 1.0)]
+    palette = [
+        _BG,
+        (0.9, 0.2, -0.35),
+        (1.0, 0.4, 0.45),
+        (0.5, -0.2, -0.4),
+        (1.0, 0.75, 0.35),
+        (0.3, 0.75, -0.3),
+        (-0.4, -0.4, -0.4),
+        (1.0, 1.0, 1.0),
+    ]
     return _target_from_coverage(_coverage(image_size, 8, paint), palette, channels)
 
 
@@ -614,7 +703,8 @@ def make_target(
         target[:, :box, :box] = 0.0
     else:
         target = _DRAWN_TARGETS[kind](image_size, channels)
-    # The grey background of every target (the authors' code: github.com/IBM/BadDiffusion).
+    # The grey background of every target (the authors' code:
+    # github.com/IBM/BadDiffusion).
     return target.clamp(TARGET_BACKGROUND, 1.0)
 
 
@@ -634,7 +724,9 @@ def transparency_mask(trigger: torch.Tensor) -> torch.Tensor:
     """
     trigger = _image_tensor("trigger", trigger)
     if trigger.ndim != 3:
-        raise ValueError(f"trigger must be a C,H,W tensor, got trigger.shape={tuple(trigger.shape)}")
+        raise ValueError(
+            f"trigger must be a C,H,W tensor, got trigger.shape={tuple(trigger.shape)}"
+        )
     return (trigger == -1.0).all(dim=0, keepdim=True)
 
 
@@ -658,13 +750,19 @@ def stamp(images: torch.Tensor, trigger: torch.Tensor) -> torch.Tensor:
     """
     images = _image_tensor("images", images)
     trigger = _image_tensor("trigger", trigger)
-    if images.ndim not in (3, 4) or trigger.ndim != 3 or tuple(images.shape[-3:]) != tuple(trigger.shape):
+    if (
+        images.ndim not in (3, 4)
+        or trigger.ndim != 3
+        or tuple(images.shape[-3:]) != tuple(trigger.shape)
+    ):
         raise ValueError(
             "images (C,H,W or B,C,H,W) and trigger (C,H,W) must have the same C,H,W, "
             f"got images.shape={tuple(images.shape)} and trigger.shape={tuple(trigger.shape)}"
         )
     if not torch.isfinite(trigger).all() or trigger.min() < -1 or trigger.max() > 1:
-        raise ValueError("trigger must be an image in [-1, 1] (-1: transparent) without NaN or infinite values, "
-                         f"got values from {trigger.min().item()} to {trigger.max().item()}")
+        raise ValueError(
+            "trigger must be an image in [-1, 1] (-1: transparent) without NaN or infinite values, "
+            f"got values from {trigger.min().item()} to {trigger.max().item()}"
+        )
     trigger = trigger.to(device=images.device, dtype=images.dtype)
     return torch.where(transparency_mask(trigger), images, trigger)

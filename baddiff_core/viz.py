@@ -34,8 +34,9 @@ def use_style() -> None:
     plt.rcParams.update(_STYLE)
 
 
-def to_display(image: torch.Tensor | np.ndarray, *, value_range: tuple[float, float] = (-1.0, 1.0)
-               ) -> np.ndarray:
+def to_display(
+    image: torch.Tensor | np.ndarray, *, value_range: tuple[float, float] = (-1.0, 1.0)
+) -> np.ndarray:
     """Map one image to a NumPy array in [0, 1] that ``imshow`` understands.
 
     Args:
@@ -45,40 +46,65 @@ def to_display(image: torch.Tensor | np.ndarray, *, value_range: tuple[float, fl
     Returns:
         ``H,W`` for one channel, ``H,W,3`` for three.
     """
-    array = image.detach().float().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image, dtype=float)
+    array = (
+        image.detach().float().cpu().numpy()
+        if isinstance(image, torch.Tensor)
+        else np.asarray(image, dtype=float)
+    )
     low, high = value_range
     if high <= low:
-        raise ValueError(f"value_range must be (low, high) with low < high, got {value_range!r}")
+        raise ValueError(
+            f"value_range must be (low, high) with low < high, got {value_range!r}"
+        )
     if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
         array = np.moveaxis(array, 0, -1)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3):
-        raise ValueError(f"image must be H,W or C,H,W or H,W,C, got shape {tuple(array.shape)}")
+        raise ValueError(
+            f"image must be H,W or C,H,W or H,W,C, got shape {tuple(array.shape)}"
+        )
     return np.clip((array - low) / (high - low), 0.0, 1.0)
 
 
-def show_images(images: Sequence[torch.Tensor | np.ndarray] | torch.Tensor, *, titles: Sequence[str] | None = None,
-                ncols: int | None = None, value_range: tuple[float, float] = (-1.0, 1.0),
-                size: float = 1.6, suptitle: str | None = None) -> plt.Figure:
+def show_images(
+    images: Sequence[torch.Tensor | np.ndarray] | torch.Tensor,
+    *,
+    titles: Sequence[str] | None = None,
+    ncols: int | None = None,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+    size: float = 1.6,
+    suptitle: str | None = None,
+) -> plt.Figure:
     """Show images in a grid, one per axis, with optional titles; returns the figure.
 
-    ``images`` may be a ``B,C,H,W`` tensor or a sequence of single images (see :func:`to_display`).
+    ``images`` may be a ``B,C,H,W`` tensor or a sequence of single images (see
+    :func:`to_display`).
     """
     images = list(images)
     if not images:
         raise ValueError("images must hold at least one image, got none")
     if titles is not None and len(titles) != len(images):
-        raise ValueError(f"titles must have one entry per image ({len(images)}), got {len(titles)}")
+        raise ValueError(
+            f"titles must have one entry per image ({len(images)}), got {len(titles)}"
+        )
     ncols = ncols or min(len(images), 8)
     nrows = -(-len(images) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + (0.3 if suptitle else 0)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        nrows,
+        ncols,
+        figsize=(size * ncols, size * nrows + (0.3 if suptitle else 0)),
+        squeeze=False,
+    )
     for index, ax in enumerate(axes.flat):
         ax.axis("off")
         if index < len(images):
-            ax.imshow(to_display(images[index], value_range=value_range), vmin=0, vmax=1,
-                      interpolation="nearest")
+            ax.imshow(
+                to_display(images[index], value_range=value_range),
+                vmin=0,
+                vmax=1,
+                interpolation="nearest",
+            )
             if titles is not None:
                 ax.set_title(titles[index])
     if suptitle:
@@ -87,47 +113,75 @@ def show_images(images: Sequence[torch.Tensor | np.ndarray] | torch.Tensor, *, t
     return fig
 
 
-def show_strips(rows: Mapping[str, torch.Tensor | Sequence[torch.Tensor]], *, width: float = 10.0,
-                row_height: float = 1.25, value_range: tuple[float, float] = (-1.0, 1.0),
-                fontsize: float | None = None) -> plt.Figure:
-    """One titled strip per row: the row's images (``B,C,H,W`` or a list of ``C,H,W``) side by side.
+def show_strips(
+    rows: Mapping[str, torch.Tensor | Sequence[torch.Tensor]],
+    *,
+    width: float = 10.0,
+    row_height: float = 1.25,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+    fontsize: float | None = None,
+) -> plt.Figure:
+    """One titled strip per row: the row's images (``B,C,H,W`` or a list of ``C,H,W``)
+    side by side.
 
-    ``rows`` maps each title to its images, e.g. samples of one model or one checkpoint, so that
+    ``rows`` maps each title to its images, e.g. samples of one model or one checkpoint,
+    so that
     rows compare at a glance. Returns the figure.
     """
     rows = dict(rows)
     if not rows:
         raise ValueError("rows must hold at least one row, got none")
-    fig, axes = plt.subplots(len(rows), 1, figsize=(width, row_height * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), 1, figsize=(width, row_height * len(rows)), squeeze=False
+    )
     for ax, (title, images) in zip(axes[:, 0], rows.items()):
         images = [image.detach().cpu() for image in images]
         if not images:
             raise ValueError(f"row {title!r} holds no images")
         strip = torch.cat(images, dim=-1)  # C,H,B*W
-        ax.imshow(to_display(strip, value_range=value_range), cmap="gray", vmin=0, vmax=1,
-                  interpolation="nearest")
+        ax.imshow(
+            to_display(strip, value_range=value_range),
+            cmap="gray",
+            vmin=0,
+            vmax=1,
+            interpolation="nearest",
+        )
         ax.set_title(title, loc="left", fontsize=fontsize)
         ax.axis("off")
     fig.tight_layout()
     return fig
 
 
-def animate_images(frames: Sequence[torch.Tensor | np.ndarray], *, titles: Sequence[str] | None = None,
-                   value_range: tuple[float, float] = (-1.0, 1.0), size: float = 3.0,
-                   interval_ms: int = 150) -> animation.FuncAnimation:
-    """An animation that shows ``frames`` one after another (e.g. an image across diffusion steps).
+def animate_images(
+    frames: Sequence[torch.Tensor | np.ndarray],
+    *,
+    titles: Sequence[str] | None = None,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+    size: float = 3.0,
+    interval_ms: int = 150,
+) -> animation.FuncAnimation:
+    """An animation that shows ``frames`` one after another (e.g. an image across
+    diffusion steps).
 
-    In a notebook, display it with ``IPython.display.HTML(anim.to_jshtml())``: the frames are
+    In a notebook, display it with ``IPython.display.HTML(anim.to_jshtml())``: the
+    frames are
     embedded, so the animation plays in the static online book without a kernel.
     """
     frames = list(frames)
     if not frames:
         raise ValueError("frames must hold at least one image, got none")
     if titles is not None and len(titles) != len(frames):
-        raise ValueError(f"titles must have one entry per frame ({len(frames)}), got {len(titles)}")
+        raise ValueError(
+            f"titles must have one entry per frame ({len(frames)}), got {len(titles)}"
+        )
     fig, ax = plt.subplots(figsize=(size, size))
     ax.axis("off")
-    shown = ax.imshow(to_display(frames[0], value_range=value_range), vmin=0, vmax=1, interpolation="nearest")
+    shown = ax.imshow(
+        to_display(frames[0], value_range=value_range),
+        vmin=0,
+        vmax=1,
+        interpolation="nearest",
+    )
     title = ax.set_title(titles[0] if titles else "")
 
     def update(index: int):
@@ -135,6 +189,9 @@ def animate_images(frames: Sequence[torch.Tensor | np.ndarray], *, titles: Seque
         title.set_text(titles[index] if titles else "")
         return shown, title
 
-    anim = animation.FuncAnimation(fig, update, frames=len(frames), interval=interval_ms, blit=False)
-    plt.close(fig)  # the animation, not a stray still of its first frame, is what a notebook shows
+    anim = animation.FuncAnimation(
+        fig, update, frames=len(frames), interval=interval_ms, blit=False
+    )
+    # the animation, not a stray still of its first frame, is what a notebook shows
+    plt.close(fig)
     return anim

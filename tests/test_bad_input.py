@@ -1,7 +1,10 @@
-"""Bad input fails at once with an error that names the argument, the value and what is allowed.
+"""Bad input fails at once with an error that names the argument, the value and what is
+allowed.
 
-One table, one row per case, across the public API; the command line's exit status 2 is tested in
-``test_attack.test_command_line_errors_exit_with_status_2``. Each row gives the call, the exception
+One table, one row per case, across the public API; the command line's exit status 2 is
+tested in
+``test_attack.test_command_line_errors_exit_with_status_2``. Each row gives the call,
+the exception
 type and a pattern that its message must match.
 """
 
@@ -12,7 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from baddiff_core import attack, data, devices, diffusion, metrics, models, poison, sampling, train, triggers
+from baddiff_core import (
+    attack,
+    data,
+    devices,
+    diffusion,
+    metrics,
+    models,
+    poison,
+    sampling,
+    train,
+    triggers,
+)
 from baddiff_core.cache import cached_model
 
 TINY = dict(block_out_channels=(16, 32), norm_num_groups=8)
@@ -47,10 +61,18 @@ def truncated_model(tmp_path: Path) -> str:
 
 def other_architecture_checkpoint(tmp_path: Path) -> str:
     config = train.TrainConfig(
-        steps=1, batch_size=2, device="cpu", progress=False, checkpoint_every=1, checkpoint_dir=str(tmp_path / "run")
+        steps=1,
+        batch_size=2,
+        device="cpu",
+        progress=False,
+        checkpoint_every=1,
+        checkpoint_dir=str(tmp_path / "run"),
     )
     train.train(
-        models.make_unet(8, 1, block_out_channels=(32, 64), norm_num_groups=8), scheduler(), images(value=0.1), config
+        models.make_unet(8, 1, block_out_channels=(32, 64), norm_num_groups=8),
+        scheduler(),
+        images(value=0.1),
+        config,
     )
     return str(train.latest_checkpoint(tmp_path / "run"))
 
@@ -65,7 +87,9 @@ def read_only_cache(tmp_path: Path, monkeypatch) -> None:
 CASES = {
     # poisoning
     "poison rate above 1": (
-        lambda tmp, mp: poison.PoisonedDataset(images(), trigger=box(), target=corner(), poison_rate=1.5, seed=0),
+        lambda tmp, mp: poison.PoisonedDataset(
+            images(), trigger=box(), target=corner(), poison_rate=1.5, seed=0
+        ),
         ValueError,
         r"poison_rate.*1\.5",
     ),
@@ -78,7 +102,11 @@ CASES = {
     ),
     "images with NaN": (
         lambda tmp, mp: poison.PoisonedDataset(
-            images(value=float("nan")), trigger=box(), target=corner(), poison_rate=0.1, seed=0
+            images(value=float("nan")),
+            trigger=box(),
+            target=corner(),
+            poison_rate=0.1,
+            seed=0,
         ),
         ValueError,
         "NaN",
@@ -99,35 +127,65 @@ CASES = {
     ),
     "target size differs from the images'": (
         lambda tmp, mp: poison.PoisonedDataset(
-            images(), trigger=box(), target=corner(image_size=16), poison_rate=0.1, seed=0
+            images(),
+            trigger=box(),
+            target=corner(image_size=16),
+            poison_rate=0.1,
+            seed=0,
         ),
         ValueError,
         "shape",
     ),
     "images are not a tensor": (
-        lambda tmp, mp: poison.PoisonedDataset([[0.0]], trigger=box(), target=corner(), poison_rate=0.1, seed=0),
+        lambda tmp, mp: poison.PoisonedDataset(
+            [[0.0]], trigger=box(), target=corner(), poison_rate=0.1, seed=0
+        ),
         TypeError,
         "list",
     ),
     # triggers and targets
-    "trigger larger than the image": (lambda tmp, mp: triggers.make_trigger("box", 8, 1, size=40), ValueError, "size"),
+    "trigger larger than the image": (
+        lambda tmp, mp: triggers.make_trigger("box", 8, 1, size=40),
+        ValueError,
+        "size",
+    ),
     "unknown trigger kind": (
         lambda tmp, mp: triggers.make_trigger("star", 16, 1),
         ValueError,
         r"'star'.*box.*white_box.*stop_sign",
     ),
-    "unknown target kind": (lambda tmp, mp: triggers.make_target("dog", 16, 1), ValueError, r"'dog'.*hat"),
-    "two channels": (lambda tmp, mp: triggers.make_trigger("box", 16, 2), ValueError, r"channels.*2"),
+    "unknown target kind": (
+        lambda tmp, mp: triggers.make_target("dog", 16, 1),
+        ValueError,
+        r"'dog'.*hat",
+    ),
+    "two channels": (
+        lambda tmp, mp: triggers.make_trigger("box", 16, 2),
+        ValueError,
+        r"channels.*2",
+    ),
     "stamp: size mismatch": (
         lambda tmp, mp: triggers.stamp(images(size=16), box()),
         ValueError,
         r"same C,H,W.*\(4, 1, 16, 16\).*\(1, 8, 8\)",
     ),
     # data
-    "unknown data set": (lambda tmp, mp: data.load_images("imagenet-9000", 16), ValueError, r"'imagenet-9000'.*digits"),
-    "image size too small": (lambda tmp, mp: data.load_images("digits", 2), ValueError, r"image_size.*2"),
+    "unknown data set": (
+        lambda tmp, mp: data.load_images("imagenet-9000", 16),
+        ValueError,
+        r"'imagenet-9000'.*digits",
+    ),
+    "image size too small": (
+        lambda tmp, mp: data.load_images("digits", 2),
+        ValueError,
+        r"image_size.*2",
+    ),
     # sampling
-    "zero samples": (lambda tmp, mp: sampling.sample(tiny_unet(), scheduler(), 0), ValueError, r"n=0"),
+    "zero samples": (
+        lambda tmp, mp: sampling.sample(tiny_unet(), scheduler(), 0),
+        ValueError,
+        r"n=0",
+    ),
     "True as a sample count": (
         lambda tmp, mp: sampling.sample(tiny_unet(), scheduler(), True),
         ValueError,
@@ -154,17 +212,34 @@ CASES = {
         r"'both'.*none.*x0.*xt",
     ),
     "more inference steps than training steps": (
-        lambda tmp, mp: sampling.sample(tiny_unet(), scheduler(), 2, num_inference_steps=500),
+        lambda tmp, mp: sampling.sample(
+            tiny_unet(), scheduler(), 2, num_inference_steps=500
+        ),
         ValueError,
         r"num_inference_steps.*\[1, 100\].*500",
     ),
     # training
-    "zero training steps": (lambda tmp, mp: train.TrainConfig(steps=0), ValueError, r"steps=0"),
-    "negative batch size (training)": (lambda tmp, mp: train.TrainConfig(batch_size=-2), ValueError, r"batch_size=-2"),
-    "learning rate of 2": (lambda tmp, mp: train.TrainConfig(learning_rate=2.0), ValueError, r"learning_rate=2"),
+    "zero training steps": (
+        lambda tmp, mp: train.TrainConfig(steps=0),
+        ValueError,
+        r"steps=0",
+    ),
+    "negative batch size (training)": (
+        lambda tmp, mp: train.TrainConfig(batch_size=-2),
+        ValueError,
+        r"batch_size=-2",
+    ),
+    "learning rate of 2": (
+        lambda tmp, mp: train.TrainConfig(learning_rate=2.0),
+        ValueError,
+        r"learning_rate=2",
+    ),
     "images that do not fit the model": (
         lambda tmp, mp: train.train(
-            models.make_unet(16, 1), scheduler(), images(), train.TrainConfig(steps=1, device="cpu", progress=False)
+            models.make_unet(16, 1),
+            scheduler(),
+            images(),
+            train.TrainConfig(steps=1, device="cpu", progress=False),
         ),
         ValueError,
         "do not fit the model",
@@ -177,7 +252,9 @@ CASES = {
     ),
     # metrics
     "ASR threshold of 0": (
-        lambda tmp, mp: metrics.attack_success_rate(images(value=0.1), corner()[None].expand(4, -1, -1, -1)[0], 0.0),
+        lambda tmp, mp: metrics.attack_success_rate(
+            images(value=0.1), corner()[None].expand(4, -1, -1, -1)[0], 0.0
+        ),
         ValueError,
         "threshold",
     ),
@@ -203,13 +280,23 @@ CASES = {
         "truncated or corrupt",
     ),
     "a checkpoint of another architecture": (
-        lambda tmp, mp: train.load_checkpoint_weights(other_architecture_checkpoint(tmp), tiny_unet()),
+        lambda tmp, mp: train.load_checkpoint_weights(
+            other_architecture_checkpoint(tmp), tiny_unet()
+        ),
         ValueError,
         "does not fit the model",
     ),
-    "unknown recipe trigger": (lambda tmp, mp: attack.BackdoorRecipe(trigger="star"), ValueError, "'star'"),
+    "unknown recipe trigger": (
+        lambda tmp, mp: attack.BackdoorRecipe(trigger="star"),
+        ValueError,
+        "'star'",
+    ),
     # the cache
-    "a cache folder that cannot be written": (read_only_cache, PermissionError, r"not-a-folder.*BADDIFF_CACHE"),
+    "a cache folder that cannot be written": (
+        read_only_cache,
+        PermissionError,
+        r"not-a-folder.*BADDIFF_CACHE",
+    ),
 }
 
 

@@ -42,15 +42,33 @@ def test_chapter_settings_seed_everything_reproducibly():
     second = torch.rand(3), np.random.rand(3), torch.randn(2, generator=b.generator(1))
     assert torch.equal(first[0], second[0]) and np.array_equal(first[1], second[1])
     assert torch.equal(first[2], second[2])
-    assert not torch.equal(torch.randn(2, generator=b.generator(1)), torch.randn(2, generator=b.generator(2)))
+    assert not torch.equal(
+        torch.randn(2, generator=b.generator(1)),
+        torch.randn(2, generator=b.generator(2)),
+    )
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    (dict(quick="yes", device="cpu", seed=0), TypeError, "QUICK must be True.*'yes'"),
-    (dict(quick=True, device="cpu", seed=-1), ValueError, "SEED must be a non-negative integer, got -1"),
-    (dict(quick=True, device="cpu", seed=1.5), TypeError, "SEED must be .* got 1.5"),
-    (dict(quick=True, device="tpu9", seed=0), ValueError, "device='tpu9'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (
+            dict(quick="yes", device="cpu", seed=0),
+            TypeError,
+            "QUICK must be True.*'yes'",
+        ),
+        (
+            dict(quick=True, device="cpu", seed=-1),
+            ValueError,
+            "SEED must be a non-negative integer, got -1",
+        ),
+        (
+            dict(quick=True, device="cpu", seed=1.5),
+            TypeError,
+            "SEED must be .* got 1.5",
+        ),
+        (dict(quick=True, device="tpu9", seed=0), ValueError, "device='tpu9'"),
+    ],
+)
 def test_chapter_settings_reject_bad_parameters(kwargs, error, message):
     with pytest.raises(error, match=message):
         chapter_settings(**kwargs)
@@ -60,7 +78,9 @@ def test_glue_stores_plain_python_numbers(monkeypatch):
     import myst_nb
 
     stored = {}
-    monkeypatch.setattr(myst_nb, "glue", lambda name, value, display: stored.update({name: value}))
+    monkeypatch.setattr(
+        myst_nb, "glue", lambda name, value, display: stored.update({name: value})
+    )
     glue("a", np.float64(0.25))
     glue("b", torch.tensor(3))
     glue("c", "text")
@@ -73,20 +93,29 @@ def test_sample_photo_shapes_and_range():
     colour = load_sample_photo("flower.jpg", size=(24, 36))
     assert grey.shape == (24, 36) and colour.shape == (24, 36, 3)
     for image in (grey, colour):
-        assert image.dtype == np.float32 and 0.0 <= image.min() and image.max() <= 1.0 and image.std() > 0.05
+        assert (
+            image.dtype == np.float32
+            and 0.0 <= image.min()
+            and image.max() <= 1.0
+            and image.std() > 0.05
+        )
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(name="lena.png"), "name='lena.png' is not a photo"),
-    (dict(size=(0, 10)), "size must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(name="lena.png"), "name='lena.png' is not a photo"),
+        (dict(size=(0, 10)), "size must be"),
+    ],
+)
 def test_sample_photo_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
         load_sample_photo(**kwargs)
 
 
 def test_to_display_maps_model_range_to_unit_range():
-    image = torch.tensor([[[-1.0, 0.0], [1.0, 2.0]]])            # 1, 2, 2 in [-1, 1] (2 is clipped)
+    # 1, 2, 2 in [-1, 1] (2 is clipped)
+    image = torch.tensor([[[-1.0, 0.0], [1.0, 2.0]]])
     np.testing.assert_allclose(to_display(image), [[0.0, 0.5], [1.0, 1.0]])
     rgb = torch.zeros(3, 4, 5)
     assert to_display(rgb).shape == (4, 5, 3)
@@ -107,18 +136,31 @@ def test_show_images_and_animation():
 def test_markdown_table_formats_columns_and_escapes_pipes():
     from baddiff_core.book import markdown_table
 
-    text = markdown_table([{"attack": "a|b", "asr": 0.9061}, {"attack": "c", "asr": 1},
-                           {"attack": "d", "asr": "-"}],
-                          {"asr": ".2f"})
-    assert text.splitlines() == ["| attack | asr |", "|---|---|", "| a\\|b | 0.91 |",
-                                 "| c | 1.00 |", "| d | - |"]
+    text = markdown_table(
+        [
+            {"attack": "a|b", "asr": 0.9061},
+            {"attack": "c", "asr": 1},
+            {"attack": "d", "asr": "-"},
+        ],
+        {"asr": ".2f"},
+    )
+    assert text.splitlines() == [
+        "| attack | asr |",
+        "|---|---|",
+        "| a\\|b | 0.91 |",
+        "| c | 1.00 |",
+        "| d | - |",
+    ]
 
 
-@pytest.mark.parametrize("rows, formats, message", [
-    ([], None, "at least one row"),
-    ([{"a": 1}, {"b": 2}], None, "row 1 has columns"),
-    ([{"a": 1}], {"z": ".2f"}, "formats names columns"),
-])
+@pytest.mark.parametrize(
+    "rows, formats, message",
+    [
+        ([], None, "at least one row"),
+        ([{"a": 1}, {"b": 2}], None, "row 1 has columns"),
+        ([{"a": 1}], {"z": ".2f"}, "formats names columns"),
+    ],
+)
 def test_markdown_table_bad_input(rows, formats, message):
     from baddiff_core.book import markdown_table
 
@@ -130,12 +172,15 @@ def test_show_strips_puts_each_row_side_by_side():
     from baddiff_core.viz import show_strips
 
     grey = -torch.ones(3, 1, 4, 5)
-    grey[1] = 1.0                                   # the middle image of the first row is white
+    grey[1] = 1.0  # the middle image of the first row is white
     fig = show_strips({"first": grey, "second": [torch.zeros(1, 4, 5)] * 2})
     first, second = fig.axes
-    assert first.get_title(loc="left") == "first" and second.get_title(loc="left") == "second"
+    assert (
+        first.get_title(loc="left") == "first"
+        and second.get_title(loc="left") == "second"
+    )
     shown = first.get_images()[0].get_array()
-    assert shown.shape == (4, 15)                   # three 4 x 5 images, side by side
+    assert shown.shape == (4, 15)  # three 4 x 5 images, side by side
     assert shown[:, 5:10].min() == 1 and shown[:, :5].max() == 0
     assert second.get_images()[0].get_array().shape == (4, 10)
     with pytest.raises(ValueError, match="at least one row"):
@@ -146,13 +191,15 @@ def test_show_strips_puts_each_row_side_by_side():
 # The three scales: quick, full and smoke (full mode's code at a few steps, CI).
 # --------------------------------------------------------------------------- #
 
+
 def test_scale_comes_from_quick_and_the_environment(monkeypatch):
     monkeypatch.delenv("BADDIFF_SCALE", raising=False)
     assert chapter_settings(quick=True, device="cpu", seed=0).scale == "quick"
     assert chapter_settings(quick=False, device="cpu", seed=0).scale == "full"
     monkeypatch.setenv("BADDIFF_SCALE", "smoke")
     assert chapter_settings(quick=False, device="cpu", seed=0).scale == "smoke"
-    assert chapter_settings(quick=True, device="cpu", seed=0).scale == "quick"   # quick is small already
+    # quick is small already
+    assert chapter_settings(quick=True, device="cpu", seed=0).scale == "quick"
     monkeypatch.setenv("BADDIFF_SCALE", "huge")
     with pytest.raises(ValueError, match="BADDIFF_SCALE='huge' is not a scale"):
         chapter_settings(quick=False, device="cpu", seed=0)
@@ -173,8 +220,16 @@ def test_recipe_sets_the_seed_and_shrinks_only_at_the_smoke_scale(monkeypatch):
     monkeypatch.setenv("BADDIFF_SCALE", "smoke")
     smoke = chapter_settings(quick=False, device="cpu", seed=5)
     recipe = smoke.recipe(paper, seed_offset=2)
-    assert recipe.train.seed == 7 and recipe.train.steps == 2 and recipe.train.batch_size == 4
-    assert recipe.data_limit == 32 and recipe.trigger == paper.trigger and recipe.base == paper.base
+    assert (
+        recipe.train.seed == 7
+        and recipe.train.steps == 2
+        and recipe.train.batch_size == 4
+    )
+    assert (
+        recipe.data_limit == 32
+        and recipe.trigger == paper.trigger
+        and recipe.base == paper.base
+    )
     assert smoke.scaled(1000, smoke=4) == 4
     scratch = smoke.recipe(BackdoorRecipe.paper(base="scratch"))
     assert scratch.schedule == SMOKE_SCHEDULE
@@ -193,11 +248,17 @@ def test_check_asserts_where_measured_and_records_elsewhere(monkeypatch, capsys)
     with pytest.raises(AssertionError):
         full.check(0.3 > 0.5, "fires")
     assert full.check(False, "white box missed", scales=("quick",)) is False
-    assert "[full scale, recorded, not checked] white box missed: does not hold" in capsys.readouterr().out
+    assert (
+        "[full scale, recorded, not checked] white box missed: does not hold"
+        in capsys.readouterr().out
+    )
     monkeypatch.setenv("BADDIFF_SCALE", "smoke")
     smoke = chapter_settings(quick=False, device="cpu", seed=0)
     assert smoke.check(False, "fires") is False and smoke.check(True, "stops") is True
-    assert "[smoke scale, recorded, not checked] fires: does not hold" in capsys.readouterr().out
+    assert (
+        "[smoke scale, recorded, not checked] fires: does not hold"
+        in capsys.readouterr().out
+    )
     with pytest.raises(ValueError, match="unknown scales"):
         quick.check(True, "x", scales=("fast",))
 
@@ -208,7 +269,11 @@ def test_scale_settings_name_the_threshold_and_the_fid_features(monkeypatch):
     monkeypatch.delenv("BADDIFF_SCALE", raising=False)
     quick = chapter_settings(quick=True, device="cpu", seed=0)
     full = chapter_settings(quick=False, device="cpu", seed=0)
-    assert (quick.asr_threshold, full.asr_threshold) == (ASR_THRESHOLDS["quick"], ASR_THRESHOLDS["full"]) == (0.01, 0.05)
+    assert (
+        (quick.asr_threshold, full.asr_threshold)
+        == (ASR_THRESHOLDS["quick"], ASR_THRESHOLDS["full"])
+        == (0.01, 0.05)
+    )
     assert (quick.fid_features, full.fid_features) == ("digits", "inception")
     monkeypatch.setenv("BADDIFF_SCALE", "smoke")
     assert chapter_settings(quick=False, device="cpu", seed=0).fid_features == "digits"

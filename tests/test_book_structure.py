@@ -5,10 +5,10 @@ from __future__ import annotations
 import ast
 import re
 import shlex
-import tomllib
 
 import nbformat
 import pytest
+import tomllib
 import yaml
 
 from conftest import BOOK, ROOT, chapter_notebooks, toc_files
@@ -20,25 +20,43 @@ NOTEBOOK_IDS = [p.stem for p in NOTEBOOKS]
 def test_every_toc_entry_exists():
     for name in toc_files():
         candidates = [ROOT / f"{name}{suffix}" for suffix in (".ipynb", ".md")]
-        assert any(c.exists() for c in candidates), f"_toc.yml names {name}, which is not in the repository"
+        assert any(c.exists() for c in candidates), (
+            f"_toc.yml names {name}, which is not in the repository"
+        )
 
 
 def test_every_page_in_book_is_in_the_toc():
     listed = set(toc_files())
-    pages = {str(p.relative_to(ROOT).with_suffix("")) for p in BOOK.rglob("*")
-             if p.suffix in {".ipynb", ".md"} and ".ipynb_checkpoints" not in p.parts and "_build" not in p.parts}
-    assert pages - listed == set(), f"pages in book/ missing from _toc.yml: {sorted(pages - listed)}"
+    pages = {
+        str(p.relative_to(ROOT).with_suffix(""))
+        for p in BOOK.rglob("*")
+        if p.suffix in {".ipynb", ".md"}
+        and ".ipynb_checkpoints" not in p.parts
+        and "_build" not in p.parts
+    }
+    assert pages - listed == set(), (
+        f"pages in book/ missing from _toc.yml: {sorted(pages - listed)}"
+    )
 
 
 def test_chapters_are_numbered_notebooks():
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    numbered = [c["file"] for part in toc["parts"] if part.get("numbered") for c in part["chapters"]]
+    numbered = [
+        c["file"]
+        for part in toc["parts"]
+        if part.get("numbered")
+        for c in part["chapters"]
+    ]
     assert numbered, "the table of contents should have at least one numbered part"
     for name in numbered:
-        assert re.fullmatch(r"book/\d\d_[a-z0-9_]+", name), f"chapter {name} is not named book/NN_topic"
+        assert re.fullmatch(r"book/\d\d_[a-z0-9_]+", name), (
+            f"chapter {name} is not named book/NN_topic"
+        )
         assert (ROOT / f"{name}.ipynb").exists(), f"chapter {name} should be a notebook"
     numbers = [int(name.split("/")[1][:2]) for name in numbered]
-    assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers), f"chapter numbers out of order: {numbers}"
+    assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers), (
+        f"chapter numbers out of order: {numbers}"
+    )
 
 
 def test_config_executes_every_chapter_and_fails_on_errors(config):
@@ -72,7 +90,9 @@ def test_every_citation_is_in_the_bibliography(config):
         for group in re.findall(r"\{cite:[pt]\}`([^`]+)`", text):
             cited.update(k.strip() for k in group.split(","))
     assert cited, "the book should cite its sources"
-    assert cited - keys == set(), f"cited but missing from references.bib: {sorted(cited - keys)}"
+    assert cited - keys == set(), (
+        f"cited but missing from references.bib: {sorted(cited - keys)}"
+    )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=NOTEBOOK_IDS)
@@ -80,47 +100,77 @@ def test_notebook_is_committed_without_outputs(path):
     notebook = nbformat.read(path, as_version=4)
     for index, cell in enumerate(notebook.cells):
         if cell.cell_type == "code":
-            assert not cell.outputs, f"{path.name} cell {index} holds outputs: run `make strip`"
-            assert cell.execution_count is None, f"{path.name} cell {index} has an execution count: run `make strip`"
+            assert not cell.outputs, (
+                f"{path.name} cell {index} holds outputs: run `make format`"
+            )
+            assert cell.execution_count is None, (
+                f"{path.name} cell {index} has an execution count: run `make format`"
+            )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=NOTEBOOK_IDS)
 def test_notebook_follows_the_chapter_skeleton(path, config):
     cells = nbformat.read(path, as_version=4).cells
-    assert cells[0].cell_type == "markdown" and cells[0].source.startswith("# "), "first cell: the title"
-    assert "you will learn" in cells[0].source.lower() and "you need" in cells[0].source.lower()
+    assert cells[0].cell_type == "markdown" and cells[0].source.startswith("# "), (
+        "first cell: the title"
+    )
+    assert (
+        "you will learn" in cells[0].source.lower()
+        and "you need" in cells[0].source.lower()
+    )
 
     install = cells[1]
     assert install.cell_type == "code" and "google.colab" in install.source
-    assert "hide-cell" in install.metadata.get("tags", []), "the Colab install cell is hidden in the book"
-    pip_lines = [line.strip() for line in install.source.splitlines() if "pip install" in line]
+    assert "hide-cell" in install.metadata.get("tags", []), (
+        "the Colab install cell is hidden in the book"
+    )
+    pip_lines = [
+        line.strip() for line in install.source.splitlines() if "pip install" in line
+    ]
     assert len(pip_lines) == 1, "one pip install line in the Colab cell"
     requirements = [w for w in shlex.split(pip_lines[0])[2:] if not w.startswith("-")]
     url = f"git+{config['repository']['url']}@{config['repository']['branch']}"
-    assert requirements == [f"baddiff-core[full] @ {url}"], \
-        f"the Colab cell installs this package and its full-mode extra only (Colab has the heavy dependencies), " \
+    assert requirements == [f"baddiff-core[full] @ {url}"], (
+        f"the Colab cell installs this package and its full-mode extra only (Colab has the heavy dependencies), "
         f"got {requirements}"
+    )
 
-    tagged = [i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", [])]
+    tagged = [
+        i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", [])
+    ]
     assert len(tagged) == 1, "exactly one cell is tagged `parameters`"
     assigned = {}
     for node in ast.parse(cells[tagged[0]].source).body:
-        assert isinstance(node, ast.Assign), "the parameters cell holds plain assignments only"
+        assert isinstance(node, ast.Assign), (
+            "the parameters cell holds plain assignments only"
+        )
         assigned[node.targets[0].id] = ast.literal_eval(node.value)
     assert assigned == {"QUICK": True, "DEVICE": "auto", "SEED": 0}
-    assert "chapter_settings(quick=QUICK, device=DEVICE, seed=SEED)" in cells[tagged[0] + 1].source
+    assert (
+        "chapter_settings(quick=QUICK, device=DEVICE, seed=SEED)"
+        in cells[tagged[0] + 1].source
+    )
 
-    headings = [line for c in cells if c.cell_type == "markdown" for line in c.source.splitlines()
-                if line.startswith("## ")]
+    headings = [
+        line
+        for c in cells
+        if c.cell_type == "markdown"
+        for line in c.source.splitlines()
+        if line.startswith("## ")
+    ]
     for wanted in ("## Summary", "## Exercises", "## References"):
         assert wanted in headings, f"{path.name} lacks a '{wanted}' section"
 
 
 def test_package_metadata_has_lower_bounds_only():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    requirements = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    requirements = project["dependencies"] + [
+        r for extra in project["optional-dependencies"].values() for r in extra
+    ]
     for requirement in requirements:
-        assert "==" not in requirement, f"{requirement!r}: pin versions in requirements/lock.txt, not in the package"
+        assert "==" not in requirement, (
+            f"{requirement!r}: pin versions in requirements/lock.txt, not in the package"
+        )
     assert project["requires-python"] == ">=3.10"
     assert {"book", "test"} <= set(project["optional-dependencies"])
 
@@ -129,10 +179,18 @@ def test_conda_environment_matches_the_pip_extras():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     conda_names = {"torch": "pytorch", "matplotlib": "matplotlib-base"}
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
-    listed = {re.split(r"[<>=! ]", d)[0] for d in env["dependencies"] if isinstance(d, str)}
+    listed = {
+        re.split(r"[<>=! ]", d)[0] for d in env["dependencies"] if isinstance(d, str)
+    }
     pip_part = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    assert "-e ." in pip_part, "environment.yml installs this package from the repository"
-    wanted = project["dependencies"] + project["optional-dependencies"]["book"] + project["optional-dependencies"]["test"]
+    assert "-e ." in pip_part, (
+        "environment.yml installs this package from the repository"
+    )
+    wanted = (
+        project["dependencies"]
+        + project["optional-dependencies"]["book"]
+        + project["optional-dependencies"]["test"]
+    )
     for requirement in wanted:
         name = re.split(r"[<>=!\[ ]", requirement)[0]
         assert conda_names.get(name, name) in listed, f"environment.yml lacks {name}"
@@ -140,10 +198,16 @@ def test_conda_environment_matches_the_pip_extras():
 
 def test_lock_file_pins_what_the_makefile_installs():
     lock = (ROOT / "requirements" / "lock.txt").read_text()
-    pins = dict(line.split("==") for line in lock.splitlines() if line and not line.startswith("#"))
+    pins = dict(
+        line.split("==")
+        for line in lock.splitlines()
+        if line and not line.startswith("#")
+    )
     for name in ("torch", "diffusers", "jupyter-book", "nbval", "papermill"):
         assert name in pins, f"requirements/lock.txt should pin {name}"
-    assert "+" not in pins["torch"], "the lock pins torch without a local label so GPU builds match"
+    assert "+" not in pins["torch"], (
+        "the lock pins torch without a local label so GPU builds match"
+    )
     assert "-c $(CONSTRAINTS)" in (ROOT / "Makefile").read_text()
 
 
@@ -157,9 +221,13 @@ def test_ci_runs_the_readme_commands():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=NOTEBOOK_IDS)
 def test_chapter_code_fits_the_page(path):
-    """The book's text column shows about 88 characters; longer lines scroll sideways."""
+    """The book's text column shows about 88 characters; longer lines scroll
+    sideways."""
     cells = nbformat.read(path, as_version=4).cells
-    for index, cell in enumerate(cells[2:], start=2):  # the hidden install cell may be long
+    # the hidden install cell may be long
+    for index, cell in enumerate(cells[2:], start=2):
         if cell.cell_type == "code":
             for line in cell.source.splitlines():
-                assert len(line) <= 88, f"{path.name} cell {index}: {len(line)} characters: {line[:50]}..."
+                assert len(line) <= 88, (
+                    f"{path.name} cell {index}: {len(line)} characters: {line[:50]}..."
+                )

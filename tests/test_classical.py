@@ -17,7 +17,6 @@ from scipy import linalg, ndimage
 
 from baddiff_core import classical as c
 
-
 # --------------------------------------------------------------------------- #
 # Fixtures and independent helpers.
 # --------------------------------------------------------------------------- #
@@ -122,15 +121,22 @@ def test_heat_kernel_matches_expm_on_karate_club(karate: np.ndarray) -> None:
     for k, t in enumerate(times):
         propagator = linalg.expm(-t * karate)
         np.testing.assert_allclose(trajectory[k], propagator @ x0, atol=1e-12)
-        np.testing.assert_allclose(trajectory_multi[k], propagator @ x0_multi, atol=1e-12)
-        np.testing.assert_allclose(c.heat_kernel(karate, x0, float(t)), propagator @ x0, atol=1e-12)
+        np.testing.assert_allclose(
+            trajectory_multi[k], propagator @ x0_multi, atol=1e-12
+        )
+        np.testing.assert_allclose(
+            c.heat_kernel(karate, x0, float(t)), propagator @ x0, atol=1e-12
+        )
 
 
 def test_spectrum_matches_networkx(karate: np.ndarray) -> None:
     expected = np.sort(nx.laplacian_spectrum(nx.karate_club_graph(), weight=None))
     np.testing.assert_allclose(c.laplacian_spectrum(karate), expected, atol=1e-10)
     assert c.algebraic_connectivity(karate) == pytest.approx(
-        nx.algebraic_connectivity(nx.karate_club_graph(), weight=None, method="lanczos"), rel=1e-6
+        nx.algebraic_connectivity(
+            nx.karate_club_graph(), weight=None, method="lanczos"
+        ),
+        rel=1e-6,
     )
 
 
@@ -144,8 +150,15 @@ def test_heat_diffusion_is_first_order(karate: np.ndarray) -> None:
     final_time = 1.0
     exact = linalg.expm(-final_time * karate) @ x0
     errors = []
-    for tau in (0.02, 0.01, 0.005):  # lambda_max = 18.1, all below 2 / lambda_max = 0.110
-        trajectory = c.heat_diffusion(karate, x0, tau=tau, steps=round(final_time / tau))
+    # lambda_max = 18.1, all below 2 / lambda_max = 0.110
+    for tau in (
+        0.02,
+        0.01,
+        0.005,
+    ):
+        trajectory = c.heat_diffusion(
+            karate, x0, tau=tau, steps=round(final_time / tau)
+        )
         assert trajectory.shape == (round(final_time / tau) + 1, 34)
         np.testing.assert_array_equal(trajectory[0], x0)
         errors.append(np.linalg.norm(trajectory[-1] - exact))
@@ -177,7 +190,8 @@ def test_consensus_reaches_mean_on_random_geometric_graph() -> None:
     graph = nx.random_geometric_graph(40, radius=0.35, seed=3)
     assert nx.is_connected(graph)
     lap = c.graph_laplacian(graph, weight=None)
-    positions = np.random.default_rng(4).uniform(size=(40, 2))  # robots in the unit square
+    # robots in the unit square
+    positions = np.random.default_rng(4).uniform(size=(40, 2))
     # Convergence factor per step is 1 - step lambda_2; choose enough steps for 1e-9.
     rate = c.consensus_rate(lap, c.consensus_step(lap))
     steps = math.ceil(math.log(1e-11) / math.log(rate))
@@ -203,7 +217,9 @@ def test_measured_disagreement_decay_matches_consensus_rate(karate: np.ndarray) 
     spread = c.disagreement(trajectory)
     # Independent disagreement: distance to the mean of the initial positions.
     np.testing.assert_allclose(
-        spread, np.linalg.norm((trajectory - x0.mean(axis=0)).reshape(1501, -1), axis=1), atol=1e-12
+        spread,
+        np.linalg.norm((trajectory - x0.mean(axis=0)).reshape(1501, -1), axis=1),
+        atol=1e-12,
     )
     # Fit log(spread) on the late part, when only the lambda_2 mode is left
     # (the lambda_3 mode is then weaker by (0.973 / 0.986)^800 ~ 1e-5).
@@ -216,7 +232,9 @@ def test_measured_disagreement_decay_matches_consensus_rate(karate: np.ndarray) 
     assert measured_rate == pytest.approx(predicted, rel=1e-3)
 
 
-def test_consensus_rate_large_step_is_dominated_by_lambda_max(karate: np.ndarray) -> None:
+def test_consensus_rate_large_step_is_dominated_by_lambda_max(
+    karate: np.ndarray,
+) -> None:
     # With step = 1.99 / lambda_max the fastest mode flips sign every step with
     # factor |1 - 1.99| = 0.99, slower than the lambda_2 mode (1 - 0.051 = 0.949).
     lam = np.linalg.eigvalsh(karate)
@@ -262,7 +280,9 @@ def test_bessel_reflect_convolution_is_exact_neumann_solution() -> None:
     lap = grid_laplacian(10, 12)
     for t in (0.3, 2.0):
         exact = (linalg.expm(-t * lap) @ image.ravel()).reshape(10, 12)
-        np.testing.assert_allclose(bessel_solution(image, t, radius=40), exact, atol=1e-12)
+        np.testing.assert_allclose(
+            bessel_solution(image, t, radius=40), exact, atol=1e-12
+        )
 
 
 def test_bessel_kernel_moments() -> None:
@@ -271,7 +291,8 @@ def test_bessel_kernel_moments() -> None:
     k = np.arange(-40, 41)
     assert kernel.shape == (81,)
     assert kernel.sum() == pytest.approx(1.0, abs=1e-14)
-    assert np.sum(k**2 * kernel) == pytest.approx(2 * t, rel=1e-12)  # variance = sigma^2 = 2t
+    # variance = sigma^2 = 2t
+    assert np.sum(k**2 * kernel) == pytest.approx(2 * t, rel=1e-12)
     np.testing.assert_array_equal(c.bessel_heat_kernel(0.0, 2), [0, 0, 1, 0, 0])
 
 
@@ -279,7 +300,10 @@ def test_heat_equation_converges_first_order_to_bessel_solution() -> None:
     image = make_image()
     t = 4.0
     exact = bessel_solution(image, t)
-    errors = [np.linalg.norm(c.heat_equation(image, t=t, dt=dt) - exact) for dt in (0.2, 0.1, 0.05)]
+    errors = [
+        np.linalg.norm(c.heat_equation(image, t=t, dt=dt) - exact)
+        for dt in (0.2, 0.1, 0.05)
+    ]
     ratios = np.array(errors[:-1]) / np.array(errors[1:])
     # Measured: 1.9992, 1.9996.
     assert np.all((1.7 < ratios) & (ratios < 2.3)), ratios
@@ -344,8 +368,12 @@ def test_perona_malik_conserves_mean(conductance: str) -> None:
 def test_perona_malik_with_huge_kappa_is_heat_equation(conductance: str) -> None:
     image = make_image(48, 64)
     steps, dt = 30, 0.2
-    result = c.perona_malik(image, steps=steps, kappa=1e8, dt=dt, conductance=conductance)
-    np.testing.assert_allclose(result, c.heat_equation(image, t=steps * dt, dt=dt), atol=1e-12)
+    result = c.perona_malik(
+        image, steps=steps, kappa=1e8, dt=dt, conductance=conductance
+    )
+    np.testing.assert_allclose(
+        result, c.heat_equation(image, t=steps * dt, dt=dt), atol=1e-12
+    )
 
 
 def test_perona_malik_matches_hand_step_with_conductance() -> None:
@@ -364,7 +392,8 @@ def test_perona_malik_denoises_and_keeps_edge() -> None:
     denoised = c.perona_malik(noisy, steps=steps, kappa=0.15, dt=dt)
     blurred = c.heat_equation(noisy, t=steps * dt)  # same smoothing time
     heat_psnrs = {
-        t: c.psnr(c.heat_equation(noisy, t=t), clean) for t in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+        t: c.psnr(c.heat_equation(noisy, t=t), clean)
+        for t in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
     }
     best_t = max(heat_psnrs, key=heat_psnrs.get)
     best_blur = c.heat_equation(noisy, t=best_t)
@@ -476,7 +505,9 @@ def test_image_argument_errors() -> None:
         c.heat_equation(image, t=-1.0)
     with pytest.raises(ValueError, match=r"image.shape=\(8,\)"):
         c.heat_equation(np.zeros(8), t=1.0)
-    with pytest.raises(ValueError, match=r"image.shape=\(8, 8\) and reference.shape=\(8, 9\)"):
+    with pytest.raises(
+        ValueError, match=r"image.shape=\(8, 8\) and reference.shape=\(8, 9\)"
+    ):
         c.psnr(image, np.zeros((8, 9)))
     with pytest.raises(TypeError, match=r"directed|networkx"):
         c.graph_laplacian(np.eye(3))  # type: ignore[arg-type]

@@ -1,4 +1,5 @@
-"""Every expected failure of the command line is one line and exit status 2; Ctrl-C is 130; an
+"""Every expected failure of the command line is one line and exit status 2; Ctrl-C is
+130; an
 unexpected one is one line and 1, with the traceback behind ``--debug``."""
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ from baddiff_core.pretrained import load_clean_digits
 def model_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models") / "clean"
     unet, scheduler = load_clean_digits()
-    save_model(folder, unet, scheduler, metadata={"kind": "clean", "recipe": {"dataset": "digits"}})
+    save_model(
+        folder,
+        unet,
+        scheduler,
+        metadata={"kind": "clean", "recipe": {"dataset": "digits"}},
+    )
     return folder
 
 
@@ -23,10 +29,16 @@ def run(argv, capsys) -> tuple[int, str]:
     return status, capsys.readouterr().err
 
 
-def test_a_mistyped_local_path_is_not_looked_up_on_the_hub(tmp_path, capsys, monkeypatch):
+def test_a_mistyped_local_path_is_not_looked_up_on_the_hub(
+    tmp_path, capsys, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     status, err = run(["sample", "./typo-model", "--output", "x.png"], capsys)
-    assert status == 2 and "'./typo-model' does not exist" in err and len(err.strip().splitlines()) == 1
+    assert (
+        status == 2
+        and "'./typo-model' does not exist" in err
+        and len(err.strip().splitlines()) == 1
+    )
 
 
 def test_a_corrupt_trigger_file_is_one_line(model_folder, tmp_path, capsys):
@@ -35,33 +47,66 @@ def test_a_corrupt_trigger_file_is_one_line(model_folder, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(model_folder, broken)
     (broken / cli.BACKDOOR_FILE).write_bytes(b"\x00" * 40)
-    status, err = run(["evaluate", str(broken), "--n", "2", "--fd-samples", "0"], capsys)
-    assert status == 2 and err.startswith("baddiff evaluate: error:") and len(err.strip().splitlines()) == 1
+    status, err = run(
+        ["evaluate", str(broken), "--n", "2", "--fd-samples", "0"], capsys
+    )
+    assert (
+        status == 2
+        and err.startswith("baddiff evaluate: error:")
+        and len(err.strip().splitlines()) == 1
+    )
 
 
-@pytest.mark.parametrize("failure, status, words", [
-    (KeyboardInterrupt(), 130, "interrupted"),
-    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory: you tried to "
-                  "allocate 1288490188800 bytes."), 2, "not enough memory"),
-    (ValueError("x" * 20_000), 2, "[...]"),
-    (ZeroDivisionError("division by zero"), 1, "internal error: ZeroDivisionError"),
-])
-def test_failures_inside_a_command(model_folder, tmp_path, capsys, monkeypatch, failure, status, words):
+@pytest.mark.parametrize(
+    "failure, status, words",
+    [
+        (KeyboardInterrupt(), 130, "interrupted"),
+        (
+            RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory: you tried to "
+                "allocate 1288490188800 bytes."
+            ),
+            2,
+            "not enough memory",
+        ),
+        (ValueError("x" * 20_000), 2, "[...]"),
+        (ZeroDivisionError("division by zero"), 1, "internal error: ZeroDivisionError"),
+    ],
+)
+def test_failures_inside_a_command(
+    model_folder, tmp_path, capsys, monkeypatch, failure, status, words
+):
     def fail(*args, **kwargs):
         raise failure
 
     monkeypatch.setattr("baddiff_core.sampling.sample", fail)
-    code, err = run(["sample", str(model_folder), "--n", "2", "--output", str(tmp_path / "s.png")], capsys)
+    code, err = run(
+        ["sample", str(model_folder), "--n", "2", "--output", str(tmp_path / "s.png")],
+        capsys,
+    )
     assert code == status and words in err
-    assert len(err.strip().splitlines()) == 1 and len(err) < 700 and "Traceback" not in err
+    assert (
+        len(err.strip().splitlines()) == 1 and len(err) < 700 and "Traceback" not in err
+    )
     assert not (tmp_path / "s.png").exists()
-    with pytest.raises(type(failure)):   # --debug: the traceback, for a bug report
-        cli.main(["--debug", "sample", str(model_folder), "--n", "2", "--output", str(tmp_path / "s.png")])
+    with pytest.raises(type(failure)):  # --debug: the traceback, for a bug report
+        cli.main(
+            [
+                "--debug",
+                "sample",
+                str(model_folder),
+                "--n",
+                "2",
+                "--output",
+                str(tmp_path / "s.png"),
+            ]
+        )
 
 
 # --------------------------------------------------------------------------- #
 # Non-finite values are errors where they enter, not an all-white picture.
 # --------------------------------------------------------------------------- #
+
 
 def test_nan_weights_are_refused_when_loaded(model_folder, tmp_path, capsys):
     import shutil
@@ -75,7 +120,9 @@ def test_nan_weights_are_refused_when_loaded(model_folder, tmp_path, capsys):
     first = next(iter(state))
     state[first] = state[first].clone().fill_(float("nan"))
     save_file(state, str(weights))
-    status, err = run(["sample", str(broken), "--n", "2", "--output", str(tmp_path / "s.png")], capsys)
+    status, err = run(
+        ["sample", str(broken), "--n", "2", "--output", str(tmp_path / "s.png")], capsys
+    )
     assert status == 2 and "NaN or infinite" in err and first in err
     assert not (tmp_path / "s.png").exists()
 
@@ -90,7 +137,9 @@ def test_a_nan_schedule_is_refused(model_folder, tmp_path, capsys):
     config = json.loads(config_file.read_text())
     config["beta_start"] = float("nan")
     config_file.write_text(json.dumps(config))
-    status, err = run(["sample", str(broken), "--n", "2", "--output", str(tmp_path / "s.png")], capsys)
+    status, err = run(
+        ["sample", str(broken), "--n", "2", "--output", str(tmp_path / "s.png")], capsys
+    )
     assert status == 2 and "noise schedule" in err and "beta_start" in err
 
 
@@ -109,18 +158,43 @@ def test_nan_or_out_of_range_triggers_are_refused():
     with pytest.raises(ValueError, match=r"in \[-1, 1\]"):
         stamp(images, make_trigger("box", 16, 1) * 3)
     with pytest.raises(ValueError, match="trigger holds NaN"):
-        sample(unet, scheduler, 2, trigger=nan_trigger, num_inference_steps=1, progress=False)
+        sample(
+            unet,
+            scheduler,
+            2,
+            trigger=nan_trigger,
+            num_inference_steps=1,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="noise holds NaN"):
-        sample(unet, scheduler, 1, noise=torch.full((1, 1, 16, 16), float("nan")), num_inference_steps=1,
-               progress=False)
+        sample(
+            unet,
+            scheduler,
+            1,
+            noise=torch.full((1, 1, 16, 16), float("nan")),
+            num_inference_steps=1,
+            progress=False,
+        )
 
 
-def test_scan_checks_its_sampling_steps_before_the_inversion(model_folder, tmp_path, capsys, monkeypatch):
+def test_scan_checks_its_sampling_steps_before_the_inversion(
+    model_folder, tmp_path, capsys, monkeypatch
+):
     def no_inversion(*args, **kwargs):
         raise AssertionError("the inversion ran before --steps was checked")
 
     monkeypatch.setattr("baddiff_core.defenses.invert_trigger", no_inversion)
-    status, err = run(["scan", str(model_folder), "--steps", "1000", "--output", str(tmp_path / "scan")], capsys)
+    status, err = run(
+        [
+            "scan",
+            str(model_folder),
+            "--steps",
+            "1000",
+            "--output",
+            str(tmp_path / "scan"),
+        ],
+        capsys,
+    )
     assert status == 2 and "num_inference_steps must be an integer in [1, 100]" in err
 
 
@@ -128,13 +202,30 @@ def test_scan_checks_its_sampling_steps_before_the_inversion(model_folder, tmp_p
 # Memory: a large `sample` request is a folder of PNGs, drawn batch by batch.
 # --------------------------------------------------------------------------- #
 
-def test_a_large_grid_is_refused_before_sampling(model_folder, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("baddiff_core.sampling.sample", lambda *a, **k: pytest.fail("sampled"))
-    status, err = run(["sample", str(model_folder), "--n", "2000", "--output", str(tmp_path / "g.png")], capsys)
+
+def test_a_large_grid_is_refused_before_sampling(
+    model_folder, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(
+        "baddiff_core.sampling.sample", lambda *a, **k: pytest.fail("sampled")
+    )
+    status, err = run(
+        [
+            "sample",
+            str(model_folder),
+            "--n",
+            "2000",
+            "--output",
+            str(tmp_path / "g.png"),
+        ],
+        capsys,
+    )
     assert status == 2 and "too many images for one PNG grid" in err and "folder" in err
 
 
-def test_sample_writes_a_folder_batch_by_batch(model_folder, tmp_path, capsys, monkeypatch):
+def test_sample_writes_a_folder_batch_by_batch(
+    model_folder, tmp_path, capsys, monkeypatch
+):
     import json
 
     import numpy as np
@@ -151,8 +242,21 @@ def test_sample_writes_a_folder_batch_by_batch(model_folder, tmp_path, capsys, m
 
     monkeypatch.setattr("baddiff_core.sampling.sample", counting)
     out = tmp_path / "samples"
-    status, err = run(["sample", str(model_folder), "--n", "5", "--batch-size", "2", "--steps", "2",
-                       "--output", str(out)], capsys)
+    status, err = run(
+        [
+            "sample",
+            str(model_folder),
+            "--n",
+            "5",
+            "--batch-size",
+            "2",
+            "--steps",
+            "2",
+            "--output",
+            str(out),
+        ],
+        capsys,
+    )
     assert status == 0, err
     assert requested == [2, 2, 1], "at most one batch in memory"
     files = sorted(p.name for p in out.iterdir())
@@ -161,10 +265,28 @@ def test_sample_writes_a_folder_batch_by_batch(model_folder, tmp_path, capsys, m
     assert first.shape == (16, 16) and first.dtype == np.uint8
     assert json.loads((out / "samples.json").read_text())["n"] == 5
     # Written again over its own output: allowed; over a folder of other files: refused.
-    assert run(["sample", str(model_folder), "--n", "1", "--steps", "1", "--output", str(out)], capsys)[0] == 0
+    assert (
+        run(
+            [
+                "sample",
+                str(model_folder),
+                "--n",
+                "1",
+                "--steps",
+                "1",
+                "--output",
+                str(out),
+            ],
+            capsys,
+        )[0]
+        == 0
+    )
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("x")
-    status, err = run(["sample", str(model_folder), "--n", "1", "--output", str(tmp_path / "mine")], capsys)
+    status, err = run(
+        ["sample", str(model_folder), "--n", "1", "--output", str(tmp_path / "mine")],
+        capsys,
+    )
     assert status == 2 and "not written by baddiff" in err
 
 
@@ -180,7 +302,7 @@ def _vae_in_unet(folder):
     import json
 
     config = json.loads((folder / "unet" / "config.json").read_text())
-    config["_class_name"] = "AutoencoderKL"   # what diffusers writes for a VAE
+    config["_class_name"] = "AutoencoderKL"  # what diffusers writes for a VAE
     (folder / "unet" / "config.json").write_text(json.dumps(config))
 
 
@@ -211,37 +333,65 @@ def _config_a_list(folder):
     (folder / "unet" / "config.json").write_text("[1, 2]")
 
 
-@pytest.mark.parametrize("damage, words", [
-    (_vae_in_unet, "describes the class 'AutoencoderKL', not a UNet2DModel"),
-    (_no_scheduler, "scheduler_config.json' is missing"),
-    (_unknown_beta_schedule, "beta_schedule 'cosine-ish' is not one of"),
-    (_config_not_json, "config.json' is not valid JSON (Expecting property name"),
-    (_config_not_utf8, "config.json' is not UTF-8 text"),
-    (_config_a_list, "holds a JSON list, not an object"),
-])
-def test_a_damaged_or_foreign_model_folder_is_named_in_one_line(model_folder, tmp_path, capsys, damage, words):
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (_vae_in_unet, "describes the class 'AutoencoderKL', not a UNet2DModel"),
+        (_no_scheduler, "scheduler_config.json' is missing"),
+        (_unknown_beta_schedule, "beta_schedule 'cosine-ish' is not one of"),
+        (_config_not_json, "config.json' is not valid JSON (Expecting property name"),
+        (_config_not_utf8, "config.json' is not UTF-8 text"),
+        (_config_a_list, "holds a JSON list, not an object"),
+    ],
+)
+def test_a_damaged_or_foreign_model_folder_is_named_in_one_line(
+    model_folder, tmp_path, capsys, damage, words
+):
     folder = _broken_copy(model_folder, tmp_path, "damaged")
     damage(folder)
-    status, err = run(["sample", str(folder), "--n", "1", "--output", str(tmp_path / "s.png")], capsys)
+    status, err = run(
+        ["sample", str(folder), "--n", "1", "--output", str(tmp_path / "s.png")], capsys
+    )
     assert status == 2 and words in err and len(err.strip().splitlines()) == 1, err
-    assert "truncated or corrupt" not in err   # the weights are fine: the message must not blame them
+    # the weights are fine: the message must not blame them
+    assert "truncated or corrupt" not in err
     assert not (tmp_path / "s.png").exists()
 
 
-def test_an_empty_model_path_is_refused_not_read_as_the_current_folder(tmp_path, capsys, monkeypatch):
+def test_an_empty_model_path_is_refused_not_read_as_the_current_folder(
+    tmp_path, capsys, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     status, err = run(["sample", "", "--output", "x.png"], capsys)
     assert status == 2 and "the model path is empty" in err
 
 
-@pytest.mark.parametrize("seed, words", [
-    ("18446744073709551616", "from 0 to 2**64 - 1"),   # 2**64: torch's "Overflow when unpacking long long"
-    ("-1", "from 0 to 2**64 - 1"),
-    ("1e3", "a seed is an integer"),
-])
-def test_a_seed_out_of_torch_range_is_refused_by_the_parser(model_folder, tmp_path, capsys, seed, words):
+@pytest.mark.parametrize(
+    "seed, words",
+    [
+        # 2**64: torch's "Overflow when unpacking long long"
+        (
+            "18446744073709551616",
+            "from 0 to 2**64 - 1",
+        ),
+        ("-1", "from 0 to 2**64 - 1"),
+        ("1e3", "a seed is an integer"),
+    ],
+)
+def test_a_seed_out_of_torch_range_is_refused_by_the_parser(
+    model_folder, tmp_path, capsys, seed, words
+):
     with pytest.raises(SystemExit) as exit_:
-        cli.main(["sample", str(model_folder), "--seed", seed, "--output", str(tmp_path / "s.png")])
+        cli.main(
+            [
+                "sample",
+                str(model_folder),
+                "--seed",
+                seed,
+                "--output",
+                str(tmp_path / "s.png"),
+            ]
+        )
     assert exit_.value.code == 2 and words in capsys.readouterr().err
 
 
@@ -249,7 +399,8 @@ def test_the_largest_seed_torch_takes_is_accepted():
     assert cli._seed(str(2**64 - 1)) == 2**64 - 1
     import torch
 
-    torch.Generator().manual_seed(2**64 - 1)   # what the parser promises, checked against torch
+    # what the parser promises, checked against torch
+    torch.Generator().manual_seed(2**64 - 1)
 
 
 def test_a_scan_threshold_of_one_is_a_mode_share_and_is_accepted(monkeypatch):
@@ -265,8 +416,9 @@ def test_a_scan_threshold_of_one_is_a_mode_share_and_is_accepted(monkeypatch):
     def stop(*args, **kwargs):
         raise Validated
 
-    monkeypatch.setattr(defenses, "invert_trigger", stop)   # the work after the checks
-    with pytest.raises(Validated):   # 1: backdoored only when every sample is alike (as --help says)
+    monkeypatch.setattr(defenses, "invert_trigger", stop)  # the work after the checks
+    # 1: backdoored only when every sample is alike (as --help says)
+    with pytest.raises(Validated):
         scan_model(unet, scheduler, threshold=1, use_cache=False)
     with pytest.raises(ValueError, match=r"mode share in \(0, 1\]"):
         scan_model(unet, scheduler, threshold=1.5)
@@ -279,35 +431,68 @@ def test_a_symlinked_config_is_followed(model_folder, tmp_path, capsys):
     real = tmp_path / "real_config.json"
     (folder / "unet" / "config.json").rename(real)
     (folder / "unet" / "config.json").symlink_to(real)
-    status, err = run(["sample", str(folder), "--n", "1", "--steps", "2", "--output", str(tmp_path / "s.png")],
-                      capsys)
+    status, err = run(
+        [
+            "sample",
+            str(folder),
+            "--n",
+            "1",
+            "--steps",
+            "2",
+            "--output",
+            str(tmp_path / "s.png"),
+        ],
+        capsys,
+    )
     assert status == 0 and (tmp_path / "s.png").is_file(), err
 
 
-@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="Linux file names are bytes")
-def test_a_path_that_is_not_utf8_is_named_not_blamed_on_the_weights(model_folder, tmp_path, capsys):
+@pytest.mark.skipif(
+    not __import__("sys").platform.startswith("linux"),
+    reason="Linux file names are bytes",
+)
+def test_a_path_that_is_not_utf8_is_named_not_blamed_on_the_weights(
+    model_folder, tmp_path, capsys
+):
     import os
     import shutil
 
-    folder = os.fsdecode(os.fsencode(str(tmp_path)) + b"/m\xff\xfe")   # surrogates, as Python reads it
+    # surrogates, as Python reads it
+    folder = os.fsdecode(os.fsencode(str(tmp_path)) + b"/m\xff\xfe")
     shutil.copytree(model_folder, folder)
-    status, err = run(["sample", folder, "--n", "1", "--output", str(tmp_path / "s.png")], capsys)
+    status, err = run(
+        ["sample", folder, "--n", "1", "--output", str(tmp_path / "s.png")], capsys
+    )
     assert status == 2 and "not UTF-8" in err and "corrupt" not in err
 
 
 def test_a_folder_of_pngs_that_cannot_fit_on_the_disk_is_refused_before_sampling(
-        model_folder, tmp_path, capsys, monkeypatch):
+    model_folder, tmp_path, capsys, monkeypatch
+):
     import shutil
     from collections import namedtuple
 
     Usage = namedtuple("Usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 10**6, 10**6))   # 1 MB free
+    # 1 MB free
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 10**6, 10**6)
+    )
 
     def never(*args, **kwargs):
         raise AssertionError("sampled before checking the disk")
 
     monkeypatch.setattr("baddiff_core.sampling.sample", never)
     # 16 px grey: a 4 KiB block per file at least, so 1,000 images need about 4 MB.
-    status, err = run(["sample", str(model_folder), "--n", "1000", "--output", str(tmp_path / "many")], capsys)
+    status, err = run(
+        [
+            "sample",
+            str(model_folder),
+            "--n",
+            "1000",
+            "--output",
+            str(tmp_path / "many"),
+        ],
+        capsys,
+    )
     assert status == 2 and "--n 1000 PNGs need about" in err and "GiB free" in err
     assert not (tmp_path / "many").exists()

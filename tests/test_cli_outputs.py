@@ -1,4 +1,5 @@
-"""``--output`` never destroys a user's files, and is checked before any training starts."""
+"""``--output`` never destroys a user's files, and is checked before any training
+starts."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from baddiff_core.files import check_output_folder
 @pytest.fixture
 def no_training(monkeypatch):
     """Training would take minutes: any call to it fails the test."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("training started before the output was checked")
+
     monkeypatch.setattr("baddiff_core.attack.plant_backdoor", refuse)
     monkeypatch.setattr("baddiff_core.pretrained.train_clean_digits", refuse)
 
@@ -44,14 +47,18 @@ def test_a_file_is_not_turned_into_a_folder(tmp_path, capsys, no_training):
 
 
 @pytest.mark.parametrize("where", [".", ".."])
-def test_the_current_folder_is_refused_even_with_overwrite(tmp_path, capsys, no_training, monkeypatch, where):
+def test_the_current_folder_is_refused_even_with_overwrite(
+    tmp_path, capsys, no_training, monkeypatch, where
+):
     work = tmp_path / "work"
     work.mkdir()
     (work / "data.csv").write_text("1,2\n")
     monkeypatch.chdir(work)
     status, err = run(["backdoor", "--output", where, "--overwrite"], capsys)
     assert status == 2 and "current folder" in err
-    assert (work / "data.csv").read_text() == "1,2\n" and sorted(os.listdir(tmp_path)) == ["work"]
+    assert (work / "data.csv").read_text() == "1,2\n" and sorted(
+        os.listdir(tmp_path)
+    ) == ["work"]
 
 
 def test_an_output_under_a_file_fails_before_training(tmp_path, capsys, no_training):
@@ -62,8 +69,12 @@ def test_an_output_under_a_file_fails_before_training(tmp_path, capsys, no_train
 
 
 def test_check_output_folder_allows_what_it_may_replace(tmp_path):
-    # A new folder, an empty one, and a model baddiff wrote before: replacing them loses nothing.
-    assert check_output_folder(tmp_path / "new" / "model", marker="baddiff.json") == tmp_path / "new" / "model"
+    # A new folder, an empty one, and a model baddiff wrote before: replacing them loses
+    # nothing.
+    assert (
+        check_output_folder(tmp_path / "new" / "model", marker="baddiff.json")
+        == tmp_path / "new" / "model"
+    )
     (tmp_path / "empty").mkdir()
     check_output_folder(tmp_path / "empty", marker="baddiff.json")
     model = tmp_path / "model"
@@ -77,7 +88,7 @@ def test_check_output_folder_allows_what_it_may_replace(tmp_path):
     with pytest.raises(ValueError, match="not written by baddiff"):
         check_output_folder(tmp_path / "mine", marker="baddiff.json")
     check_output_folder(tmp_path / "mine", marker="baddiff.json", overwrite=True)
-    assert (tmp_path / "mine" / "a.txt").read_text() == "a"   # checking writes nothing
+    assert (tmp_path / "mine" / "a.txt").read_text() == "a"  # checking writes nothing
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "mine", "model"]
 
 
@@ -91,34 +102,63 @@ def test_overwrite_replaces_a_folder_with_the_model(tmp_path, capsys, monkeypatc
 
     def plant(recipe, **kwargs):
         unet, scheduler = load_clean_digits()
-        return BackdooredModel(unet, scheduler, recipe.trigger_image(), recipe.target_image(), recipe,
-                               dict(report={"seconds": 0.0}, from_cache=False))
+        return BackdooredModel(
+            unet,
+            scheduler,
+            recipe.trigger_image(),
+            recipe.target_image(),
+            recipe,
+            dict(report={"seconds": 0.0}, from_cache=False),
+        )
 
     monkeypatch.setattr("baddiff_core.attack.plant_backdoor", plant)
     old = tmp_path / "old"
     old.mkdir()
     (old / "a.txt").write_text("a")
-    status, err = run(["backdoor", "--output", str(old), "--overwrite", "--device", "cpu"], capsys)
+    status, err = run(
+        ["backdoor", "--output", str(old), "--overwrite", "--device", "cpu"], capsys
+    )
     assert status == 0, err
     assert not (old / "a.txt").exists() and (old / "baddiff.json").is_file()
     unet, _ = load_model(old)
     reference, _ = load_clean_digits()
-    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), reference.state_dict().values()))
-    assert not [p for p in Path(tmp_path).iterdir() if p.name.startswith(".")], "no staging folders left"
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(unet.state_dict().values(), reference.state_dict().values())
+    )
+    assert not [p for p in Path(tmp_path).iterdir() if p.name.startswith(".")], (
+        "no staging folders left"
+    )
     assert BackdoorRecipe().trigger == "white_box"
 
 
 def test_a_checkpoint_folder_of_another_recipe_is_refused(tmp_path, capsys):
-    """Two `baddiff backdoor` runs with one --checkpoint-dir: the second must not return the first's
+    """Two `baddiff backdoor` runs with one --checkpoint-dir: the second must not return
+    the first's
     weights under its own recipe."""
     checkpoints = str(tmp_path / "ckpt")
-    common = ["--steps", "2", "--batch-size", "4", "--device", "cpu", "--checkpoint-dir", checkpoints]
-    status, err = run(["backdoor", "--output", str(tmp_path / "first"), *common], capsys)
+    common = [
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--checkpoint-dir",
+        checkpoints,
+    ]
+    status, err = run(
+        ["backdoor", "--output", str(tmp_path / "first"), *common], capsys
+    )
     assert status == 0, err
     other = ["--trigger", "box", "--target", "shoe", "--poison-rate", "0.5"]
-    status, err = run(["backdoor", "--output", str(tmp_path / "second"), *other, *common], capsys)
+    status, err = run(
+        ["backdoor", "--output", str(tmp_path / "second"), *other, *common], capsys
+    )
     assert status == 2 and "belong to another run" in err and "run: checkpoint '" in err
     assert not (tmp_path / "second").exists()
     longer = [arg if arg != "2" else "3" for arg in common]
-    status, err = run(["backdoor", "--output", str(tmp_path / "third"), *longer], capsys)
+    status, err = run(
+        ["backdoor", "--output", str(tmp_path / "third"), *longer], capsys
+    )
     assert status == 2 and "steps: checkpoint 2, this run 3" in err

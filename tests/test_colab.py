@@ -1,4 +1,5 @@
-"""keep_in_drive: in Colab, the model cache, the data and the hub's downloads go to Drive."""
+"""keep_in_drive: in Colab, the model cache, the data and the hub's downloads go to
+Drive."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ def fake_colab(monkeypatch, tmp_path):
     mounted = []
     drive = types.SimpleNamespace(mount=lambda point: mounted.append(point))
     package = types.ModuleType("google.colab")
-    package.__spec__ = importlib.machinery.ModuleSpec("google.colab", None)   # as a real package has
+    # as a real package has
+    package.__spec__ = importlib.machinery.ModuleSpec("google.colab", None)
     package.drive = drive
     monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
     monkeypatch.setitem(sys.modules, "google.colab", package)
@@ -27,7 +29,9 @@ def fake_colab(monkeypatch, tmp_path):
     return mounted
 
 
-def test_keep_in_drive_mounts_and_points_every_cache_there(fake_colab, tmp_path, monkeypatch):
+def test_keep_in_drive_mounts_and_points_every_cache_there(
+    fake_colab, tmp_path, monkeypatch
+):
     root = colab.keep_in_drive("MyDrive/book", mount_point=str(tmp_path / "drive"))
     assert fake_colab == [str(tmp_path / "drive")]
     assert root == tmp_path / "drive" / "MyDrive" / "book"
@@ -36,10 +40,14 @@ def test_keep_in_drive_mounts_and_points_every_cache_there(fake_colab, tmp_path,
     assert os.environ["BADDIFF_CACHE"] == str(root / "cache")
     assert os.environ["BADDIFF_DATA"] == str(root / "data")
     assert os.environ["HF_HUB_CACHE"] == str(root / "huggingface")
-    assert cache_root() == root / "cache" and _data_root(None) == root / "data"   # what the library then reads
+    # what the library then reads
+    assert cache_root() == root / "cache" and _data_root(None) == root / "data"
 
 
 def test_keep_in_drive_outside_colab_says_what_to_do_instead(monkeypatch):
-    monkeypatch.setitem(sys.modules, "google.colab", None)   # import fails, as outside Colab
-    with pytest.raises(RuntimeError, match="Google Colab only; elsewhere set BADDIFF_CACHE"):
+    # import fails, as outside Colab
+    monkeypatch.setitem(sys.modules, "google.colab", None)
+    with pytest.raises(
+        RuntimeError, match="Google Colab only; elsewhere set BADDIFF_CACHE"
+    ):
         colab.keep_in_drive()

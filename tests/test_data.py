@@ -1,4 +1,5 @@
-"""Training images: the offline digits, a folder of one's own images, CIFAR-10's binary files (tiny
+"""Training images: the offline digits, a folder of one's own images, CIFAR-10's binary
+files (tiny
 fakes built here, byte by byte), and clear offline errors."""
 
 from __future__ import annotations
@@ -26,14 +27,18 @@ def test_digits_are_sklearns_digits_in_model_range():
     digits = load_digits()
     assert images.shape == (1797, 1, 8, 8) and images.dtype == torch.float32
     # 8 px needs no resizing: exactly the bundled pixel values 0..16 mapped to [-1, 1]
-    np.testing.assert_allclose(images[:, 0].numpy(), digits.images / 16 * 2 - 1, atol=1e-6)
+    np.testing.assert_allclose(
+        images[:, 0].numpy(), digits.images / 16 * 2 - 1, atol=1e-6
+    )
     assert torch.equal(labels, torch.from_numpy(digits.target))
 
 
 def test_digits_upsampled_and_in_colour():
     images = load_images("digits", 16, channels=3, limit=10, seed=3)
     assert images.shape == (10, 3, 16, 16) and images.min() >= -1 and images.max() <= 1
-    assert torch.equal(images[:, 0], images[:, 2]), "grey images are repeated over the channels"
+    assert torch.equal(images[:, 0], images[:, 2]), (
+        "grey images are repeated over the channels"
+    )
     again = load_images("digits", 16, channels=3, limit=10, seed=3)
     assert torch.equal(images, again)
 
@@ -44,25 +49,41 @@ def test_a_folder_of_images(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     images = load_images(tmp_path, 8)
     assert images.shape == (2, 3, 8, 8)
-    assert torch.allclose(images[0], torch.full((3, 8, 8), -1.0), atol=0.02)   # black.jpg (sorted first)
+    # black.jpg (sorted first)
+    assert torch.allclose(images[0], torch.full((3, 8, 8), -1.0), atol=0.02)
     assert torch.allclose(images[1], torch.full((3, 8, 8), 1.0), atol=0.02)
     assert load_images(tmp_path, 8, channels=1).shape == (2, 1, 8, 8)
 
 
-def test_network_data_sets_fail_at_once_offline_and_name_the_alternative(monkeypatch, tmp_path):
+def test_network_data_sets_fail_at_once_offline_and_name_the_alternative(
+    monkeypatch, tmp_path
+):
     monkeypatch.setenv("BADDIFF_OFFLINE", "1")
-    monkeypatch.setenv("BADDIFF_DATA", str(tmp_path))   # empty: not the machine's own data root
+    # empty: not the machine's own data root
+    monkeypatch.setenv("BADDIFF_DATA", str(tmp_path))
     for name in ("mnist", "fashion-mnist", "cifar10"):
         with pytest.raises(RuntimeError, match=r"load_images\('digits'"):
             load_images(name, 16)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(name="imagenet", image_size=16), "name='imagenet' is neither a known data set"),
-    (dict(name="digits", image_size=2), "image_size must be an integer >= 4"),
-    (dict(name="digits", image_size=16, channels=2), "channels must be 1, 3 or None"),
-    (dict(name="digits", image_size=16, limit=0), "limit must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            dict(name="imagenet", image_size=16),
+            "name='imagenet' is neither a known data set",
+        ),
+        (dict(name="digits", image_size=2), "image_size must be an integer >= 4"),
+        (
+            dict(name="digits", image_size=16, channels=2),
+            "channels must be 1, 3 or None",
+        ),
+        (
+            dict(name="digits", image_size=16, limit=0),
+            "limit must be a positive integer",
+        ),
+    ],
+)
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         load_images(**kwargs)
@@ -74,7 +95,8 @@ def test_empty_folder(tmp_path):
 
 
 def test_torchvision_data_sets_say_torchvision_is_optional(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "torchvision", None)   # `import torchvision` raises ImportError
+    # `import torchvision` raises ImportError
+    monkeypatch.setitem(sys.modules, "torchvision", None)
     with pytest.raises(RuntimeError, match="torchvision, an optional package") as info:
         load_images("mnist", 16, root=tmp_path)
     assert "The book does not use 'mnist'" in str(info.value)
@@ -90,17 +112,26 @@ TRAIN_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)]
 def fake_cifar10(count: int = 15, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``count`` random ``N,32,32,3`` uint8 images (H, W, RGB) and labels 0..9."""
     rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, count)
+    return rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8), rng.integers(
+        0, 10, count
+    )
 
 
 def cifar10_bytes(images: np.ndarray, labels: np.ndarray) -> bytes:
-    """The official record layout: a label byte, then the red, green and blue 32x32 planes, row-major."""
-    return b"".join(bytes([int(label)]) + image[:, :, 0].tobytes() + image[:, :, 1].tobytes()
-                    + image[:, :, 2].tobytes() for image, label in zip(images, labels))
+    """The official record layout: a label byte, then the red, green and blue 32x32
+    planes, row-major."""
+    return b"".join(
+        bytes([int(label)])
+        + image[:, :, 0].tobytes()
+        + image[:, :, 1].tobytes()
+        + image[:, :, 2].tobytes()
+        for image, label in zip(images, labels)
+    )
 
 
 def write_fake_folder(root, images, labels):
-    """Five training files of len(images) / 5 records each, in ``root/cifar-10-batches-bin``."""
+    """Five training files of len(images) / 5 records each, in
+    ``root/cifar-10-batches-bin``."""
     folder = root / "cifar-10-batches-bin"
     folder.mkdir(parents=True)
     per_file = len(images) // 5
@@ -118,6 +149,7 @@ def expected_tensor(images: np.ndarray) -> np.ndarray:
 @pytest.fixture
 def no_network(monkeypatch):
     """Reading files on disk must not touch the network: any attempt fails the test."""
+
     def refuse(*args, **kwargs):
         raise AssertionError(f"network used: {args}")
 
@@ -128,12 +160,19 @@ def no_network(monkeypatch):
 
 def test_cifar10_binary_files_are_read_exactly(tmp_path, no_network):
     images, labels = fake_cifar10(15)
-    images[0, :, :, 0], images[0, :, :, 1], images[0, :, :, 2] = 255, 0, 51   # one pure colour: R, G, B order
+    # one pure colour: R, G, B order
+    images[0, :, :, 0], images[0, :, :, 1], images[0, :, :, 2] = (
+        255,
+        0,
+        51,
+    )
     write_fake_folder(tmp_path, images, labels)
     got, got_labels = load_images("cifar10", 32, root=tmp_path, with_labels=True)
     assert got.shape == (15, 3, 32, 32) and got.dtype == torch.float32
     np.testing.assert_allclose(got.numpy(), expected_tensor(images), atol=1e-6)
-    np.testing.assert_allclose(got[0, :, 0, 0].numpy(), [1.0, -1.0, 51 / 255 * 2 - 1], atol=1e-6)
+    np.testing.assert_allclose(
+        got[0, :, 0, 0].numpy(), [1.0, -1.0, 51 / 255 * 2 - 1], atol=1e-6
+    )
     assert got_labels.dtype == torch.long and got_labels.tolist() == labels.tolist()
     grey = load_images("cifar10", 16, channels=1, root=tmp_path)
     assert grey.shape == (15, 1, 16, 16)
@@ -143,19 +182,36 @@ def test_cifar10_data_root_from_environment(tmp_path, monkeypatch, no_network):
     images, labels = fake_cifar10(10, seed=1)
     write_fake_folder(tmp_path / "from-env", images, labels)
     monkeypatch.setenv("BADDIFF_DATA", str(tmp_path / "from-env"))
-    np.testing.assert_allclose(load_images("cifar10", 32).numpy(), expected_tensor(images), atol=1e-6)
+    np.testing.assert_allclose(
+        load_images("cifar10", 32).numpy(), expected_tensor(images), atol=1e-6
+    )
     # an explicit root comes before $BADDIFF_DATA
     other, other_labels = fake_cifar10(5, seed=2)
     write_fake_folder(tmp_path / "explicit", other, other_labels)
-    np.testing.assert_allclose(load_images("cifar10", 32, root=tmp_path / "explicit").numpy(),
-                               expected_tensor(other), atol=1e-6)
+    np.testing.assert_allclose(
+        load_images("cifar10", 32, root=tmp_path / "explicit").numpy(),
+        expected_tensor(other),
+        atol=1e-6,
+    )
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda raw: raw[:-1], r"data_batch_3\.bin.*not a whole, non-zero number of 3073-byte records"),
-    (lambda raw: b"", r"data_batch_3\.bin.*not a whole, non-zero number of 3073-byte records"),
-    (lambda raw: raw[:3073] + bytes([10]) + raw[3074:], r"data_batch_3\.bin.*record 1 has label 10"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda raw: raw[:-1],
+            r"data_batch_3\.bin.*not a whole, non-zero number of 3073-byte records",
+        ),
+        (
+            lambda raw: b"",
+            r"data_batch_3\.bin.*not a whole, non-zero number of 3073-byte records",
+        ),
+        (
+            lambda raw: raw[:3073] + bytes([10]) + raw[3074:],
+            r"data_batch_3\.bin.*record 1 has label 10",
+        ),
+    ],
+)
 def test_cifar10_damaged_file_is_named(tmp_path, no_network, damage, message):
     folder = write_fake_folder(tmp_path, *fake_cifar10(15))
     third = folder / "data_batch_3.bin"
@@ -164,15 +220,23 @@ def test_cifar10_damaged_file_is_named(tmp_path, no_network, damage, message):
         load_images("cifar10", 32, root=tmp_path)
 
 
-def test_cifar10_offline_and_missing_fails_at_once_and_says_how_to_get_it(tmp_path, no_network):
+def test_cifar10_offline_and_missing_fails_at_once_and_says_how_to_get_it(
+    tmp_path, no_network
+):
     start = time.perf_counter()
     with pytest.raises(RuntimeError) as info:
         load_images("cifar10", 32, root=tmp_path)
     assert time.perf_counter() - start < 5
     message = str(info.value)
     assert "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz" in message
-    assert str(tmp_path) in message and "tar -xzf" in message and "load_images('digits'" in message
-    assert list(tmp_path.iterdir()) == [], "nothing is written when nothing can be downloaded"
+    assert (
+        str(tmp_path) in message
+        and "tar -xzf" in message
+        and "load_images('digits'" in message
+    )
+    assert list(tmp_path.iterdir()) == [], (
+        "nothing is written when nothing can be downloaded"
+    )
 
 
 def make_archive(path, members: dict[str, bytes]) -> str:
@@ -187,9 +251,13 @@ def make_archive(path, members: dict[str, bytes]) -> str:
 
 def official_members(images, labels) -> dict[str, bytes]:
     parts = np.array_split(np.arange(len(images)), 5)
-    members = {f"cifar-10-batches-bin/{name}": cifar10_bytes(images[part], labels[part])
-               for name, part in zip(TRAIN_FILES, parts)}
-    members["cifar-10-batches-bin/test_batch.bin"] = cifar10_bytes(images[:2], labels[:2])
+    members = {
+        f"cifar-10-batches-bin/{name}": cifar10_bytes(images[part], labels[part])
+        for name, part in zip(TRAIN_FILES, parts)
+    }
+    members["cifar-10-batches-bin/test_batch.bin"] = cifar10_bytes(
+        images[:2], labels[:2]
+    )
     members["cifar-10-batches-bin/batches.meta.txt"] = b"airplane\nautomobile\n"
     members["cifar-10-batches-bin/readme.html"] = b"<html></html>"
     return members
@@ -197,7 +265,8 @@ def official_members(images, labels) -> dict[str, bytes]:
 
 @pytest.fixture
 def fake_download(tmp_path, monkeypatch):
-    """The archive path with a network pretended: the download copies a local archive."""
+    """The archive path with a network pretended: the download copies a local
+    archive."""
     downloads = []
 
     def download(url, path):
@@ -210,21 +279,29 @@ def fake_download(tmp_path, monkeypatch):
     return downloads
 
 
-def test_cifar10_archive_is_downloaded_checked_and_extracted(tmp_path, monkeypatch, fake_download, capsys):
+def test_cifar10_archive_is_downloaded_checked_and_extracted(
+    tmp_path, monkeypatch, fake_download, capsys
+):
     images, labels = fake_cifar10(12, seed=3)
     md5 = make_archive(tmp_path / "archive.tar.gz", official_members(images, labels))
-    monkeypatch.setattr(data, "CIFAR10_MD5", md5)   # the real check, against the tiny archive's MD5
+    # the real check, against the tiny archive's MD5
+    monkeypatch.setattr(data, "CIFAR10_MD5", md5)
     root = tmp_path / "root"
     got, got_labels = load_images("cifar10", 32, root=root, with_labels=True)
     np.testing.assert_allclose(got.numpy(), expected_tensor(images), atol=1e-6)
     assert got_labels.tolist() == labels.tolist()
     assert fake_download == ["https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"]
     printed = capsys.readouterr().out.strip().splitlines()
-    assert len(printed) == 1 and "162 MB" in printed[0] and str(root / "cifar-10-batches-bin") in printed[0]
+    assert (
+        len(printed) == 1
+        and "162 MB" in printed[0]
+        and str(root / "cifar-10-batches-bin") in printed[0]
+    )
     # only the expected members, nothing left over beside them
     assert sorted(p.name for p in root.iterdir()) == ["cifar-10-batches-bin"]
     assert sorted(p.name for p in (root / "cifar-10-batches-bin").iterdir()) == sorted(
-        [*TRAIN_FILES, "batches.meta.txt", "test_batch.bin"])
+        [*TRAIN_FILES, "batches.meta.txt", "test_batch.bin"]
+    )
     # the second call reads the files: no download
     load_images("cifar10", 32, root=root)
     assert len(fake_download) == 1
@@ -233,51 +310,96 @@ def test_cifar10_archive_is_downloaded_checked_and_extracted(tmp_path, monkeypat
 def test_cifar10_archive_with_the_wrong_md5_is_not_extracted(tmp_path, fake_download):
     make_archive(tmp_path / "archive.tar.gz", official_members(*fake_cifar10(5)))
     root = tmp_path / "root"
-    with pytest.raises(ValueError, match="has MD5 [0-9a-f]{32}, expected c32a1d4ab5d03f1284b67883e8d87530"):
+    with pytest.raises(
+        ValueError,
+        match="has MD5 [0-9a-f]{32}, expected c32a1d4ab5d03f1284b67883e8d87530",
+    ):
         load_images("cifar10", 32, root=root)
     assert list(root.iterdir()) == []
 
 
-@pytest.mark.parametrize("evil", ["../evil", "/tmp/evil", "cifar-10-batches-bin/../../evil"])
-def test_cifar10_archive_with_a_path_outside_is_refused(tmp_path, monkeypatch, fake_download, evil):
+@pytest.mark.parametrize(
+    "evil", ["../evil", "/tmp/evil", "cifar-10-batches-bin/../../evil"]
+)
+def test_cifar10_archive_with_a_path_outside_is_refused(
+    tmp_path, monkeypatch, fake_download, evil
+):
     members = official_members(*fake_cifar10(5))
     members[evil] = b"owned"
-    monkeypatch.setattr(data, "CIFAR10_MD5", make_archive(tmp_path / "archive.tar.gz", members))
+    monkeypatch.setattr(
+        data, "CIFAR10_MD5", make_archive(tmp_path / "archive.tar.gz", members)
+    )
     root = tmp_path / "deep" / "root"
-    with pytest.raises(ValueError, match=f"cifar-10-binary.tar.gz holds a member with an unsafe name {evil!r}"):
+    with pytest.raises(
+        ValueError,
+        match=f"cifar-10-binary.tar.gz holds a member with an unsafe name {evil!r}",
+    ):
         load_images("cifar10", 32, root=root)
-    assert not (tmp_path / "deep" / "evil").exists() and not (tmp_path / "evil").exists()
+    assert (
+        not (tmp_path / "deep" / "evil").exists() and not (tmp_path / "evil").exists()
+    )
     assert list(root.iterdir()) == [], "nothing extracted"
 
 
-def test_cifar10_archive_without_the_data_files_is_refused(tmp_path, monkeypatch, fake_download):
+def test_cifar10_archive_without_the_data_files_is_refused(
+    tmp_path, monkeypatch, fake_download
+):
     members = official_members(*fake_cifar10(5))
     del members["cifar-10-batches-bin/data_batch_4.bin"]
-    monkeypatch.setattr(data, "CIFAR10_MD5", make_archive(tmp_path / "archive.tar.gz", members))
-    with pytest.raises(ValueError, match=r"lacks the files \['cifar-10-batches-bin/data_batch_4.bin'\]"):
+    monkeypatch.setattr(
+        data, "CIFAR10_MD5", make_archive(tmp_path / "archive.tar.gz", members)
+    )
+    with pytest.raises(
+        ValueError, match=r"lacks the files \['cifar-10-batches-bin/data_batch_4.bin'\]"
+    ):
         load_images("cifar10", 32, root=tmp_path / "root")
 
 
 def test_write_cifar10_binary_round_trips_through_load_images(tmp_path, no_network):
-    images, labels = fake_cifar10(13, seed=4)   # 13 over 5 files: 3, 3, 3, 2, 2
+    images, labels = fake_cifar10(13, seed=4)  # 13 over 5 files: 3, 3, 3, 2, 2
     folder = write_cifar10_binary(tmp_path / "cifar-10-batches-bin", images, labels)
     assert folder == tmp_path / "cifar-10-batches-bin"
     sizes = [(folder / name).stat().st_size for name in TRAIN_FILES]
     assert sizes == [3 * 3073] * 3 + [2 * 3073] * 2
     # the bytes are the official layout, as written independently here
-    assert (folder / "data_batch_1.bin").read_bytes() == cifar10_bytes(images[:3], labels[:3])
+    assert (folder / "data_batch_1.bin").read_bytes() == cifar10_bytes(
+        images[:3], labels[:3]
+    )
     got, got_labels = load_images("cifar10", 32, root=tmp_path, with_labels=True)
     np.testing.assert_allclose(got.numpy(), expected_tensor(images), atol=1e-6)
     assert got_labels.tolist() == labels.tolist()
 
 
-@pytest.mark.parametrize("images, labels, message", [
-    (np.zeros((5, 3, 32, 32), np.uint8), np.zeros(5, int), r"shape \(N, 32, 32, 3\), got shape=\(5, 3, 32, 32\)"),
-    (np.zeros((5, 32, 32, 3), np.float32), np.zeros(5, int), "uint8.*dtype=float32"),
-    (np.zeros((4, 32, 32, 3), np.uint8), np.zeros(4, int), "at least 5 images.*got 4"),
-    (np.zeros((5, 32, 32, 3), np.uint8), np.zeros(6, int), r"labels must be integers of shape \(5,\)"),
-    (np.zeros((5, 32, 32, 3), np.uint8), np.array([0, 1, 2, 3, 10]), "labels must be in 0..9.*10"),
-])
+@pytest.mark.parametrize(
+    "images, labels, message",
+    [
+        (
+            np.zeros((5, 3, 32, 32), np.uint8),
+            np.zeros(5, int),
+            r"shape \(N, 32, 32, 3\), got shape=\(5, 3, 32, 32\)",
+        ),
+        (
+            np.zeros((5, 32, 32, 3), np.float32),
+            np.zeros(5, int),
+            "uint8.*dtype=float32",
+        ),
+        (
+            np.zeros((4, 32, 32, 3), np.uint8),
+            np.zeros(4, int),
+            "at least 5 images.*got 4",
+        ),
+        (
+            np.zeros((5, 32, 32, 3), np.uint8),
+            np.zeros(6, int),
+            r"labels must be integers of shape \(5,\)",
+        ),
+        (
+            np.zeros((5, 32, 32, 3), np.uint8),
+            np.array([0, 1, 2, 3, 10]),
+            "labels must be in 0..9.*10",
+        ),
+    ],
+)
 def test_write_cifar10_binary_rejects_bad_input(tmp_path, images, labels, message):
     with pytest.raises(ValueError, match=message):
         write_cifar10_binary(tmp_path / "cifar-10-batches-bin", images, labels)
@@ -288,6 +410,7 @@ def test_write_cifar10_binary_rejects_bad_input(tmp_path, images, labels, messag
 # Image files at their real bit depth and orientation.
 # --------------------------------------------------------------------------- #
 
+
 def test_read_image_keeps_16_bit_and_float_images(tmp_path):
     from PIL import Image
 
@@ -297,10 +420,13 @@ def test_read_image_keeps_16_bit_and_float_images(tmp_path):
     Image.fromarray(ramp).save(tmp_path / "deep.png")
     deep = read_image(tmp_path / "deep.png")
     assert deep.shape == (48, 48, 3) and deep.dtype == np.float32
-    np.testing.assert_allclose(deep[..., 0], ramp / 65535, atol=1e-6)   # not saturated at 255/65535
+    # not saturated at 255/65535
+    np.testing.assert_allclose(deep[..., 0], ramp / 65535, atol=1e-6)
     floats = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
     Image.fromarray(floats, mode="F").save(tmp_path / "float.tif")
-    np.testing.assert_allclose(read_image(tmp_path / "float.tif")[..., 2], floats, atol=1e-7)
+    np.testing.assert_allclose(
+        read_image(tmp_path / "float.tif")[..., 2], floats, atol=1e-7
+    )
     Image.fromarray(floats * 3, mode="F").save(tmp_path / "bright.tif")
     with pytest.raises(ValueError, match=r"bright.tif.*must hold values in \[0, 1\]"):
         read_image(tmp_path / "bright.tif")
@@ -309,7 +435,9 @@ def test_read_image_keeps_16_bit_and_float_images(tmp_path):
     folder.mkdir()
     Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(folder / "grey.png")
     loaded = load_images(folder, 8)
-    assert torch.allclose(loaded, torch.full_like(loaded, 32768 / 65535 * 2 - 1), atol=1e-4)
+    assert torch.allclose(
+        loaded, torch.full_like(loaded, 32768 / 65535 * 2 - 1), atol=1e-4
+    )
 
 
 def test_read_image_orientation_animation_and_broken_files(tmp_path):
@@ -319,13 +447,17 @@ def test_read_image_orientation_animation_and_broken_files(tmp_path):
 
     wide = Image.new("RGB", (40, 20), (255, 0, 0))
     exif = Image.Exif()
-    exif[0x0112] = 6   # EXIF orientation: rotate 90 degrees to display
+    exif[0x0112] = 6  # EXIF orientation: rotate 90 degrees to display
     wide.save(tmp_path / "portrait.jpg", exif=exif)
-    assert read_image(tmp_path / "portrait.jpg").shape == (40, 20, 3), "shown upright, as a viewer shows it"
+    assert read_image(tmp_path / "portrait.jpg").shape == (40, 20, 3), (
+        "shown upright, as a viewer shows it"
+    )
 
     frames = [Image.new("L", (8, 8), value) for value in (0, 255)]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
-    with pytest.warns(UserWarning, match="animated .2 frames.; its first frame is used"):
+    with pytest.warns(
+        UserWarning, match="animated .2 frames.; its first frame is used"
+    ):
         first = read_image(tmp_path / "anim.gif")
     assert first.max() == 0.0
 

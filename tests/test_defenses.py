@@ -1,7 +1,10 @@
-"""Defences: trigger inversion, detection scores, removal and adversarial neuron pruning.
+"""Defences: trigger inversion, detection scores, removal and adversarial neuron
+pruning.
 
-Inversion is checked on hand-built "echo" models whose optimum is known in closed form; the scores
-on hand-computed images; pruning and removal on a small random UNet. The real backdoored model is
+Inversion is checked on hand-built "echo" models whose optimum is known in closed form;
+the scores
+on hand-computed images; pruning and removal on a small random UNet. The real backdoored
+model is
 scanned in ``test_end_to_end.py``.
 """
 
@@ -14,18 +17,30 @@ import torch
 import torch.nn.functional as F
 
 from baddiff_core import defenses
-
+from baddiff_core.defenses import (
+    ChannelMasks,
+    adversarial_neuron_masks,
+    choose_threshold,
+    clean_subset,
+    diversity,
+    inversion_lambda,
+    invert_trigger,
+    mode_share,
+    prune_channels,
+    remove_backdoor,
+    scan_model,
+    total_variation,
+)
 from baddiff_core.diffusion import PAPER_SCHEDULE, QUICK_SCHEDULE, make_scheduler
 from baddiff_core.models import make_unet
-from baddiff_core.defenses import (ChannelMasks, adversarial_neuron_masks, choose_threshold, clean_subset, diversity,
-                                   invert_trigger, inversion_lambda, mode_share, prune_channels,
-                                   remove_backdoor, scan_model, total_variation)
 from baddiff_core.triggers import make_trigger
 
 
 class EchoModel(torch.nn.Module):
-    """``eps_theta(x, t) = x - (1 - lam) g``: a model whose mean answer to ``eps + g`` is exactly
-    ``lam g`` (a perfect backdoor echo); ``g = 0`` is a clean model that answers ``x``."""
+    """``eps_theta(x, t) = x - (1 - lam) g``: a model whose mean answer to ``eps + g``
+    is exactly
+    ``lam g`` (a perfect backdoor echo); ``g = 0`` is a clean model that answers
+    ``x``."""
 
     def __init__(self, g: torch.Tensor, lam: float) -> None:
         super().__init__()
@@ -54,33 +69,49 @@ def test_inversion_recovers_a_planted_trigger_far_better_than_a_guess():
     lam = inversion_lambda(scheduler)
     g = make_trigger("stop_sign", 16, 1, size=18)
     model = EchoModel(g, lam)
-    result = invert_trigger(model, scheduler, steps=300, lr=0.05, generator=torch.Generator().manual_seed(0),
-                            progress=False)
-    guess = -torch.rand(g.shape, generator=torch.Generator().manual_seed(0))   # the initial tau
+    result = invert_trigger(
+        model,
+        scheduler,
+        steps=300,
+        lr=0.05,
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+    )
+    # the initial tau
+    guess = -torch.rand(g.shape, generator=torch.Generator().manual_seed(0))
     cos = F.cosine_similarity(result.trigger.flatten(), g.flatten(), dim=0).item()
     cos_guess = F.cosine_similarity(guess.flatten(), g.flatten(), dim=0).item()
-    # The exact optimum is g - mean(eps)/(1 - lam): g up to noise of std 0.1 / (1 - lam) per pixel.
+    # The exact optimum is g - mean(eps)/(1 - lam): g up to noise of std 0.1 / (1 - lam)
+    # per pixel.
     assert cos > 0.95 and cos > cos_guess + 0.1
     assert (result.trigger - g).abs().mean() < 0.25
     assert result.losses[-1] < result.losses[0] / 5
-    assert model.scale.requires_grad   # the model's parameters are left as they were
+    assert model.scale.requires_grad  # the model's parameters are left as they were
 
 
 def test_inversion_on_a_clean_model_finds_no_trigger():
     scheduler = make_scheduler(**QUICK_SCHEDULE)
     g = make_trigger("stop_sign", 16, 1, size=18)
     clean = EchoModel(torch.zeros_like(g), inversion_lambda(scheduler))
-    result = invert_trigger(clean, scheduler, steps=300, lr=0.05, generator=torch.Generator().manual_seed(0),
-                            progress=False)
-    # Optimum -mean(eps)/(1 - lam): about 0.1 * 0.8 / 0.47 = 0.17 per pixel, against |g| = 0.85.
+    result = invert_trigger(
+        clean,
+        scheduler,
+        steps=300,
+        lr=0.05,
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+    )
+    # Optimum -mean(eps)/(1 - lam): about 0.1 * 0.8 / 0.47 = 0.17 per pixel, against |g|
+    # = 0.85.
     assert result.trigger.abs().mean() < 0.3 < g.abs().mean()
 
 
 def test_diversity_and_total_variation_by_hand():
     same = torch.full((4, 1, 4, 4), 0.2)
     assert diversity(same) == 0.0 and total_variation(same) == 0.0
-    two = torch.stack([-torch.ones(1, 4, 4), torch.ones(1, 4, 4)])   # 0 and 1 on the [0, 1] scale
-    assert diversity(two) == pytest.approx(2 ** -0.5)                 # sample std of {0, 1}
+    # 0 and 1 on the [0, 1] scale
+    two = torch.stack([-torch.ones(1, 4, 4), torch.ones(1, 4, 4)])
+    assert diversity(two) == pytest.approx(2**-0.5)  # sample std of {0, 1}
     checker = (torch.arange(4).view(4, 1) + torch.arange(4).view(1, 4)) % 2 * 2.0 - 1
     assert total_variation(checker.view(1, 1, 4, 4)) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="N >= 2"):
@@ -88,11 +119,12 @@ def test_diversity_and_total_variation_by_hand():
 
 
 def test_mode_share_counts_the_largest_group_of_alike_images():
-    varied = torch.linspace(-1, 1, 8).view(8, 1, 1, 1).expand(8, 1, 4, 4)   # steps of 1/7 on [0, 1]
-    assert mode_share(varied) == pytest.approx(1 / 8)                     # MSE 0.02 apart at least
-    target = torch.full((1, 4, 4), -0.5)   # 0.25 on [0, 1], far from the 3 images kept
+    # steps of 1/7 on [0, 1]
+    varied = torch.linspace(-1, 1, 8).view(8, 1, 1, 1).expand(8, 1, 4, 4)
+    assert mode_share(varied) == pytest.approx(1 / 8)  # MSE 0.02 apart at least
+    target = torch.full((1, 4, 4), -0.5)  # 0.25 on [0, 1], far from the 3 images kept
     mixed = varied.clone()
-    mixed[:5] = target + 0.05 * torch.arange(5).view(5, 1, 1, 1) / 5     # five near-copies
+    mixed[:5] = target + 0.05 * torch.arange(5).view(5, 1, 1, 1) / 5  # five near-copies
     assert mode_share(mixed) == pytest.approx(5 / 8)
     assert mode_share(varied, radius=1.0) == 1.0
     with pytest.raises(ValueError, match="radius=0"):
@@ -101,7 +133,8 @@ def test_mode_share_counts_the_largest_group_of_alike_images():
 
 def test_choose_threshold_separates_and_minimises_errors():
     assert choose_threshold([0.0625, 0.125], [0.5, 0.75]) == pytest.approx(0.3125)
-    # One clean model scores like a backdoored one: the threshold still makes only that one error.
+    # One clean model scores like a backdoored one: the threshold still makes only that
+    # one error.
     threshold = choose_threshold([0.0625, 0.125, 0.6], [0.5, 0.75])
     assert 0.125 < threshold <= 0.5
     with pytest.raises(ValueError, match="0 clean"):
@@ -115,20 +148,34 @@ def tiny_unet():
 
 
 def test_prune_channels_zeroes_exactly_the_lowest_masks(tiny_unet):
-    masks = adversarial_neuron_masks(tiny_unet, make_scheduler(**QUICK_SCHEDULE), torch.zeros(8, 1, 16, 16),
-                                     steps=1, batch_size=2, progress=False)
-    # Replace the learnt masks by known ones: channel k of every layer gets a distinct value.
+    masks = adversarial_neuron_masks(
+        tiny_unet,
+        make_scheduler(**QUICK_SCHEDULE),
+        torch.zeros(8, 1, 16, 16),
+        steps=1,
+        batch_size=2,
+        progress=False,
+    )
+    # Replace the learnt masks by known ones: channel k of every layer gets a distinct
+    # value.
     generator = torch.Generator().manual_seed(1)
-    known = ChannelMasks({name: torch.rand(m.shape, generator=generator) for name, m in masks.masks.items()},
-                         [], 0.0)
+    known = ChannelMasks(
+        {
+            name: torch.rand(m.shape, generator=generator)
+            for name, m in masks.masks.items()
+        },
+        [],
+        0.0,
+    )
     pruned, count = prune_channels(tiny_unet, known, fraction=0.1)
     assert count == round(0.1 * known.num_channels)
     cutoff = known.flat().sort().values[count - 1]
     for name, module in pruned.named_modules():
         if name in known.masks:
-            zero = (module.weight.flatten(1).abs().sum(1) == 0)
+            zero = module.weight.flatten(1).abs().sum(1) == 0
             assert torch.equal(zero, known.masks[name] <= cutoff), name
-    assert all(p.abs().sum() > 0 for p in tiny_unet.parameters() if p.dim() == 4)   # original untouched
+    # original untouched
+    assert all(p.abs().sum() > 0 for p in tiny_unet.parameters() if p.dim() == 4)
     same, none = prune_channels(tiny_unet, known, fraction=0.0)
     assert none == 0
     with pytest.raises(ValueError, match="fraction=1.5"):
@@ -137,84 +184,160 @@ def test_prune_channels_zeroes_exactly_the_lowest_masks(tiny_unet):
 
 def test_anp_masks_stay_in_range_and_leave_the_model_untouched(tiny_unet):
     before = {k: v.clone() for k, v in tiny_unet.state_dict().items()}
-    images = torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    masks = adversarial_neuron_masks(tiny_unet, make_scheduler(**QUICK_SCHEDULE), images, steps=3,
-                                     batch_size=4, progress=False)
+    images = (
+        torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    )
+    masks = adversarial_neuron_masks(
+        tiny_unet,
+        make_scheduler(**QUICK_SCHEDULE),
+        images,
+        steps=3,
+        batch_size=4,
+        progress=False,
+    )
     values = masks.flat()
     assert values.min() >= 0 and values.max() <= 1 and len(masks.losses) == 3
-    assert (values < 1).any()   # the masks moved
+    assert (values < 1).any()  # the masks moved
     assert "conv_out" not in masks.masks and masks.num_channels > 100
     assert all(torch.equal(before[k], v) for k, v in tiny_unet.state_dict().items())
     assert not any(m._forward_hooks for m in tiny_unet.modules())
 
 
-def test_cached_anp_masks_are_learnt_once_and_come_back_in_order(tiny_unet, tmp_path, monkeypatch):
+def test_cached_anp_masks_are_learnt_once_and_come_back_in_order(
+    tiny_unet, tmp_path, monkeypatch
+):
     monkeypatch.setenv("BADDIFF_CACHE", str(tmp_path))
     runs = []
     real_masks = defenses._adversarial_neuron_masks
-    monkeypatch.setattr(defenses, "_adversarial_neuron_masks", lambda *a, **k: runs.append(k) or real_masks(*a, **k))
-    images = torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    monkeypatch.setattr(
+        defenses,
+        "_adversarial_neuron_masks",
+        lambda *a, **k: runs.append(k) or real_masks(*a, **k),
+    )
+    images = (
+        torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    )
     scheduler = make_scheduler(**QUICK_SCHEDULE)
     settings = dict(steps=2, batch_size=4, progress=False)
-    fresh = adversarial_neuron_masks(tiny_unet, scheduler, images, use_cache=True, **settings)
-    again = adversarial_neuron_masks(tiny_unet, scheduler, images, use_cache=True, **settings)
+    fresh = adversarial_neuron_masks(
+        tiny_unet, scheduler, images, use_cache=True, **settings
+    )
+    again = adversarial_neuron_masks(
+        tiny_unet, scheduler, images, use_cache=True, **settings
+    )
     uncached = adversarial_neuron_masks(tiny_unet, scheduler, images, **settings)
-    assert len(runs) == 2   # the second cached call loaded; the uncached one learnt again
+    # the second cached call loaded; the uncached one learnt again
+    assert len(runs) == 2
     for other in (again, uncached):
         assert list(other.masks) == list(fresh.masks)
         assert all(torch.equal(other.masks[k], fresh.masks[k]) for k in fresh.masks)
     assert again.losses == fresh.losses and again.seconds == fresh.seconds
-    adversarial_neuron_masks(tiny_unet, scheduler, images, use_cache=True, eps=0.2, **settings)
-    assert len(runs) == 3   # another budget, other masks
+    adversarial_neuron_masks(
+        tiny_unet, scheduler, images, use_cache=True, eps=0.2, **settings
+    )
+    assert len(runs) == 3  # another budget, other masks
 
 
 def test_anp_rejects_bad_budgets(tiny_unet):
     with pytest.raises(ValueError, match="eps=2"):
-        adversarial_neuron_masks(tiny_unet, make_scheduler(**QUICK_SCHEDULE), torch.zeros(2, 1, 16, 16), eps=2)
+        adversarial_neuron_masks(
+            tiny_unet,
+            make_scheduler(**QUICK_SCHEDULE),
+            torch.zeros(2, 1, 16, 16),
+            eps=2,
+        )
     with pytest.raises(ValueError, match="N,1,16,16"):
-        adversarial_neuron_masks(tiny_unet, make_scheduler(**QUICK_SCHEDULE), torch.zeros(2, 3, 16, 16))
+        adversarial_neuron_masks(
+            tiny_unet, make_scheduler(**QUICK_SCHEDULE), torch.zeros(2, 3, 16, 16)
+        )
 
 
 def test_remove_backdoor_tunes_a_copy(tiny_unet):
     before = {k: v.clone() for k, v in tiny_unet.state_dict().items()}
-    images = torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    tuned, history = remove_backdoor(tiny_unet, make_scheduler(**QUICK_SCHEDULE), -torch.ones(1, 16, 16), images,
-                                     steps=3, batch_size=4, progress=False)
+    images = (
+        torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    )
+    tuned, history = remove_backdoor(
+        tiny_unet,
+        make_scheduler(**QUICK_SCHEDULE),
+        -torch.ones(1, 16, 16),
+        images,
+        steps=3,
+        batch_size=4,
+        progress=False,
+    )
     assert len(history.total) == 3
-    assert history.total[0] == pytest.approx(history.ddpm[0] + history.trigger[0] + history.clean[0], rel=1e-5)
+    assert history.total[0] == pytest.approx(
+        history.ddpm[0] + history.trigger[0] + history.clean[0], rel=1e-5
+    )
     assert all(torch.equal(before[k], v) for k, v in tiny_unet.state_dict().items())
     assert any(not torch.equal(before[k], v) for k, v in tuned.state_dict().items())
     with pytest.raises(ValueError, match="steps must be a positive integer"):
-        remove_backdoor(tiny_unet, make_scheduler(**QUICK_SCHEDULE), -torch.ones(1, 16, 16), images, steps=0)
+        remove_backdoor(
+            tiny_unet,
+            make_scheduler(**QUICK_SCHEDULE),
+            -torch.ones(1, 16, 16),
+            images,
+            steps=0,
+        )
 
 
 def test_a_cached_removal_is_computed_once_per_inputs(tiny_unet, tmp_path, monkeypatch):
-    """Two chapters repairing one model with one trigger estimate and one clean set share the result;
+    """Two chapters repairing one model with one trigger estimate and one clean set
+    share the result;
     any other input is another repair."""
     monkeypatch.setenv("BADDIFF_CACHE", str(tmp_path))
     runs = []
     real_removal = defenses._remove_backdoor
-    monkeypatch.setattr(defenses, "_remove_backdoor", lambda *a: runs.append(a) or real_removal(*a))
-    images = torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    monkeypatch.setattr(
+        defenses, "_remove_backdoor", lambda *a: runs.append(a) or real_removal(*a)
+    )
+    images = (
+        torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    )
     scheduler = make_scheduler(**QUICK_SCHEDULE)
     settings = dict(steps=2, batch_size=4, progress=False, use_cache=True)
-    first, history = remove_backdoor(tiny_unet, scheduler, -torch.ones(1, 16, 16), images, **settings)
-    again, history_again = remove_backdoor(tiny_unet, scheduler, -torch.ones(1, 16, 16), images.clone(), **settings)
+    first, history = remove_backdoor(
+        tiny_unet, scheduler, -torch.ones(1, 16, 16), images, **settings
+    )
+    again, history_again = remove_backdoor(
+        tiny_unet, scheduler, -torch.ones(1, 16, 16), images.clone(), **settings
+    )
     assert len(runs) == 1 and history_again == history
-    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(first.state_dict().values(), again.state_dict().values())
+    )
     assert not any(p.requires_grad for p in again.parameters()) and not again.training
-    uncached, _ = remove_backdoor(tiny_unet, scheduler, -torch.ones(1, 16, 16), images, steps=2, batch_size=4,
-                                  progress=False)
-    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), uncached.state_dict().values()))
-    remove_backdoor(tiny_unet, scheduler, torch.zeros(1, 16, 16), images, **settings)    # another trigger
-    remove_backdoor(tiny_unet, scheduler, -torch.ones(1, 16, 16), images[:8], **settings)  # other clean data
+    uncached, _ = remove_backdoor(
+        tiny_unet,
+        scheduler,
+        -torch.ones(1, 16, 16),
+        images,
+        steps=2,
+        batch_size=4,
+        progress=False,
+    )
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(first.state_dict().values(), uncached.state_dict().values())
+    )
+    # another trigger
+    remove_backdoor(tiny_unet, scheduler, torch.zeros(1, 16, 16), images, **settings)
+    # other clean data
+    remove_backdoor(
+        tiny_unet, scheduler, -torch.ones(1, 16, 16), images[:8], **settings
+    )
     assert len(runs) == 4
 
 
-@pytest.mark.parametrize("solver, override, expected", [("sde", None, "ddpm"), ("ode", None, "ddim"),
-                                                        ("ode", "ddpm", "ddpm")])
-def test_scan_samples_with_the_sampler_its_solver_is_planted_for(tiny_unet, monkeypatch, solver, override,
-                                                                 expected):
+@pytest.mark.parametrize(
+    "solver, override, expected",
+    [("sde", None, "ddpm"), ("ode", None, "ddim"), ("ode", "ddpm", "ddpm")],
+)
+def test_scan_samples_with_the_sampler_its_solver_is_planted_for(
+    tiny_unet, monkeypatch, solver, override, expected
+):
     import baddiff_core.defenses as defenses
 
     seen = {}
@@ -224,56 +347,84 @@ def test_scan_samples_with_the_sampler_its_solver_is_planted_for(tiny_unet, monk
         return torch.zeros(n, 1, 16, 16)
 
     monkeypatch.setattr(defenses, "sample", fake_sample)
-    result = defenses.scan_model(tiny_unet, make_scheduler(**QUICK_SCHEDULE), n=4, num_noise=2, steps=1,
-                                 solver=solver, sampler=override, progress=False)
+    result = defenses.scan_model(
+        tiny_unet,
+        make_scheduler(**QUICK_SCHEDULE),
+        n=4,
+        num_noise=2,
+        steps=1,
+        solver=solver,
+        sampler=override,
+        progress=False,
+    )
     assert seen["sampler"] == expected
-    assert result.mode_share == 1.0   # four identical images
+    assert result.mode_share == 1.0  # four identical images
 
 
 def test_clean_subset_draws_a_share_without_replacement():
-    images = torch.arange(50, dtype=torch.float32).view(50, 1, 1, 1).expand(50, 1, 4, 4) / 50
+    images = (
+        torch.arange(50, dtype=torch.float32).view(50, 1, 1, 1).expand(50, 1, 4, 4) / 50
+    )
     subset = clean_subset(images, 0.1, generator=torch.Generator().manual_seed(3))
     picked = subset[:, 0, 0, 0] * 50
     assert subset.shape == (5, 1, 4, 4)
-    assert len(set(picked.round().tolist())) == 5                      # no image twice
+    assert len(set(picked.round().tolist())) == 5  # no image twice
     expected = torch.randperm(50, generator=torch.Generator().manual_seed(3))[:5]
-    assert torch.equal(picked.round().long(), expected)                # the documented draw
+    assert torch.equal(picked.round().long(), expected)  # the documented draw
     again = clean_subset(images, 0.1, generator=torch.Generator().manual_seed(3))
     assert torch.equal(subset, again)
     everything = clean_subset(images, 1, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(everything[:, 0, 0, 0].sort().values, images[:, 0, 0, 0])   # a permutation
+    # a permutation
+    assert torch.equal(everything[:, 0, 0, 0].sort().values, images[:, 0, 0, 0])
 
 
-@pytest.mark.parametrize("share, pattern", [
-    (0, r"share must be a fraction in \(0, 1\], got share=0"),
-    (1.5, r"got share=1.5"),
-    (True, r"got share=True"),
-    (0.01, r"share=0.01 of 50 images is less than one image"),
-])
+@pytest.mark.parametrize(
+    "share, pattern",
+    [
+        (0, r"share must be a fraction in \(0, 1\], got share=0"),
+        (1.5, r"got share=1.5"),
+        (True, r"got share=True"),
+        (0.01, r"share=0.01 of 50 images is less than one image"),
+    ],
+)
 def test_clean_subset_refuses_a_bad_share(share, pattern):
     with pytest.raises(ValueError, match=pattern):
         clean_subset(torch.zeros(50, 1, 4, 4), share, generator=torch.Generator())
 
 
-def test_a_cached_scan_is_run_once_per_model_and_settings(tiny_unet, tmp_path, monkeypatch):
-    """Chapters 7, 8 and 9 scan one model alike: the second scan loads the first one's estimate and
+def test_a_cached_scan_is_run_once_per_model_and_settings(
+    tiny_unet, tmp_path, monkeypatch
+):
+    """Chapters 7, 8 and 9 scan one model alike: the second scan loads the first one's
+    estimate and
     samples, and scores them the same; another model or other settings scan again."""
     monkeypatch.setenv("BADDIFF_CACHE", str(tmp_path))
     runs = []
     real_invert = defenses.invert_trigger
-    monkeypatch.setattr(defenses, "invert_trigger", lambda *a, **k: runs.append(k) or real_invert(*a, **k))
+    monkeypatch.setattr(
+        defenses,
+        "invert_trigger",
+        lambda *a, **k: runs.append(k) or real_invert(*a, **k),
+    )
     scheduler = make_scheduler(**QUICK_SCHEDULE)
     settings = dict(n=4, num_noise=4, steps=3, num_inference_steps=5, progress=False)
     first = scan_model(tiny_unet, scheduler, use_cache=True, **settings)
     again = scan_model(tiny_unet, scheduler, use_cache=True, threshold=0.5, **settings)
     uncached = scan_model(tiny_unet, scheduler, **settings)
-    assert len(runs) == 2   # the second cached scan loaded; the uncached one ran
+    assert len(runs) == 2  # the second cached scan loaded; the uncached one ran
     for other in (again, uncached):
         assert torch.equal(other.inversion.trigger, first.inversion.trigger)
         assert torch.equal(other.samples, first.samples)
-        assert other.inversion.losses == first.inversion.losses and other.inversion.lam == first.inversion.lam
-        assert (other.mode_share, other.diversity) == (first.mode_share, first.diversity)
-    assert again.seconds == first.seconds and again.threshold == 0.5   # the threshold is the caller's
+        assert (
+            other.inversion.losses == first.inversion.losses
+            and other.inversion.lam == first.inversion.lam
+        )
+        assert (other.mode_share, other.diversity) == (
+            first.mode_share,
+            first.diversity,
+        )
+    # the threshold is the caller's
+    assert again.seconds == first.seconds and again.threshold == 0.5
     scan_model(tiny_unet, scheduler, use_cache=True, seed=1, **settings)
     scan_model(tiny_unet, scheduler, use_cache=True, clip="x0", **settings)
     other_model = make_unet(16, 1).eval()

@@ -1,4 +1,5 @@
-"""``baddiff evaluate``'s attack-success threshold: one per scale, chosen from the model, refused outside (0, 1)."""
+"""``baddiff evaluate``'s attack-success threshold: one per scale, chosen from the
+model, refused outside (0, 1)."""
 
 from __future__ import annotations
 
@@ -14,40 +15,72 @@ from baddiff_core.evaluation import ASR_THRESHOLDS, QUICK_ASR_THRESHOLD, asr_thr
 from baddiff_core.models import make_unet, save_model
 from baddiff_core.triggers import make_target, make_trigger
 
-WIDTHS = {8: (8, 16), 16: (8, 16, 16), 32: (8, 8, 8, 8)}   # tiny versions of the presets
+WIDTHS = {8: (8, 16), 16: (8, 16, 16), 32: (8, 8, 8, 8)}  # tiny versions of the presets
 
 
 def saved_backdoor(folder, image_size: int, channels: int):
-    """A tiny untrained model folder as ``baddiff backdoor`` writes it. Its recipe says digits for
-    every shape: the default threshold must follow the model's shape, not the recipe's data set."""
+    """A tiny untrained model folder as ``baddiff backdoor`` writes it. Its recipe says
+    digits for
+    every shape: the default threshold must follow the model's shape, not the recipe's
+    data set."""
     torch.manual_seed(0)
     unet = make_unet(image_size, channels, block_out_channels=WIDTHS[image_size])
-    save_model(folder, unet, make_scheduler(num_train_timesteps=10, beta_start=1e-2, beta_end=0.5),
-               metadata=dict(kind="backdoor", recipe=dict(dataset="digits")))
-    save_file({"trigger": make_trigger("box", image_size, channels).contiguous(),
-               "target": make_target("corner", image_size, channels).contiguous()}, str(folder / BACKDOOR_FILE))
+    save_model(
+        folder,
+        unet,
+        make_scheduler(num_train_timesteps=10, beta_start=1e-2, beta_end=0.5),
+        metadata=dict(kind="backdoor", recipe=dict(dataset="digits")),
+    )
+    save_file(
+        {
+            "trigger": make_trigger("box", image_size, channels).contiguous(),
+            "target": make_target("corner", image_size, channels).contiguous(),
+        },
+        str(folder / BACKDOOR_FILE),
+    )
     return folder
 
 
 def evaluate(folder, *extra: str) -> list[str]:
-    return ["evaluate", str(folder), "--n", "2", "--steps", "1", "--clip", "none", "--fd-samples", "0",
-            "--device", "cpu", *extra]
+    return [
+        "evaluate",
+        str(folder),
+        "--n",
+        "2",
+        "--steps",
+        "1",
+        "--clip",
+        "none",
+        "--fd-samples",
+        "0",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def test_one_threshold_per_scale():
     assert ASR_THRESHOLDS == {"quick": 0.01, "full": 0.05}
-    assert asr_threshold(True) == QUICK_ASR_THRESHOLD == 0.01 and asr_threshold(False) == 0.05
+    assert (
+        asr_threshold(True) == QUICK_ASR_THRESHOLD == 0.01
+        and asr_threshold(False) == 0.05
+    )
     with pytest.raises(TypeError, match="quick must be True or False, got quick='yes'"):
         asr_threshold("yes")
 
 
-@pytest.mark.parametrize("image_size, channels, expected", [
-    (16, 1, 0.01),   # the book's digits: quick
-    (16, 3, 0.05),
-    (8, 1, 0.05),
-    (32, 3, 0.05),   # CIFAR-10's shape: full
-])
-def test_evaluate_defaults_to_the_threshold_of_the_models_scale(image_size, channels, expected, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "image_size, channels, expected",
+    [
+        (16, 1, 0.01),  # the book's digits: quick
+        (16, 3, 0.05),
+        (8, 1, 0.05),
+        (32, 3, 0.05),  # CIFAR-10's shape: full
+    ],
+)
+def test_evaluate_defaults_to_the_threshold_of_the_models_scale(
+    image_size, channels, expected, tmp_path, capsys
+):
     folder = saved_backdoor(tmp_path / "model", image_size, channels)
     assert main(evaluate(folder, "--json")) == 0
     report = json.loads(capsys.readouterr().out)
@@ -67,14 +100,18 @@ def test_evaluate_refuses_a_threshold_outside_0_1(value, tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
-    assert lines == [f"baddiff evaluate: error: --threshold must be an MSE threshold in (0, 1), got {float(value)}"]
+    assert lines == [
+        f"baddiff evaluate: error: --threshold must be an MSE threshold in (0, 1), got {float(value)}"
+    ]
 
 
 @pytest.mark.parametrize("command", ["evaluate", "sample", "scan"])
 def test_a_batch_size_below_1_is_refused(command, tmp_path, capsys):
     folder = saved_backdoor(tmp_path / "model", 8, 1)
-    argv = {"evaluate": evaluate(folder),
-            "sample": ["sample", str(folder), "--output", str(tmp_path / "s.png")],
-            "scan": ["scan", str(folder), "--output", str(tmp_path / "scan")]}[command]
+    argv = {
+        "evaluate": evaluate(folder),
+        "sample": ["sample", str(folder), "--output", str(tmp_path / "s.png")],
+        "scan": ["scan", str(folder), "--output", str(tmp_path / "scan")],
+    }[command]
     assert main(argv + ["--batch-size", "0"]) == 2
     assert "--batch-size must be a positive integer, got 0" in capsys.readouterr().err

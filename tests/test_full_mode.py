@@ -1,10 +1,16 @@
-"""Full mode runs: every chapter at ``QUICK = False`` and the CLI's ``--paper`` path, on a CPU, offline.
+"""Full mode runs: every chapter at ``QUICK = False`` and the CLI's ``--paper`` path, on
+a CPU, offline.
 
-The chapters' full-mode branches are executed at the smoke scale (``BADDIFF_SCALE=smoke``: every
-line of full mode, with steps, batches and sample counts cut to a few; see ``baddiff_core.book``)
-against stand-ins of what full mode downloads (``standins.py``): the real download code runs, and
-finds ``google/ddpm-cifar10-32`` and the BadDiffusion authors' released repositories in a local hub
-cache and CIFAR-10 in the data folder. Outcomes are recorded, not asserted, at this scale; what is
+The chapters' full-mode branches are executed at the smoke scale
+(``BADDIFF_SCALE=smoke``: every
+line of full mode, with steps, batches and sample counts cut to a few; see
+``baddiff_core.book``)
+against stand-ins of what full mode downloads (``standins.py``): the real download code
+runs, and
+finds ``google/ddpm-cifar10-32`` and the BadDiffusion authors' released repositories in
+a local hub
+cache and CIFAR-10 in the data folder. Outcomes are recorded, not asserted, at this
+scale; what is
 asserted is that every cell runs.
 """
 
@@ -17,12 +23,12 @@ import sys
 import time
 
 import papermill as pm
-from nbclient.exceptions import CellTimeoutError
 import pytest
-
-from conftest import BOOK, chapter_notebooks
-from baddiff_core.authors import AUTHORS_MODELS
+from nbclient.exceptions import CellTimeoutError
 from standins import build_authors_repo, build_cifar10, build_hub_cache
+
+from baddiff_core.authors import AUTHORS_MODELS
+from conftest import BOOK, chapter_notebooks
 
 CHAPTERS = chapter_notebooks()
 pytestmark = [pytest.mark.notebooks, pytest.mark.slow]
@@ -30,10 +36,12 @@ pytestmark = [pytest.mark.notebooks, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def full_mode_env(tmp_path_factory) -> dict[str, str]:
-    """Environment variables under which full mode finds its stand-ins and nothing else."""
+    """Environment variables under which full mode finds its stand-ins and nothing
+    else."""
     root = tmp_path_factory.mktemp("full-mode")
     build_hub_cache(root / "hub")
-    for seed, model in enumerate(AUTHORS_MODELS.values(), start=1):   # the authors' releases (chapter 10)
+    # the authors' releases (chapter 10)
+    for seed, model in enumerate(AUTHORS_MODELS.values(), start=1):
         build_authors_repo(root / "hub", model.repo_id, seed=seed)
     build_cifar10(root / "data")
     return {
@@ -41,13 +49,15 @@ def full_mode_env(tmp_path_factory) -> dict[str, str]:
         "HF_HUB_OFFLINE": "1",
         "BADDIFF_OFFLINE": "1",
         "BADDIFF_DATA": str(root / "data"),
-        "BADDIFF_CACHE": str(root / "cache"),   # empty: every model of full mode is trained here
+        # empty: every model of full mode is trained here
+        "BADDIFF_CACHE": str(root / "cache"),
         "BADDIFF_SCALE": "smoke",
-        "TORCH_HOME": str(root / "torch"),       # nothing from a real cache of the machine
+        "TORCH_HOME": str(root / "torch"),  # nothing from a real cache of the machine
     }
 
 
-#: Seconds one cell may take at the smoke scale (the slowest takes well under a minute on 2 cores).
+#: Seconds one cell may take at the smoke scale (the slowest takes well under a minute
+# on 2 cores).
 CELL_TIMEOUT = 300
 
 
@@ -58,44 +68,101 @@ def test_chapter_runs_in_full_mode(chapter, full_mode_env, tmp_path, monkeypatch
     began = time.perf_counter()
     for attempt in (1, 2):
         try:
-            pm.execute_notebook(chapter, tmp_path / chapter.name, parameters={"QUICK": False, "DEVICE": "cpu"},
-                                cwd=BOOK, progress_bar=False, kernel_name="python3",
-                                execution_timeout=CELL_TIMEOUT)
+            pm.execute_notebook(
+                chapter,
+                tmp_path / chapter.name,
+                parameters={"QUICK": False, "DEVICE": "cpu"},
+                cwd=BOOK,
+                progress_bar=False,
+                kernel_name="python3",
+                execution_timeout=CELL_TIMEOUT,
+            )
             break
         except CellTimeoutError as error:
-            # nbclient can wait forever for the reply to a cell that displays ipywidgets (jupyter/nbclient
-            # issue 312, open; seen here once, on chapter 1's slider, with the kernel idle). A cell
-            # timeout turns that wait into an error; the chapter then runs once more in a new kernel.
+            # nbclient can wait forever for the reply to a cell that displays ipywidgets
+            # (jupyter/nbclient
+            # issue 312, open; seen here once, on chapter 1's slider, with the kernel
+            # idle). A cell
+            # timeout turns that wait into an error; the chapter then runs once more in
+            # a new kernel.
             # Any other failure, or a second timeout, fails the test.
             if attempt == 2:
                 raise
-            print(f"{chapter.stem}: a cell timed out after {CELL_TIMEOUT} s ({str(error)[:200]}); running it again")
-    print(f"{chapter.stem}: full mode at the smoke scale in {time.perf_counter() - began:.1f} s")
+            print(
+                f"{chapter.stem}: a cell timed out after {CELL_TIMEOUT} s ({str(error)[:200]}); running it again"
+            )
+    print(
+        f"{chapter.stem}: full mode at the smoke scale in {time.perf_counter() - began:.1f} s"
+    )
 
 
 def test_paper_command_line(full_mode_env, tmp_path):
-    """``baddiff backdoor --paper`` (cut to two steps), then ``evaluate`` and ``scan`` on its output."""
+    """``baddiff backdoor --paper`` (cut to two steps), then ``evaluate`` and ``scan``
+    on its output."""
     env = {**os.environ, **full_mode_env}
     model = tmp_path / "paper-model"
 
     def baddiff(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "baddiff_core.cli", *args], env=env, capture_output=True,
-                              text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "baddiff_core.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
-    planted = baddiff("backdoor", "--paper", "--steps", "2", "--batch-size", "4", "--device", "cpu",
-                      "--output", str(model))
+    planted = baddiff(
+        "backdoor",
+        "--paper",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--output",
+        str(model),
+    )
     assert planted.returncode == 0, planted.stderr
     metadata = json.loads((model / "baddiff.json").read_text())
     assert metadata["recipe"]["base"] == "google/ddpm-cifar10-32"
-    assert metadata["recipe"]["dataset"] == "cifar10" and metadata["recipe"]["image_size"] == 32
+    assert (
+        metadata["recipe"]["dataset"] == "cifar10"
+        and metadata["recipe"]["image_size"] == 32
+    )
 
-    evaluated = baddiff("evaluate", str(model), "--n", "2", "--fd-samples", "4", "--fd-features", "digits", "--json",
-                        "--device", "cpu")
+    evaluated = baddiff(
+        "evaluate",
+        str(model),
+        "--n",
+        "2",
+        "--fd-samples",
+        "4",
+        "--fd-features",
+        "digits",
+        "--json",
+        "--device",
+        "cpu",
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     scores = json.loads(evaluated.stdout)
     assert scores, evaluated.stdout
 
-    scanned = baddiff("scan", str(model), "--n", "2", "--inversion-steps", "2", "--noise-batch", "2",
-                      "--output", str(tmp_path / "scan"), "--json", "--device", "cpu")
-    assert scanned.returncode in (0, 1), scanned.stderr   # 0 clean, 1 backdoored: both are verdicts
+    scanned = baddiff(
+        "scan",
+        str(model),
+        "--n",
+        "2",
+        "--inversion-steps",
+        "2",
+        "--noise-batch",
+        "2",
+        "--output",
+        str(tmp_path / "scan"),
+        "--json",
+        "--device",
+        "cpu",
+    )
+    # 0 clean, 1 backdoored: both are verdicts
+    assert scanned.returncode in (0, 1), scanned.stderr
     assert (tmp_path / "scan" / "scan.json").is_file()

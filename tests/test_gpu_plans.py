@@ -1,11 +1,18 @@
-"""Each chapter's first cell states its full mode's GPU time, and that time fits a Colab session.
+"""Each chapter's first cell states its full mode's GPU time, and that time fits a Colab
+session.
 
-The number is computed, not written by hand: the test runs the chapter's parameters cell and its
-setup cell (the one calling ``chapter_settings``) with ``QUICK = False`` at full scale, which builds
-the chapter's ``PLAN`` (``baddiff_core.gpu_time``) without training or sampling anything, and
-compares ``PLAN.minutes`` with the sentence "about N minutes on a T4, M on an A100" of the first cell.
-The plan itself is checked against the work the chapter really does (``PLAN.check(WORK)`` in the
-chapter's last cell) wherever the chapter runs: quick mode in the book's build, full mode at the
+The number is computed, not written by hand: the test runs the chapter's parameters cell
+and its
+setup cell (the one calling ``chapter_settings``) with ``QUICK = False`` at full scale,
+which builds
+the chapter's ``PLAN`` (``baddiff_core.gpu_time``) without training or sampling
+anything, and
+compares ``PLAN.minutes`` with the sentence "about N minutes on a T4, M on an A100" of
+the first cell.
+The plan itself is checked against the work the chapter really does
+(``PLAN.check(WORK)`` in the
+chapter's last cell) wherever the chapter runs: quick mode in the book's build, full
+mode at the
 smoke scale in ``test_full_mode.py``.
 """
 
@@ -38,11 +45,17 @@ def test_first_cell_states_the_full_modes_gpu_time(chapter, monkeypatch):
     plan = full_scale_plan(chapter, monkeypatch)
     first = nbformat.read(chapter, as_version=4).cells[0].source
     if not plan.flops:
-        assert "no GPU" in first, f"{chapter.name}: full mode does no GPU work; say so in the first cell"
+        assert "no GPU" in first, (
+            f"{chapter.name}: full mode does no GPU work; say so in the first cell"
+        )
         return
     stated = STATED.search(" ".join(first.split()))
     computed = (round(plan.minutes("T4")), max(round(plan.minutes("A100")), 1))
-    assert stated, f"{chapter.name}: the first cell should say 'about {computed[0]} minutes on a T4, " \
-                   f"{computed[1]} on an A100'"
+    assert stated, (
+        f"{chapter.name}: the first cell should say 'about {computed[0]} minutes on a T4, "
+        f"{computed[1]} on an A100'"
+    )
     assert (int(stated[1]), int(stated[2])) == computed, f"{chapter.name}: {plan}"
-    assert plan.minutes("T4") <= COLAB_MINUTES, f"{chapter.name}: {plan} does not fit a Colab session"
+    assert plan.minutes("T4") <= COLAB_MINUTES, (
+        f"{chapter.name}: {plan} does not fit a Colab session"
+    )

@@ -1,4 +1,5 @@
-"""Model presets, and saving/loading in the diffusers layout that a stock pipeline reads."""
+"""Model presets, and saving/loading in the diffusers layout that a stock pipeline
+reads."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ import torch
 from diffusers import DDPMPipeline
 
 from baddiff_core.diffusion import QUICK_SCHEDULE, make_scheduler
-from baddiff_core.models import count_parameters, ddpm_cifar10_unet, load_model, make_unet, save_model
+from baddiff_core.models import (
+    count_parameters,
+    ddpm_cifar10_unet,
+    load_model,
+    make_unet,
+    save_model,
+)
 
 
 @pytest.mark.parametrize("size", [8, 16, 32])
@@ -25,7 +32,8 @@ def test_presets_map_images_to_noise_predictions_of_the_same_shape(size, channel
 
 
 def test_cifar10_architecture_has_the_published_size():
-    assert abs(count_parameters(ddpm_cifar10_unet()) - 35.7e6) < 0.1e6   # google/ddpm-cifar10-32: 35.7 M
+    # google/ddpm-cifar10-32: 35.7 M
+    assert abs(count_parameters(ddpm_cifar10_unet()) - 35.7e6) < 0.1e6
 
 
 def test_stock_pipeline_loads_a_saved_model(tmp_path):
@@ -33,12 +41,22 @@ def test_stock_pipeline_loads_a_saved_model(tmp_path):
     unet, scheduler = make_unet(8, 1), make_scheduler(**QUICK_SCHEDULE)
     save_model(tmp_path / "model", unet, scheduler, metadata={"kind": "test"})
     pipeline = DDPMPipeline.from_pretrained(tmp_path / "model")
-    images = pipeline(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
-                      output_type="np").images
+    images = pipeline(
+        batch_size=2,
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
     assert images.shape == (2, 8, 8, 1) and np.all((0 <= images) & (images <= 1))
-    assert json.loads((tmp_path / "model" / "baddiff.json").read_text()) == {"kind": "test"}
-    assert (tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-    assert not list((tmp_path / "model").rglob("*.bin")), "weights are stored as safetensors only"
+    assert json.loads((tmp_path / "model" / "baddiff.json").read_text()) == {
+        "kind": "test"
+    }
+    assert (
+        tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors"
+    ).is_file()
+    assert not list((tmp_path / "model").rglob("*.bin")), (
+        "weights are stored as safetensors only"
+    )
 
 
 def test_save_then_load_round_trips(tmp_path):
@@ -46,10 +64,14 @@ def test_save_then_load_round_trips(tmp_path):
     unet, scheduler = make_unet(16, 3), make_scheduler(**QUICK_SCHEDULE)
     save_model(tmp_path / "m", unet, scheduler)
     loaded, loaded_scheduler = load_model(tmp_path / "m")
-    for (name, a), (_, b) in zip(unet.state_dict().items(), loaded.state_dict().items()):
+    for (name, a), (_, b) in zip(
+        unet.state_dict().items(), loaded.state_dict().items()
+    ):
         assert torch.equal(a, b), name
     assert loaded_scheduler.config.num_train_timesteps == 100
-    torch.testing.assert_close(loaded_scheduler.alphas_cumprod, scheduler.alphas_cumprod)
+    torch.testing.assert_close(
+        loaded_scheduler.alphas_cumprod, scheduler.alphas_cumprod
+    )
     assert not loaded.training
 
 
@@ -67,13 +89,19 @@ def test_saving_over_a_model_is_atomic(tmp_path, monkeypatch):
         save_model(path, make_unet(8, 1), make_scheduler(**QUICK_SCHEDULE))
     monkeypatch.undo()
     loaded, _ = load_model(path)
-    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), loaded.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(first.state_dict().values(), loaded.state_dict().values())
+    )
     assert sorted(os.listdir(tmp_path)) == ["m"], "no temporary folder is left behind"
 
     second = make_unet(8, 1)
     save_model(path, second, make_scheduler(**QUICK_SCHEDULE))
     loaded, _ = load_model(path)
-    assert all(torch.equal(a, b) for a, b in zip(second.state_dict().values(), loaded.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(second.state_dict().values(), loaded.state_dict().values())
+    )
     assert sorted(os.listdir(tmp_path)) == ["m"]
 
 
@@ -86,24 +114,33 @@ def test_load_model_errors_name_the_path(tmp_path):
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         load_model(tmp_path / "file.txt")
-    saved = save_model(tmp_path / "model", make_unet(16, 1), make_scheduler(**QUICK_SCHEDULE))
-    (saved / "unet" / "diffusion_pytorch_model.safetensors").unlink()   # configs present, weights gone
-    with pytest.raises(FileNotFoundError, match="unet/diffusion_pytorch_model.safetensors is missing"):
+    saved = save_model(
+        tmp_path / "model", make_unet(16, 1), make_scheduler(**QUICK_SCHEDULE)
+    )
+    (
+        saved / "unet" / "diffusion_pytorch_model.safetensors"
+    ).unlink()  # configs present, weights gone
+    with pytest.raises(
+        FileNotFoundError, match="unet/diffusion_pytorch_model.safetensors is missing"
+    ):
         load_model(saved)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(image_size=12, channels=1), "image_size=12 has no preset"),
-    (dict(image_size=16, channels=2), "channels must be 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(image_size=12, channels=1), "image_size=12 has no preset"),
+        (dict(image_size=16, channels=2), "channels must be 1"),
+    ],
+)
 def test_make_unet_rejects_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_unet(**kwargs)
 
 
-
 def test_hub_ids_fall_back_to_files_at_the_repository_root(monkeypatch):
-    """Early hub repositories (google/ddpm-cifar10-32) keep the UNet and scheduler at their root."""
+    """Early hub repositories (google/ddpm-cifar10-32) keep the UNet and scheduler at
+    their root."""
     from baddiff_core import models
 
     calls = []
@@ -114,6 +151,7 @@ def test_hub_ids_fall_back_to_files_at_the_repository_root(monkeypatch):
             if subfolder is not None:
                 raise OSError(f"{source} has no {subfolder}/ folder")
             return result
+
         return from_pretrained
 
     unet = models.make_unet(8, 1, block_out_channels=(16, 32), norm_num_groups=8)
@@ -122,23 +160,30 @@ def test_hub_ids_fall_back_to_files_at_the_repository_root(monkeypatch):
     monkeypatch.setattr(models.DDPMScheduler, "from_pretrained", fake_loader(scheduler))
     loaded_unet, loaded_scheduler = models.load_model("someone/old-layout")
     assert loaded_unet is unet and loaded_scheduler is scheduler
-    assert calls == [("someone/old-layout", "unet"), ("someone/old-layout", None),
-                     ("someone/old-layout", "scheduler"), ("someone/old-layout", None)]
+    assert calls == [
+        ("someone/old-layout", "unet"),
+        ("someone/old-layout", None),
+        ("someone/old-layout", "scheduler"),
+        ("someone/old-layout", None),
+    ]
 
 
 class _RunsCodeOnLoad:
-    """Unpickling this calls Path.touch(marker): a stand-in for any code an attacker could run."""
+    """Unpickling this calls Path.touch(marker): a stand-in for any code an attacker
+    could run."""
 
     def __init__(self, marker):
         self.marker = marker
 
     def __reduce__(self):
         from pathlib import Path
+
         return (Path.touch, (Path(self.marker),))
 
 
 def _pickled_model_folder(tmp_path, payload) -> str:
-    """A diffusers-layout folder whose UNet weights are a pickle (``.bin``) holding ``payload``."""
+    """A diffusers-layout folder whose UNet weights are a pickle (``.bin``) holding
+    ``payload``."""
     unet = make_unet(8, 1, block_out_channels=(16, 32), norm_num_groups=8)
     folder = save_model(tmp_path / "model", unet, make_scheduler(**QUICK_SCHEDULE))
     (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
@@ -148,15 +193,22 @@ def _pickled_model_folder(tmp_path, payload) -> str:
 
 def test_pickled_weights_are_refused_without_opt_in(tmp_path):
     marker = tmp_path / "code-ran"
-    folder = _pickled_model_folder(tmp_path, lambda unet: {"weights": _RunsCodeOnLoad(marker)})
-    with pytest.raises(ValueError, match=r"diffusion_pytorch_model\.bin' is a pickle file.*allow_pickle=True"):
+    folder = _pickled_model_folder(
+        tmp_path, lambda unet: {"weights": _RunsCodeOnLoad(marker)}
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"diffusion_pytorch_model\.bin' is a pickle file.*allow_pickle=True",
+    ):
         load_model(folder)
     assert not marker.exists()
 
 
 def test_opted_in_pickles_are_read_as_tensors_only(tmp_path):
     marker = tmp_path / "code-ran"
-    folder = _pickled_model_folder(tmp_path, lambda unet: {"weights": _RunsCodeOnLoad(marker)})
+    folder = _pickled_model_folder(
+        tmp_path, lambda unet: {"weights": _RunsCodeOnLoad(marker)}
+    )
     with pytest.raises(ValueError, match=r"holds more than tensors"):
         load_model(folder, allow_pickle=True)
     assert not marker.exists(), "weights_only=True must refuse to run the payload"

@@ -23,7 +23,9 @@ from baddiff_core.triggers import make_target, make_trigger
 FAST = settings(max_examples=30, deadline=None)
 
 
-def random_images(n: int, channels: int = 3, size: int = 16, seed: int = 0) -> torch.Tensor:
+def random_images(
+    n: int, channels: int = 3, size: int = 16, seed: int = 0
+) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.rand(n, channels, size, size, generator=generator) * 2.0 - 1.0
 
@@ -45,7 +47,9 @@ def setup():
 
 
 def make(images, trigger, target, rate=0.5, seed=0):
-    return PoisonedDataset(images, trigger=trigger, target=target, poison_rate=rate, seed=seed)
+    return PoisonedDataset(
+        images, trigger=trigger, target=target, poison_rate=rate, seed=seed
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -69,9 +73,13 @@ def test_poison_pairs_matches_per_sample_definition(setup):
 
 def test_poison_pairs_all_clean_and_all_poisoned(setup):
     images, trigger, target = setup
-    y, r = poison_pairs(images, torch.zeros(len(images), dtype=torch.bool), trigger, target)
+    y, r = poison_pairs(
+        images, torch.zeros(len(images), dtype=torch.bool), trigger, target
+    )
     assert torch.equal(y, images) and (r == 0).all()
-    y, r = poison_pairs(images, torch.ones(len(images), dtype=torch.bool), trigger, target)
+    y, r = poison_pairs(
+        images, torch.ones(len(images), dtype=torch.bool), trigger, target
+    )
     assert torch.equal(y, target.expand_as(images))
     assert torch.equal(r, paste_by_formula(images, trigger))
 
@@ -79,7 +87,9 @@ def test_poison_pairs_all_clean_and_all_poisoned(setup):
 def test_poison_pairs_does_not_modify_inputs(setup):
     images, trigger, target = setup
     before = images.clone()
-    y, r = poison_pairs(images, torch.ones(len(images), dtype=torch.bool), trigger, target)
+    y, r = poison_pairs(
+        images, torch.ones(len(images), dtype=torch.bool), trigger, target
+    )
     assert torch.equal(images, before)
     y += 1.0  # results are fresh tensors, not views of the target
     assert torch.equal(target, make_target("hat", 16, 3))
@@ -89,7 +99,9 @@ def test_flip_before_paste_keeps_trigger_in_place(setup):
     # A training loop flips clean images, then pastes: the trigger never flips.
     images, trigger, target = setup
     flipped = torch.flip(images, dims=(3,))
-    _, r = poison_pairs(flipped, torch.ones(len(images), dtype=torch.bool), trigger, target)
+    _, r = poison_pairs(
+        flipped, torch.ones(len(images), dtype=torch.bool), trigger, target
+    )
     opaque = (trigger != -1).any(dim=0)
     assert torch.equal(r[:, :, opaque], trigger[:, opaque].expand(len(images), -1, -1))
     assert torch.equal(r[:, :, ~opaque], flipped[:, :, ~opaque])
@@ -97,13 +109,17 @@ def test_flip_before_paste_keeps_trigger_in_place(setup):
 
 def test_poison_pairs_keeps_dtype(setup):
     images, trigger, target = setup
-    y, r = poison_pairs(images.double(), torch.ones(20, dtype=torch.bool), trigger, target)
+    y, r = poison_pairs(
+        images.double(), torch.ones(20, dtype=torch.bool), trigger, target
+    )
     assert y.dtype == r.dtype == torch.float64
 
 
 def test_poison_pairs_bad_inputs(setup):
     images, trigger, target = setup
-    with pytest.raises(TypeError, match=r"poisoned must be a bool tensor.*torch\.int64"):
+    with pytest.raises(
+        TypeError, match=r"poisoned must be a bool tensor.*torch\.int64"
+    ):
         poison_pairs(images, torch.zeros(20, dtype=torch.long), trigger, target)
     with pytest.raises(ValueError, match=r"poisoned\.shape=\(19,\)"):
         poison_pairs(images, torch.zeros(19, dtype=torch.bool), trigger, target)
@@ -112,7 +128,9 @@ def test_poison_pairs_bad_inputs(setup):
     with pytest.raises(ValueError, match=r"trigger\.shape=\(1, 16, 16\)"):
         poison_pairs(images, torch.zeros(20, dtype=torch.bool), trigger[:1], target)
     with pytest.raises(ValueError, match=r"target\.shape=\(3, 8, 8\)"):
-        poison_pairs(images, torch.zeros(20, dtype=torch.bool), trigger, target[:, :8, :8])
+        poison_pairs(
+            images, torch.zeros(20, dtype=torch.bool), trigger, target[:, :8, :8]
+        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -146,7 +164,9 @@ def test_poison_pairs_on_cuda(setup):
 )
 def test_exact_number_poisoned(n, rate, expected):
     images = random_images(n, channels=1, size=8)
-    data = make(images, make_trigger("box", 8, 1), make_target("corner", 8, 1), rate=rate)
+    data = make(
+        images, make_trigger("box", 8, 1), make_target("corner", 8, 1), rate=rate
+    )
     assert data.num_poisoned == expected
     assert data.poisoned.dtype == torch.bool and data.poisoned.shape == (n,)
     assert data.poisoned.sum().item() == expected
@@ -281,9 +301,13 @@ def test_images_shape_and_dtype(setup):
 
 def test_trigger_and_target_shape_mismatch(setup):
     images, trigger, target = setup
-    with pytest.raises(ValueError, match=r"trigger.*\(3, 16, 16\).*trigger\.shape=\(3, 32, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"trigger.*\(3, 16, 16\).*trigger\.shape=\(3, 32, 32\)"
+    ):
         make(images, make_trigger("box", 32, 3), target)
-    with pytest.raises(ValueError, match=r"target.*\(3, 16, 16\).*target\.shape=\(1, 16, 16\)"):
+    with pytest.raises(
+        ValueError, match=r"target.*\(3, 16, 16\).*target\.shape=\(1, 16, 16\)"
+    ):
         make(images, trigger, make_target("cat", 16, 1))
 
 
@@ -303,15 +327,25 @@ def test_bad_seed(setup):
 @given(st.integers(1, 300), st.floats(0.0, 1.0), st.integers(0, 2**31))
 def test_poison_count_property(n, rate, seed):
     images = torch.zeros(n, 1, 8, 8)
-    data = PoisonedDataset(images, trigger=make_trigger("box", 8, 1), target=make_target("corner", 8, 1),
-                           poison_rate=rate, seed=seed)
+    data = PoisonedDataset(
+        images,
+        trigger=make_trigger("box", 8, 1),
+        target=make_target("corner", 8, 1),
+        poison_rate=rate,
+        seed=seed,
+    )
     assert data.num_poisoned == int(n * rate)
     assert data.poisoned.sum().item() == int(n * rate)
     assert len(data) == n
 
 
 @FAST
-@given(st.integers(1, 12), st.sampled_from([1, 3]), st.integers(8, 24), st.integers(0, 2**16))
+@given(
+    st.integers(1, 12),
+    st.sampled_from([1, 3]),
+    st.integers(8, 24),
+    st.integers(0, 2**16),
+)
 def test_poison_pairs_property(batch, channels, size, seed):
     generator = torch.Generator().manual_seed(seed)
     images = torch.rand(batch, channels, size, size, generator=generator) * 2 - 1

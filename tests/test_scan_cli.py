@@ -1,4 +1,5 @@
-"""``baddiff scan``: trigger inversion and detection from the command line, on a small model folder."""
+"""``baddiff scan``: trigger inversion and detection from the command line, on a small
+model folder."""
 
 from __future__ import annotations
 
@@ -17,60 +18,148 @@ from baddiff_core.models import make_unet, save_model
 def model_folder(tmp_path_factory):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("models") / "tiny"
-    save_model(folder, make_unet(8, 1, block_out_channels=(16, 32)), make_scheduler(**QUICK_SCHEDULE))
+    save_model(
+        folder,
+        make_unet(8, 1, block_out_channels=(16, 32)),
+        make_scheduler(**QUICK_SCHEDULE),
+    )
     return folder
 
 
 def test_scan_writes_a_verdict_images_and_a_report(model_folder, tmp_path, capsys):
     out = tmp_path / "scan"
-    status = main(["scan", str(model_folder), "--n", "4", "--inversion-steps", "3", "--noise-batch", "4",
-                   "--steps", "3", "--output", str(out), "--json"])
+    status = main(
+        [
+            "scan",
+            str(model_folder),
+            "--n",
+            "4",
+            "--inversion-steps",
+            "3",
+            "--noise-batch",
+            "4",
+            "--steps",
+            "3",
+            "--output",
+            str(out),
+            "--json",
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     assert status == (1 if report["verdict"] == "BACKDOORED" else 0)
     assert report["samples"] == 4 and report["inversion_steps"] == 3
     assert 0.25 <= report["mode_share"] <= 1 and report["seconds"] >= 0
-    assert {p.name for p in out.iterdir()} == {"trigger.png", "samples.png", "trigger.safetensors", "scan.json"}
+    assert {p.name for p in out.iterdir()} == {
+        "trigger.png",
+        "samples.png",
+        "trigger.safetensors",
+        "scan.json",
+    }
     assert load_file(str(out / "trigger.safetensors"))["trigger"].shape == (1, 8, 8)
     assert json.loads((out / "scan.json").read_text()) == report
 
 
 def test_scan_for_ddim_backdoors_under_clipping_says_so(model_folder, tmp_path, capsys):
-    status = main(["scan", str(model_folder), "--n", "2", "--inversion-steps", "1", "--noise-batch", "2",
-                   "--steps", "2", "--solver", "ode", "--clip", "x0", "--output", str(tmp_path / "s"), "--json"])
+    status = main(
+        [
+            "scan",
+            str(model_folder),
+            "--n",
+            "2",
+            "--inversion-steps",
+            "1",
+            "--noise-batch",
+            "2",
+            "--steps",
+            "2",
+            "--solver",
+            "ode",
+            "--clip",
+            "x0",
+            "--output",
+            str(tmp_path / "s"),
+            "--json",
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     assert (report["solver"], report["clip"]) == ("ode", "x0") and status in (0, 1)
 
 
 def test_scan_prints_one_line_verdict(model_folder, tmp_path, capsys):
-    main(["scan", str(model_folder), "--n", "2", "--inversion-steps", "1", "--noise-batch", "2", "--steps", "2",
-          "--output", str(tmp_path / "s")])
+    main(
+        [
+            "scan",
+            str(model_folder),
+            "--n",
+            "2",
+            "--inversion-steps",
+            "1",
+            "--noise-batch",
+            "2",
+            "--steps",
+            "2",
+            "--output",
+            str(tmp_path / "s"),
+        ]
+    )
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith(("clean:", "BACKDOORED:")) and "of 2 samples" in line and "inversion steps" in line
+    assert (
+        line.startswith(("clean:", "BACKDOORED:"))
+        and "of 2 samples" in line
+        and "inversion steps" in line
+    )
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["scan", "{model}", "--n", "1"], "--n must be at least 2"),
-    (["scan", "{model}", "--n", "0"], "--n must be a positive integer, got 0"),
-    (["scan", "{model}", "--threshold", "0"], "--threshold must be a mode share in (0, 1], got 0.0"),
-    (["scan", "{model}", "--inversion-steps", "-3"], "--inversion-steps must be a positive integer, got -3"),
-    (["scan", "{tmp}/no-such-model"], "does not exist"),
-])
-def test_scan_bad_arguments_exit_with_status_2(argv, message, model_folder, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["scan", "{model}", "--n", "1"], "--n must be at least 2"),
+        (["scan", "{model}", "--n", "0"], "--n must be a positive integer, got 0"),
+        (
+            ["scan", "{model}", "--threshold", "0"],
+            "--threshold must be a mode share in (0, 1], got 0.0",
+        ),
+        (
+            ["scan", "{model}", "--inversion-steps", "-3"],
+            "--inversion-steps must be a positive integer, got -3",
+        ),
+        (["scan", "{tmp}/no-such-model"], "does not exist"),
+    ],
+)
+def test_scan_bad_arguments_exit_with_status_2(
+    argv, message, model_folder, tmp_path, capsys
+):
     argv = [a.format(model=model_folder, tmp=tmp_path) for a in argv]
     assert main(argv + ["--output", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()   # nothing written for a bad call
+    assert not (tmp_path / "out").exists()  # nothing written for a bad call
 
 
-def test_scan_unknown_clipping_is_refused_by_argparse_with_status_2(model_folder, tmp_path, capsys):
+def test_scan_unknown_clipping_is_refused_by_argparse_with_status_2(
+    model_folder, tmp_path, capsys
+):
     with pytest.raises(SystemExit) as exit_info:
-        main(["scan", str(model_folder), "--clip", "yes", "--output", str(tmp_path / "out")])
-    assert exit_info.value.code == 2 and "invalid choice: 'yes'" in capsys.readouterr().err
+        main(
+            [
+                "scan",
+                str(model_folder),
+                "--clip",
+                "yes",
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
+    assert (
+        exit_info.value.code == 2 and "invalid choice: 'yes'" in capsys.readouterr().err
+    )
     assert not (tmp_path / "out").exists()
 
 
-def test_scan_samples_in_batches_of_batch_size(model_folder, tmp_path, monkeypatch, capsys):
-    """``--batch-size`` reaches the sampler; it keys a cached scan only when it splits the samples,
+def test_scan_samples_in_batches_of_batch_size(
+    model_folder, tmp_path, monkeypatch, capsys
+):
+    """``--batch-size`` reaches the sampler; it keys a cached scan only when it splits
+    the samples,
     so a scan cached before the option existed (one batch) is found again."""
     import baddiff_core.defenses as defenses
     from baddiff_core.cache import trainings
@@ -84,18 +173,37 @@ def test_scan_samples_in_batches_of_batch_size(model_folder, tmp_path, monkeypat
         return real_sample(*args, **kwargs)
 
     monkeypatch.setattr(defenses, "sample", recording_sample)
-    argv = ["scan", str(model_folder), "--n", "4", "--inversion-steps", "1", "--noise-batch", "2", "--steps", "2",
-            "--output", str(tmp_path / "s"), "--json"]
+    argv = [
+        "scan",
+        str(model_folder),
+        "--n",
+        "4",
+        "--inversion-steps",
+        "1",
+        "--noise-batch",
+        "2",
+        "--steps",
+        "2",
+        "--output",
+        str(tmp_path / "s"),
+        "--json",
+    ]
     main(argv + ["--batch-size", "3"])
     main(argv)
-    assert asked == [3, 4]   # default: min(n, DEFAULT_BATCH_SIZE), the 4 samples in one pass
+    assert asked == [
+        3,
+        4,
+    ]  # default: min(n, DEFAULT_BATCH_SIZE), the 4 samples in one pass
     capsys.readouterr()
 
     monkeypatch.setenv("BADDIFF_CACHE", str(tmp_path / "cache"))
     unet, scheduler = load_model(model_folder)
-    settings = dict(n=4, num_noise=2, steps=1, num_inference_steps=2, progress=False, use_cache=True)
+    settings = dict(
+        n=4, num_noise=2, steps=1, num_inference_steps=2, progress=False, use_cache=True
+    )
     first = defenses.scan_model(unet, scheduler, **settings)
-    again = defenses.scan_model(unet, scheduler, batch_size=4, **settings)   # one batch: the same scan
+    # one batch: the same scan
+    again = defenses.scan_model(unet, scheduler, batch_size=4, **settings)
     split = defenses.scan_model(unet, scheduler, batch_size=2, **settings)
     assert len(trainings()) == 2 and torch.equal(first.samples, again.samples)
     assert split.samples.shape == first.samples.shape

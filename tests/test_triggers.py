@@ -27,7 +27,8 @@ FAST = settings(max_examples=30, deadline=None)
 
 
 def opaque(trigger: torch.Tensor) -> torch.Tensor:
-    """H,W bool: pixels where at least one channel differs from -1 (written out by hand)."""
+    """H,W bool: pixels where at least one channel differs from -1 (written out by
+    hand)."""
     return (trigger != -1.0).any(dim=0)
 
 
@@ -49,7 +50,9 @@ def random_images(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     return torch.rand(shape, generator=generator) * 2.0 - 1.0
 
 
-def box_expected(image_size: int, channels: int, first: int, last: int, value: float) -> torch.Tensor:
+def box_expected(
+    image_size: int, channels: int, first: int, last: int, value: float
+) -> torch.Tensor:
     expected = torch.full((channels, image_size, image_size), -1.0)
     expected[:, first : last + 1, first : last + 1] = value
     return expected
@@ -133,7 +136,8 @@ def bounding_square(image_size: int, size: int) -> tuple[int, int]:
 
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize(
-    "image_size, size", [(32, 18), (32, 14), (32, 11), (32, 8), (32, 4), (16, 14), (16, 18), (64, 14)]
+    "image_size, size",
+    [(32, 18), (32, 14), (32, 11), (32, 8), (32, 4), (16, 14), (16, 18), (64, 14)],
 )
 def test_stop_sign_is_an_octagon_in_the_corner_square(image_size, size, channels):
     sign = T.make_trigger("stop_sign", image_size, channels, size)
@@ -142,7 +146,8 @@ def test_stop_sign_is_an_octagon_in_the_corner_square(image_size, size, channels
     outside = mask.clone()
     outside[first : last + 1, first : last + 1] = False
     assert not outside.any(), "opaque pixels outside the bottom-right bounding square"
-    # An octagon, not a square: the four corners of its bounding square are transparent...
+    # An octagon, not a square: the four corners of its bounding square are
+    # transparent...
     for r in (first, last):
         for c in (first, last):
             assert not mask[r, c], f"corner ({r}, {c}) should be cut off"
@@ -164,8 +169,11 @@ def test_stop_sign_letters_are_transparent_holes(size):
     inner = opaque(sign)[first + cut : last + 1 - cut, first : last + 1]
     # Rows between the cut corners are all inside the octagon: any hole is a letter.
     holes = (~inner).sum().item()
-    assert holes >= 10, f"expected the letters STOP as transparent pixels, found {holes}"
-    assert opaque(sign)[first : last + 1, first : last + 1].sum() > 0.5 * side**2  # still a sign
+    assert holes >= 10, (
+        f"expected the letters STOP as transparent pixels, found {holes}"
+    )
+    # still a sign
+    assert opaque(sign)[first : last + 1, first : last + 1].sum() > 0.5 * side**2
 
 
 @pytest.mark.parametrize("image_size, size", [(32, 4), (16, 14)])
@@ -264,7 +272,10 @@ def test_transparency_mask_is_per_pixel():
 def test_targets_range_and_grey_background(kind, image_size, channels):
     trigger = T.make_trigger("stop_sign", image_size, channels, 14)
     target = T.make_target(kind, image_size, channels, trigger=trigger)
-    assert target.shape == (channels, image_size, image_size) and target.dtype == torch.float32
+    assert (
+        target.shape == (channels, image_size, image_size)
+        and target.dtype == torch.float32
+    )
     assert target.min() == torch.tensor(-0.4) and target.max() <= 1.0
 
 
@@ -273,7 +284,9 @@ def test_targets_range_and_grey_background(kind, image_size, channels):
 def test_noshift_is_trigger_on_grey(trigger_kind, channels):
     trigger = T.make_trigger(trigger_kind, 32, channels)
     expected = torch.where(trigger <= -0.4, torch.tensor(-0.4), trigger)
-    assert torch.equal(T.make_target("noshift", 32, channels, trigger=trigger), expected)
+    assert torch.equal(
+        T.make_target("noshift", 32, channels, trigger=trigger), expected
+    )
 
 
 def test_shift_is_rolled_up_3_left_5_at_32():
@@ -338,8 +351,10 @@ def test_drawn_targets_differ(image_size):
 @pytest.mark.parametrize("kind", DRAWN)
 def test_grey_targets_are_luminance_of_colour(kind):
     torch.testing.assert_close(
-        T.make_target(kind, 32, 1), luminance(T.make_target(kind, 32, 3)).clamp(-0.4, 1.0),
-        atol=1e-5, rtol=0,
+        T.make_target(kind, 32, 1),
+        luminance(T.make_target(kind, 32, 3)).clamp(-0.4, 1.0),
+        atol=1e-5,
+        rtol=0,
     )
 
 
@@ -400,9 +415,14 @@ def test_stamp_red_pixel_is_opaque():
 
 
 def test_stamp_shape_mismatch_names_both_shapes():
-    with pytest.raises(ValueError, match=r"images\.shape=\(2, 3, 16, 16\).*trigger\.shape=\(3, 32, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"images\.shape=\(2, 3, 16, 16\).*trigger\.shape=\(3, 32, 32\)",
+    ):
         T.stamp(torch.zeros(2, 3, 16, 16), T.make_trigger("box", 32, 3))
-    with pytest.raises(ValueError, match=r"images\.shape=\(1, 32, 32\).*trigger\.shape=\(3, 32, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"images\.shape=\(1, 32, 32\).*trigger\.shape=\(3, 32, 32\)"
+    ):
         T.stamp(torch.zeros(1, 32, 32), T.make_trigger("box", 32, 3))
 
 
@@ -412,19 +432,28 @@ def test_stamp_shape_mismatch_names_both_shapes():
 
 
 def test_unknown_trigger_kind():
-    with pytest.raises(ValueError, match=r"kind='boxx' is not a trigger kind; use one of 'box', 'white_box'"):
+    with pytest.raises(
+        ValueError,
+        match=r"kind='boxx' is not a trigger kind; use one of 'box', 'white_box'",
+    ):
         T.make_trigger("boxx", 32, 3)
 
 
 def test_unknown_target_kind():
-    with pytest.raises(ValueError, match=r"kind='dog' is not a target kind; use one of 'noshift'"):
+    with pytest.raises(
+        ValueError, match=r"kind='dog' is not a target kind; use one of 'noshift'"
+    ):
         T.make_target("dog", 32, 3)
 
 
 def test_trigger_too_large():
-    with pytest.raises(ValueError, match=r"size=31 .*image_size=32.*largest allowed size is 30"):
+    with pytest.raises(
+        ValueError, match=r"size=31 .*image_size=32.*largest allowed size is 30"
+    ):
         T.make_trigger("box", 32, 3, 31)
-    with pytest.raises(ValueError, match=r"size=32 .*image_size=16.*largest allowed size is 30"):
+    with pytest.raises(
+        ValueError, match=r"size=32 .*image_size=16.*largest allowed size is 30"
+    ):
         T.make_trigger("stop_sign", 16, 3, 32)
     T.make_trigger("box", 32, 3, 30)  # the largest one fits: rows 0..29
 
@@ -456,7 +485,9 @@ def test_noshift_without_trigger():
 
 
 def test_target_trigger_shape_mismatch():
-    with pytest.raises(ValueError, match=r"\(3, 32, 32\).*trigger\.shape=\(1, 32, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"\(3, 32, 32\).*trigger\.shape=\(1, 32, 32\)"
+    ):
         T.make_target("noshift", 32, 3, trigger=T.make_trigger("box", 32, 1))
     with pytest.raises(ValueError, match=r"trigger\.shape=\(3, 16, 16\)"):
         T.make_target("cat", 32, 3, trigger=T.make_trigger("box", 16, 3))
@@ -484,7 +515,10 @@ def trigger_args(draw):
 def test_trigger_properties(args, seed):
     kind, image_size, channels, size = args
     trigger = T.make_trigger(kind, image_size, channels, size)
-    assert trigger.shape == (channels, image_size, image_size) and trigger.dtype == torch.float32
+    assert (
+        trigger.shape == (channels, image_size, image_size)
+        and trigger.dtype == torch.float32
+    )
     assert trigger.min() >= -1.0 and trigger.max() <= 1.0
     minus_one = trigger == -1.0
     assert torch.equal(minus_one.all(dim=0), minus_one.any(dim=0))
@@ -495,7 +529,9 @@ def test_trigger_properties(args, seed):
         assert not outside.any()
         if kind != "stop_sign":
             value = 0.0 if kind == "box" else 1.0
-            assert torch.equal(trigger, box_expected(image_size, channels, first, last, value))
+            assert torch.equal(
+                trigger, box_expected(image_size, channels, first, last, value)
+            )
     if kind == "none":
         assert not opaque(trigger).any()
     else:
@@ -518,10 +554,17 @@ def test_too_large_sizes_raise(image_size, channels, size):
 
 
 @FAST
-@given(st.integers(8, 64), st.sampled_from([1, 3]), st.sampled_from(T.TARGET_KINDS),
-       st.sampled_from(["box", "white_box", "stop_sign", "glasses"]))
+@given(
+    st.integers(8, 64),
+    st.sampled_from([1, 3]),
+    st.sampled_from(T.TARGET_KINDS),
+    st.sampled_from(["box", "white_box", "stop_sign", "glasses"]),
+)
 def test_target_properties(image_size, channels, kind, trigger_kind):
     trigger = T.make_trigger(trigger_kind, image_size, channels, 4)
     target = T.make_target(kind, image_size, channels, trigger=trigger)
-    assert target.shape == (channels, image_size, image_size) and target.dtype == torch.float32
+    assert (
+        target.shape == (channels, image_size, image_size)
+        and target.dtype == torch.float32
+    )
     assert target.min() == torch.tensor(-0.4) and target.max() <= 1.0
