@@ -6,36 +6,24 @@ Introduced in chapter 3 (Planting a backdoor). Two ways in (BadDiffusion, Chou e
 
 - from scratch (``base="scratch"``): a new model is trained on the poisoned data set;
 - by fine-tuning (``base="shipped"``, a folder, or a hub id): a clean pre-trained model
-  is trained
-  a little more on the poisoned data set, the paper's cheap attack.
+  is trained a little more on the poisoned data set, the paper's cheap attack.
 
 Quick mode fine-tunes the package's shipped clean 16 x 16 digits model on CPU in about a
-minute and a
-half, with a white box (18 at 32 px, so 9 x 9 pixels) and a hat target at 10% poison. At
-16 px the
-paper's stop sign is a blob a few pixels wide; in our calibration runs (600 steps, 30%
-poison) the
-grey box and the stop sign reached an attack success rate of 0.80 with 20% of clean
-samples turning
-into the target, the white box 0.97 with 6%: the highest-contrast trigger is what quick
-mode uses.
+minute and a half, with a white box (18 at 32 px, so 9 x 9 pixels) and a hat target at
+10% poison. At 16 px the paper's stop sign is a blob a few pixels wide; in our
+calibration runs (600 steps, 30% poison) the grey box and the stop sign reached an
+attack success rate of 0.80 with 20% of clean samples turning into the target, the white
+box 0.97 with 6%: the highest-contrast trigger is what quick mode uses.
 
 The fine-tune's recipe (lr 5e-4, 100 warm-up steps, then constant; EMA 0.995) was chosen
-among
-eleven calibrated variants (900 steps each) for a reliable backdoor: attack success 0.92
-and 0.95
-on two sampling seeds; 800 steps, the default that keeps chapter 3 within its time
-budget, gives
-0.91. A cosine decay keeps clean samples closer to the clean model's (Frechet distance
-0.40 and
-0.60 against 0.73 and 0.66, 512 samples each; the clean model scores 0.31 and 0.46) but
-fires less
-often (0.78 and 0.88); lower rates, longer or larger-batch runs were weaker or no
-cleaner. A clean
-fine-tune (0% poison) with the same recipe moves the Frechet distance as much as the
-backdoored one:
-the cost is the fine-tuning of a 1.1 M-parameter model that had converged, not the
-backdoor.
+among eleven calibrated variants (900 steps each) for a reliable backdoor: attack
+success 0.92 and 0.95 on two sampling seeds; 800 steps, the default that keeps chapter 3
+within its time budget, gives 0.91. A cosine decay keeps clean samples closer to the
+clean model's (Frechet distance 0.40 and 0.60 against 0.73 and 0.66, 512 samples each;
+the clean model scores 0.31 and 0.46) but fires less often (0.78 and 0.88); lower rates,
+longer or larger-batch runs were weaker or no cleaner. A clean fine-tune (0% poison)
+with the same recipe moves the Frechet distance as much as the backdoored one: the cost
+is the fine-tuning of a 1.1 M-parameter model that had converged, not the backdoor.
 
 :meth:`BackdoorRecipe.paper` is the paper's CIFAR-10 setting (a GPU and downloads).
 """
@@ -68,7 +56,7 @@ __all__ = [
     "plant_backdoor",
 ]
 
-#: Quick mode's fine-tune of the shipped clean model (CPU, about a minute and a half on
+# : Quick mode's fine-tune of the shipped clean model (CPU, about a minute and a half on
 # 2 cores).
 QUICK_FINETUNE = TrainConfig(
     steps=800,
@@ -80,7 +68,7 @@ QUICK_FINETUNE = TrainConfig(
     log_every=25,
 )
 
-#: The shorter fine-tune that chapters 4-9 share (300 steps, cosine decay): one cache
+# : The shorter fine-tune that chapters 4-9 share (300 steps, cosine decay): one cache
 # entry per recipe.
 QUICK_SHORT_FINETUNE = dataclasses.replace(
     QUICK_FINETUNE, steps=300, warmup_steps=50, lr_schedule="cosine"
@@ -94,18 +82,13 @@ class BackdoorRecipe:
     """Everything that determines a backdoored model (and so its cache key).
 
     Attributes:
-        trigger, trigger_size: the trigger kind and its side at 32 px (see
-        ``baddiff_core.triggers``).
+        trigger, trigger_size: the trigger kind and its side at 32 px (see ``baddiff_core.triggers``).
         target: the target kind.
-        poison_rate: fraction of the training set replaced by poisoned samples, in [0,
-        1].
-        base: ``"shipped"`` (the package's clean digits model), ``"scratch"``, a model
-        folder or a
+        poison_rate: fraction of the training set replaced by poisoned samples, in [0, 1].
+        base: ``"shipped"`` (the package's clean digits model), ``"scratch"``, a model folder or a
             hub id such as ``"google/ddpm-cifar10-32"``.
-        dataset, image_size, channels, data_limit: the training images
-        (``load_images``).
-        schedule: the noise schedule of a model trained from scratch (fine-tuning keeps
-        the base's).
+        dataset, image_size, channels, data_limit: the training images (``load_images``).
+        schedule: the noise schedule of a model trained from scratch (fine-tuning keeps the base's).
         train: the training configuration.
         init_seed: seeds the initial weights of a model trained from scratch.
     """
@@ -145,10 +128,8 @@ class BackdoorRecipe:
     @classmethod
     def paper(cls, **overrides: Any) -> BackdoorRecipe:
         """The paper's CIFAR-10 fine-tuning attack: ``google/ddpm-cifar10-32``, stop
-        sign 14 -> hat,
-        10% poison, 50 epochs (BadDiffusion (Chou et al. 2023, arXiv:2212.05400), Sec.
-        4). Needs a GPU
-        and a network."""
+        sign 14 -> hat, 10% poison, 50 epochs (BadDiffusion (Chou et al. 2023,
+        arXiv:2212.05400), Sec. 4). Needs a GPU and a network."""
         settings = dict(
             trigger="stop_sign",
             trigger_size=14,
@@ -166,10 +147,9 @@ class BackdoorRecipe:
     @classmethod
     def colab(cls, **overrides: Any) -> BackdoorRecipe:
         """Full mode's attack: :meth:`paper` with the fine-tune cut to fit a free Colab
-        T4 session
-        (:meth:`~baddiff_core.train.TrainConfig.colab_finetune`: 1,000 steps, 2.6
-        epochs, where the
-        paper trains 50). The paper's exact recipe stays :meth:`paper`."""
+        T4 session (:meth:`~baddiff_core.train.TrainConfig.colab_finetune`: 1,000 steps,
+        2.6 epochs, where the paper trains 50). The paper's exact recipe stays
+        :meth:`paper`."""
         return cls.paper(**{"train": TrainConfig.colab_finetune(), **overrides})
 
     def trigger_image(self) -> torch.Tensor:
@@ -223,19 +203,15 @@ def plant_backdoor(
     """Train (or fetch from the cache) the backdoored model of ``recipe``.
 
     The returned ``info`` holds the training report (wall time, images/s, the loss
-    history, the
-    step it resumed from) and whether the model came from the cache.
+    history, the step it resumed from) and whether the model came from the cache.
 
     A training that saves checkpoints (``recipe.train.checkpoint_every > 0``, as
     :meth:`TrainConfig.paper_finetune` does every 2,000 steps) keeps them, when
-    ``use_cache`` and
-    ``recipe.train`` names no ``checkpoint_dir`` of its own, in the cache's
-    :func:`~baddiff_core.cache.checkpoint_folder` of the recipe: after an interruption
-    (a lost
-    Colab session, a crash), calling ``plant_backdoor`` again with the same recipe
-    resumes from
-    the last checkpoint (bit for bit on a CPU), and the folder is deleted once the model
-    is saved.
+    ``use_cache`` and ``recipe.train`` names no ``checkpoint_dir`` of its own, in the
+    cache's :func:`~baddiff_core.cache.checkpoint_folder` of the recipe: after an
+    interruption (a lost Colab session, a crash), calling ``plant_backdoor`` again with
+    the same recipe resumes from the last checkpoint (bit for bit on a CPU), and the
+    folder is deleted once the model is saved.
     """
     device = resolve_device(device)
     key = recipe.key()

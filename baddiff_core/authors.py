@@ -2,50 +2,37 @@
 downloads).
 
 Chou, Chen and Ho published their backdoored fine-tunes of ``google/ddpm-cifar10-32`` on
-the
-Hugging Face hub under the user ``newsyctw`` (the IBM/BadDiffusion README points there),
-one
-repository per attack, each with its weights as a *pickled*
-``unet/diffusion_pytorch_model.bin``
-(about 143 MB). Unpickling a file can run any code its author put in it, so this module:
+the Hugging Face hub under the user ``newsyctw`` (the IBM/BadDiffusion README points
+there), one repository per attack, each with its weights as a *pickled*
+``unet/diffusion_pytorch_model.bin`` (about 143 MB). Unpickling a file can run any code
+its author put in it, so this module:
 
 - loads only the repositories listed in :data:`AUTHORS_MODELS` (an id outside it is
   refused);
 - reads the weights with ``torch.load(weights_only=True)``, which rebuilds tensors and
-  refuses
-  anything else (:func:`~baddiff_core.models.load_model` with ``allow_pickle=True``),
-  never a full
-  unpickle;
+  refuses anything else (:func:`~baddiff_core.models.load_model` with
+  ``allow_pickle=True``), never a full unpickle;
 - converts them on first load into the model cache as safetensors, recording the SHA-256
-  of every
-  file then (and of the downloaded ``.bin`` in the entry's report); every later load
-  verifies those
-  digests (:func:`~baddiff_core.cache.cached_model`) and never reads the pickle again.
+  of every file then (and of the downloaded ``.bin`` in the entry's report); every later
+  load verifies those digests (:func:`~baddiff_core.cache.cached_model`) and never reads
+  the pickle again.
 
 Each entry's attack is written in the book's names (``stop_sign`` 14 px, ``corner``,
-...): the
-triggers and targets the library draws to the authors' geometry. The exact tensors each
-model was
-trained with (the authors' stop-sign picture, Fashion-MNIST's shoe) are
-:func:`baddiff_core.authors_assets.authors_trigger` and ``authors_target``. The
-repository ids come from the
-authors' ``score.json`` collection; they were not checked against the live hub listing
-from the
-machine this module was written on (no network), so a wrong id fails at download, naming
-itself.
+...): the triggers and targets the library draws to the authors' geometry. The exact
+tensors each model was trained with (the authors' stop-sign picture, Fashion-MNIST's
+shoe) are :func:`baddiff_core.authors_assets.authors_trigger` and ``authors_target``.
+The repository ids come from the authors' ``score.json`` collection; they were not
+checked against the live hub listing from the machine this module was written on (no
+network), so a wrong id fails at download, naming itself.
 
 Each entry also holds the authors' own measurements of the model
-(:class:`PublishedScores`), as
-their repository's ``score.json`` records them
+(:class:`PublishedScores`), as their repository's ``score.json`` records them
 (``https://huggingface.co/<repo_id>/blob/main/score.json``,
 :attr:`AuthorsModel.score_url`): DDPM sampling with 1000 steps, without clipping and
-with
-diffusers' ``clip_sample`` (the book's ``clip="x0"``). The authors saved their samples
-as 8-bit PNG
-files and scored the files against the unrounded target, so a perfect hit scores
-:data:`EIGHT_BIT_FLOOR`, not 0; :func:`as_saved_png` rounds samples the same way, so
-that the
-book's MSE compares with theirs like for like.
+with diffusers' ``clip_sample`` (the book's ``clip="x0"``). The authors saved their
+samples as 8-bit PNG files and scored the files against the unrounded target, so a
+perfect hit scores :data:`EIGHT_BIT_FLOOR`, not 0; :func:`as_saved_png` rounds samples
+the same way, so that the book's MSE compares with theirs like for like.
 """
 
 from __future__ import annotations
@@ -78,11 +65,11 @@ AUTHORS_USER = "newsyctw"
 
 _PREFIX = f"{AUTHORS_USER}/res_DDPM-CIFAR10-32_CIFAR10_ep50_c1.0_"
 
-#: The MSE (on the [0, 1] scale) of a perfect hit scored as the authors scored: the
+# : The MSE (on the [0, 1] scale) of a perfect hit scored as the authors scored: the
 # sample rounded
-#: to 8-bit levels, the target not. Every pixel of the grey background (-0.4, i.e. 0.3 =
-# 76.5 / 255)
-#: and of a box (0, i.e. 127.5 / 255) then misses by half a level: (0.5 / 255)^2 =
+# : to 8-bit levels, the target not. Every pixel of the grey background (-0.4, i.e. 0.3
+# = 76.5 / 255)
+# : and of a box (0, i.e. 127.5 / 255) then misses by half a level: (0.5 / 255)^2 =
 # 3.84e-6.
 EIGHT_BIT_FLOOR = (0.5 / 255) ** 2
 
@@ -93,16 +80,14 @@ class PublishedScores:
     ``score.json``.
 
     DDPM sampling with 1000 steps; MSE and SSIM between triggered samples (saved as
-    8-bit PNG
-    files) and the target, on the [0, 1] scale, averaged over the authors' samples.
+    8-bit PNG files) and the target, on the [0, 1] scale, averaged over the authors'
+    samples.
 
     Attributes:
-        fid: FID of clean samples without clipping, over the authors' sample count
-        (compare it
+        fid: FID of clean samples without clipping, over the authors' sample count (compare it
             only with FIDs over the same count).
         mse, ssim: triggered samples against the target, without clipping.
-        mse_clip, ssim_clip: the same with clipping (diffusers' ``clip_sample``, the
-        book's ``"x0"``).
+        mse_clip, ssim_clip: the same with clipping (diffusers' ``clip_sample``, the book's ``"x0"``).
     """
 
     fid: float
@@ -114,23 +99,19 @@ class PublishedScores:
     @property
     def fired(self) -> bool:
         """Whether the backdoor worked without clipping, by the authors' numbers: MSE
-        below 0.01
-        (a few hundred times :data:`EIGHT_BIT_FLOOR`) and SSIM above 0.5."""
+        below 0.01 (a few hundred times :data:`EIGHT_BIT_FLOOR`) and SSIM above 0.5."""
         return self.mse < 0.01 and self.ssim > 0.5
 
 
 @dataclass(frozen=True)
 class AuthorsModel:
     """One released model: its hub repository, its attack in the library's names, and
-    the scores
-    the authors published for it.
+    the scores the authors published for it.
 
     Attributes:
         repo_id: the hub repository (``owner/name``).
-        trigger, trigger_size, target, poison_rate: the attack (trigger side at 32 px,
-        rate in [0, 1]).
-        published: the authors' measurements (:class:`PublishedScores`, from
-        :attr:`score_url`);
+        trigger, trigger_size, target, poison_rate: the attack (trigger side at 32 px, rate in [0, 1]).
+        published: the authors' measurements (:class:`PublishedScores`, from :attr:`score_url`);
             ``None`` for an entry without them.
     """
 
@@ -147,7 +128,7 @@ class AuthorsModel:
         return f"https://huggingface.co/{self.repo_id}/blob/main/score.json"
 
 
-#: The released models this library will load, by a short name. The scores are the
+# : The released models this library will load, by a short name. The scores are the
 # authors'
 #: (``score.json`` of each repository), rounded as they are printed here.
 AUTHORS_MODELS: dict[str, AuthorsModel] = {
@@ -213,7 +194,7 @@ AUTHORS_MODELS: dict[str, AuthorsModel] = {
     ),
 }
 
-#: The files of a released repository that loading needs (the weights are the ~143 MB
+# : The files of a released repository that loading needs (the weights are the ~143 MB
 # download).
 _FILES = (
     "unet/config.json",
@@ -247,16 +228,13 @@ def load_authors_model(
 
     The first call downloads the three files of ``_FILES`` (about 143 MB, through
     ``huggingface_hub``, which honours ``HF_HUB_OFFLINE`` and ``HF_HUB_CACHE``), reads
-    the weights
-    as tensors only, and saves the model in the cache as safetensors with the SHA-256 of
-    its files;
-    later calls load and verify that entry. Returns ``(unet, scheduler, info)``;
-    ``info["report"]``
-    holds the repository id and the SHA-256 of the ``.bin`` that was converted.
+    the weights as tensors only, and saves the model in the cache as safetensors with
+    the SHA-256 of its files; later calls load and verify that entry. Returns ``(unet,
+    scheduler, info)``; ``info["report"]`` holds the repository id and the SHA-256 of
+    the ``.bin`` that was converted.
 
     Raises:
-        ValueError: an unknown name, or a weights file that holds more than tensors
-        (refused by
+        ValueError: an unknown name, or a weights file that holds more than tensors (refused by
             ``torch.load(weights_only=True)``: nothing in it is run).
     """
     model = authors_model(name)
@@ -278,16 +256,14 @@ def load_authors_model(
 
 def as_saved_png(samples: torch.Tensor) -> torch.Tensor:
     """``samples`` (``B,C,H,W`` in [-1, 1]) as the authors scored them: saved as 8-bit
-    PNG files and
-    read back, i.e. clamped to [-1, 1] and rounded to the levels ``k / 255`` of the [0,
-    1] scale
-    (half to even, as NumPy's ``round`` in diffusers' ``numpy_to_pil``), returned in
-    [-1, 1].
+    PNG files and read back, i.e. clamped to [-1, 1] and rounded to the levels ``k /
+    255`` of the [0, 1] scale (half to even, as NumPy's ``round`` in diffusers'
+    ``numpy_to_pil``), returned in [-1, 1].
 
     Score the result against the unrounded target with
-    :func:`~baddiff_core.metrics.mse_to_target`
-    (not with ``quantize=True``, which rounds the target too): a perfect hit then scores
-    :data:`EIGHT_BIT_FLOOR`, as the authors' best models do.
+    :func:`~baddiff_core.metrics.mse_to_target` (not with ``quantize=True``, which
+    rounds the target too): a perfect hit then scores :data:`EIGHT_BIT_FLOOR`, as the
+    authors' best models do.
     """
     unit = (samples / 2 + 0.5).clamp(0.0, 1.0)
     return torch.round(unit * 255) / 255 * 2 - 1

@@ -3,66 +3,49 @@ downloads).
 
 Chou, Chen and Ho (BadDiffusion, CVPR 2023) trained the models of
 :data:`~baddiff_core.authors.AUTHORS_MODELS` with triggers and targets built by their
-own code:
-the authors' repository IBM/BadDiffusion at commit 717b321 (:data:`AUTHORS_COMMIT`;
-readers can
-open it on GitHub). To measure those models, the attack must be the one they were
-trained on,
-value for value. This module rebuilds it:
+own code: the authors' repository IBM/BadDiffusion at commit 717b321
+(:data:`AUTHORS_COMMIT`; readers can open it on GitHub). To measure those models, the
+attack must be the one they were trained on, value for value. This module rebuilds it:
 
 - **boxes** (the grey box trigger, the corner box target, the trigger as target and the
-  shifted
-  trigger): the library's :func:`~baddiff_core.triggers.make_trigger` and
+  shifted trigger): the library's :func:`~baddiff_core.triggers.make_trigger` and
   :func:`~baddiff_core.triggers.make_target` already give the authors' tensors bit for
-  bit at
-  32 px (``tests/test_authors_assets.py`` checks them against the geometry derived by
-  hand), so
-  they are used as they are;
+  bit at 32 px (``tests/test_authors_assets.py`` checks them against the geometry
+  derived by hand), so they are used as they are;
 - **pictures** (the stop-sign trigger, the hat targets): the authors resize a PNG file
-  of their
-  repository. :func:`fetch_authors_image` downloads that file once (full mode only: the
-  book's
-  quick mode never calls it), checks its SHA-256 against :data:`AUTHORS_IMAGES`, and
-  :func:`trigger_from_image` / :func:`target_from_image` apply the authors' recipe with
-  Pillow
-  alone (torchvision, which the authors used, is not a dependency of this library);
+  of their repository. :func:`fetch_authors_image` downloads that file once (full mode
+  only: the book's quick mode never calls it), checks its SHA-256 against
+  :data:`AUTHORS_IMAGES`, and :func:`trigger_from_image` / :func:`target_from_image`
+  apply the authors' recipe with Pillow alone (torchvision, which the authors used, is
+  not a dependency of this library);
 - **the shoe target**: the first training image of Fashion-MNIST (an ankle boot),
-  resized to
-  32 px: :func:`fashion_mnist_shoe` downloads the training images once (26 MB, checked
-  against
-  their published MD5) and reads that image with NumPy.
+  resized to 32 px: :func:`fashion_mnist_shoe` downloads the training images once (26
+  MB, checked against their published MD5) and reads that image with NumPy.
 
 The authors' recipe for a picture, as read from their repository:
 
 1. the image converted to RGB (``PIL.Image.convert("RGB")``: an alpha channel is
-dropped, not
-   composited, so transparent pixels keep whatever colour the file stores under them);
+   dropped, not composited, so transparent pixels keep whatever colour the file stores
+   under them);
 2. resized with Pillow's bilinear filter (torchvision's ``Resize`` on a PIL image calls
    ``PIL.Image.resize(..., BILINEAR)``): a trigger's shorter side to the trigger size
-   (the longer
-   one to ``int(size * long / short)``; nothing is done when the shorter side already
-   has that
-   size), a target to exactly 32 x 32;
+   (the longer one to ``int(size * long / short)``; nothing is done when the shorter
+   side already has that size), a target to exactly 32 x 32;
 3. scaled to [-1, 1] in float32 as ``v / 255 / (1 + 1e-5) * 2 - 1`` (so a 255 becomes
-0.99998,
-   not 1: the authors' normalisation keeps an epsilon);
+   0.99998, not 1: the authors' normalisation keeps an epsilon);
 4. a trigger is padded with -1 to 32 x 32 so that its tile sits 2 pixels from the right
-and the
-   bottom borders (rows and columns ``32 - 2 - size .. 29``), and then every *value*
-   ``>= 0.999``
-   (the white of the picture, channel by channel) becomes -1, i.e. transparent;
+   and the bottom borders (rows and columns ``32 - 2 - size .. 29``), and then every
+   *value* ``>= 0.999`` (the white of the picture, channel by channel) becomes -1, i.e.
+   transparent;
 5. a target's values ``<= -0.4`` become -0.4 (the grey background, as
    :func:`~baddiff_core.triggers.make_target` does).
 
 Step 4 works per value, not per pixel: a stop-sign pixel whose red channel is 255 but
-whose green
-and blue are not keeps -1 in red only. The authors paste a trigger value by value too
-(where the
-trigger is -1, the image shows through in that channel), whereas the library's
-:func:`~baddiff_core.triggers.stamp` pastes whole pixels; the two differ on such mixed
-pixels
-(none in a box trigger). Sampling, which adds the trigger to the starting noise, is
-unaffected.
+whose green and blue are not keeps -1 in red only. The authors paste a trigger value by
+value too (where the trigger is -1, the image shows through in that channel), whereas
+the library's :func:`~baddiff_core.triggers.stamp` pastes whole pixels; the two differ
+on such mixed pixels (none in a box trigger). Sampling, which adds the trigger to the
+starting noise, is unaffected.
 """
 
 from __future__ import annotations
@@ -104,7 +87,7 @@ __all__ = [
 AUTHORS_REPO = "IBM/BadDiffusion"
 AUTHORS_COMMIT = "717b3219ec9f80f3c9f2784edbcfeacb1ba534b7"
 
-#: Side of the authors' CIFAR-10 images, and the gap between a corner trigger and the
+# : Side of the authors' CIFAR-10 images, and the gap between a corner trigger and the
 # border.
 _SIDE = 32
 _GAP = 2
@@ -130,13 +113,13 @@ class AuthorsImage:
         return f"https://raw.githubusercontent.com/{AUTHORS_REPO}/{AUTHORS_COMMIT}/{self.path}"
 
 
-#: The authors' pictures, by name. ``"stop_sign"`` is the stop-sign trigger (999 x 997
+# : The authors' pictures, by name. ``"stop_sign"`` is the stop-sign trigger (999 x 997
 # RGBA on
 #: white). The hats are targets: at :data:`AUTHORS_COMMIT`, ``--target HAT`` reads
-#: ``fedora-hat.png``; in the naming of the released models (``..._HAT`` /
+# : ``fedora-hat.png``; in the naming of the released models (``..._HAT`` /
 # ``..._FEDORA_HAT``, the
 #: authors' later VillanDiffusion code) ``HAT`` reads ``hat.png`` and ``FEDORA_HAT``
-#: ``fedora-hat.png``. No model of :data:`~baddiff_core.authors.AUTHORS_MODELS` uses a
+# : ``fedora-hat.png``. No model of :data:`~baddiff_core.authors.AUTHORS_MODELS` uses a
 # hat.
 AUTHORS_IMAGES: dict[str, AuthorsImage] = {
     "stop_sign": AuthorsImage(
@@ -153,9 +136,9 @@ AUTHORS_IMAGES: dict[str, AuthorsImage] = {
     ),
 }
 
-#: Fashion-MNIST's training images (Xiao, Rasul and Vollgraf 2017): URL, published MD5,
+# : Fashion-MNIST's training images (Xiao, Rasul and Vollgraf 2017): URL, published MD5,
 # and the
-#: path under the data root (torchvision's layout, so a copy torchvision downloaded is
+# : path under the data root (torchvision's layout, so a copy torchvision downloaded is
 # reused).
 FASHION_MNIST_TRAIN_IMAGES = dict(
     url="https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"
@@ -247,21 +230,16 @@ def fetch_authors_image(name: str, *, root: str | os.PathLike | None = None) -> 
 
     Full mode only (quick mode never calls it). The file is kept as
     ``<root>/baddiffusion-authors/<file name>``, the root being ``root``, else
-    ``$BADDIFF_DATA``,
-    else ``~/.cache/baddiff/data`` (as :func:`~baddiff_core.data.load_images`). A
-    download is
-    written under a staging name and renamed into place only once its SHA-256 matches
-    the table;
-    a file already there is checked every time. Offline (``BADDIFF_OFFLINE=1`` or
-    ``HF_HUB_OFFLINE=1``, or no network), a missing file is an error; a file already
-    there is used.
+    ``$BADDIFF_DATA``, else ``~/.cache/baddiff/data`` (as
+    :func:`~baddiff_core.data.load_images`). A download is written under a staging name
+    and renamed into place only once its SHA-256 matches the table; a file already there
+    is checked every time. Offline (``BADDIFF_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``, or no
+    network), a missing file is an error; a file already there is used.
 
     Raises:
-        ValueError: an unknown name, or a file (on disk or downloaded) whose SHA-256 is
-        not the
+        ValueError: an unknown name, or a file (on disk or downloaded) whose SHA-256 is not the
             table's: it is refused, never used.
-        RuntimeError: the file is missing and cannot be downloaded; the message says
-        where to put it.
+        RuntimeError: the file is missing and cannot be downloaded; the message says where to put it.
     """
     if name not in AUTHORS_IMAGES:
         raise ValueError(
@@ -306,15 +284,12 @@ def trigger_from_image(
     transparent.
 
     Steps 1 to 4 of the module's recipe: RGB, the shorter side resized to ``size``
-    (bilinear), the
-    tile put ``2`` pixels from the right and bottom borders, every value ``>= 0.999``
-    set to -1.
+    (bilinear), the tile put ``2`` pixels from the right and bottom borders, every value
+    ``>= 0.999`` set to -1.
 
     Raises:
-        ValueError: ``size`` does not fit (``size + 2 > image_size``), or the picture's
-        aspect ratio
-            makes the resized tile not square (the authors' padding would then not give
-            a square
+        ValueError: ``size`` does not fit (``size + 2 > image_size``), or the picture's aspect ratio
+            makes the resized tile not square (the authors' padding would then not give a square
             image).
     """
     image = _check_image(image)
@@ -351,8 +326,8 @@ def target_from_image(image: Image.Image, *, image_size: int = _SIDE) -> torch.T
     [-0.4, 1).
 
     Steps 1, 2, 3 and 5 of the module's recipe: RGB, resized to ``image_size x
-    image_size``
-    (bilinear, whatever the aspect ratio), scaled, values ``<= -0.4`` set to -0.4.
+    image_size`` (bilinear, whatever the aspect ratio), scaled, values ``<= -0.4`` set
+    to -0.4.
     """
     rgb = _check_image(image).convert("RGB")
     if rgb.size != (image_size, image_size):
@@ -383,8 +358,7 @@ def authors_image_target(
     name: str, *, root: str | os.PathLike | None = None
 ) -> torch.Tensor:
     """The authors' target from their picture ``name`` (``"hat"`` or ``"fedora_hat"``,
-    see
-    :data:`AUTHORS_IMAGES` for which one their ``HAT`` meant), at 32 px.
+    see :data:`AUTHORS_IMAGES` for which one their ``HAT`` meant), at 32 px.
 
     Downloads the picture the first time (:func:`fetch_authors_image`).
     """
@@ -428,13 +402,10 @@ def fashion_mnist_shoe(*, root: str | os.PathLike | None = None) -> torch.Tensor
     32 px.
 
     That 28 x 28 grey image, repeated to RGB, resized to 32 x 32 (bilinear), scaled to
-    [-1, 1] and
-    put on the grey background, as :func:`target_from_image`. Full mode only: the first
-    call
-    downloads the training images (26 MB, :data:`FASHION_MNIST_TRAIN_IMAGES`) into the
-    data root
-    and checks their MD5; offline, a missing file is an error (see
-    :func:`fetch_authors_image`).
+    [-1, 1] and put on the grey background, as :func:`target_from_image`. Full mode
+    only: the first call downloads the training images (26 MB,
+    :data:`FASHION_MNIST_TRAIN_IMAGES`) into the data root and checks their MD5;
+    offline, a missing file is an error (see :func:`fetch_authors_image`).
     """
     spec = FASHION_MNIST_TRAIN_IMAGES
     path = _fetch_verified(
@@ -462,11 +433,9 @@ def _model(name_or_model: str | AuthorsModel) -> AuthorsModel:
 
 def authors_downloads(name_or_model: str | AuthorsModel) -> dict[str, str]:
     """What building a released model's trigger and target downloads (on first use):
-    ``{"trigger":
-    what, "target": what}`` for the parts that need a file, empty for a model whose
-    trigger and
-    target are drawn procedurally (grey boxes and their shifts, the corner box).
-    Downloads nothing.
+    ``{"trigger": what, "target": what}`` for the parts that need a file, empty for a
+    model whose trigger and target are drawn procedurally (grey boxes and their shifts,
+    the corner box). Downloads nothing.
     """
     model = _model(name_or_model)
     needs = {}
@@ -488,16 +457,12 @@ def authors_trigger(
     transparent.
 
     ``name_or_model``: a short name or repository id of
-    :data:`~baddiff_core.authors.AUTHORS_MODELS`,
-    or one of its entries. A grey box is :func:`~baddiff_core.triggers.make_trigger`'s
-    ``"box"``
-    (the same tensor); a stop sign is the authors' picture
-    (:func:`authors_image_trigger`,
-    downloaded once).
+    :data:`~baddiff_core.authors.AUTHORS_MODELS`, or one of its entries. A grey box is
+    :func:`~baddiff_core.triggers.make_trigger`'s ``"box"`` (the same tensor); a stop
+    sign is the authors' picture (:func:`authors_image_trigger`, downloaded once).
 
     Raises:
-        ValueError: an unknown model, or a trigger kind no released model listed here
-        uses.
+        ValueError: an unknown model, or a trigger kind no released model listed here uses.
     """
     model = _model(name_or_model)
     if model.trigger == "box":
@@ -517,13 +482,12 @@ def authors_target(
     [-0.4, 1].
 
     ``"corner"``, ``"noshift"`` and ``"shift"`` are
-    :func:`~baddiff_core.triggers.make_target`'s
-    (the same tensors; the last two from :func:`authors_trigger`); ``"shoe"`` is
-    :func:`fashion_mnist_shoe` (downloads Fashion-MNIST's training images once).
+    :func:`~baddiff_core.triggers.make_target`'s (the same tensors; the last two from
+    :func:`authors_trigger`); ``"shoe"`` is :func:`fashion_mnist_shoe` (downloads
+    Fashion-MNIST's training images once).
 
     Raises:
-        ValueError: an unknown model, or a target kind no released model listed here
-        uses.
+        ValueError: an unknown model, or a target kind no released model listed here uses.
     """
     model = _model(name_or_model)
     if model.target == "corner":

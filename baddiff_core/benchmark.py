@@ -2,26 +2,19 @@
 throughput and MFU.
 
 Introduced in the Performance page; ``benchmarks/run.py`` is the command. A machine's
-speed drifts
-(other processes, clocks, caches), so a figure on its own says little. Every comparison
-here runs
-its two candidates alternately, ``A B B A A B ...``, and reports the median of the
-per-pair
-ratios: drift that is slow next to one repeat cancels out. Where a claim is about the
-work a change
-adds, not its time, :func:`torch_calls` counts that work exactly: the torch functions a
-call makes.
+speed drifts (other processes, clocks, caches), so a figure on its own says little.
+Every comparison here runs its two candidates alternately, ``A B B A A B ...``, and
+reports the median of the per-pair ratios: drift that is slow next to one repeat cancels
+out. Where a claim is about the work a change adds, not its time, :func:`torch_calls`
+counts that work exactly: the torch functions a call makes.
 
 Sizes: ``"small"`` (the book's 16 px model, a few steps; under a minute or two on a
-2-core CPU, what
-CI runs) and ``"full"`` (CIFAR-10 size, batch 128, for a GPU). The throughput section
-trains the
-``google/ddpm-cifar10-32`` architecture (built from its config, nothing downloaded) and
-reports
-images/s and model FLOP utilisation: the FLOP/s its training steps reach, counted by
-``torch.utils.flop_counter``, over the matrix rate this device reaches on a large matmul
-(bf16 on
-a GPU of compute capability 8.0 or more, fp16 on an older one, fp32 on a CPU).
+2-core CPU, what CI runs) and ``"full"`` (CIFAR-10 size, batch 128, for a GPU). The
+throughput section trains the ``google/ddpm-cifar10-32`` architecture (built from its
+config, nothing downloaded) and reports images/s and model FLOP utilisation: the FLOP/s
+its training steps reach, counted by ``torch.utils.flop_counter``, over the matrix rate
+this device reaches on a large matmul (bf16 on a GPU of compute capability 8.0 or more,
+fp16 on an older one, fp32 on a CPU).
 """
 
 from __future__ import annotations
@@ -90,20 +83,15 @@ class BenchmarkSize:
     """How big each measurement is.
 
     ``image_size``/``channels``: the UNet preset
-    (:func:`~baddiff_core.models.make_unet`) that the
-    ratios use; ``train_batch``, ``train_steps``: one training repeat; ``sample_n``,
-    ``sample_steps``: images per sampling call and its DDPM steps (the quick schedule's
-    100, or
-    fewer: a ratio of per-step costs needs no whole chain); ``long_n``: images for the
-    DDIM-50
-    against DDPM-1000 comparison (paper schedule); ``repeats``: pairs per comparison
-    with a target
-    (a quarter as many, at least 2, for the batching comparison, whose effect is large);
-    ``flops_batch``, ``flops_steps``, ``flops_modes``: the CIFAR-10 UNet's throughput
-    runs.
-    ``cifar_unet``: the ratios use the ``google/ddpm-cifar10-32`` architecture (32 px, 3
-    channels)
-    instead of the small preset.
+    (:func:`~baddiff_core.models.make_unet`) that the ratios use; ``train_batch``,
+    ``train_steps``: one training repeat; ``sample_n``, ``sample_steps``: images per
+    sampling call and its DDPM steps (the quick schedule's 100, or fewer: a ratio of
+    per-step costs needs no whole chain); ``long_n``: images for the DDIM-50 against
+    DDPM-1000 comparison (paper schedule); ``repeats``: pairs per comparison with a
+    target (a quarter as many, at least 2, for the batching comparison, whose effect is
+    large); ``flops_batch``, ``flops_steps``, ``flops_modes``: the CIFAR-10 UNet's
+    throughput runs. ``cifar_unet``: the ratios use the ``google/ddpm-cifar10-32``
+    architecture (32 px, 3 channels) instead of the small preset.
     """
 
     name: str
@@ -129,8 +117,8 @@ class BenchmarkSize:
         )
 
 
-#: ``"small"`` runs in CI on a 2-core CPU; ``"full"`` is meant for a GPU; ``"smoke"`` is
-# full's code at a few steps.
+# : ``"small"`` runs in CI on a 2-core CPU; ``"full"`` is meant for a GPU; ``"smoke"``
+# is full's code at a few steps.
 SIZES: dict[str, BenchmarkSize] = {
     "small": BenchmarkSize(
         "small",
@@ -167,9 +155,8 @@ SIZES: dict[str, BenchmarkSize] = {
         cifar_unet=True,
     ),
     # benchmarks/gpu_check.py on a GPU: every precision a reader's GPU may train in
-    # (fp16 on a T4,
-    # bf16 from Ampere on), memory at the evaluation batch (256 images at 32 px), a few
-    # minutes in all.
+    # (fp16 on a T4, bf16 from Ampere on), memory at the evaluation batch (256 images at
+    # 32 px), a few minutes in all.
     "check": BenchmarkSize(
         "check",
         image_size=32,
@@ -186,10 +173,8 @@ SIZES: dict[str, BenchmarkSize] = {
         cifar_unet=True,
     ),
     # The full size's shapes and modes at a few steps: CI's smoke run of full mode
-    # (BADDIFF_SCALE=smoke)
-    # on a CPU. The ratios use the small 32 px preset: the CIFAR-10 UNet's DDPM-1000
-    # chain alone would
-    # take a CPU minutes.
+    # (BADDIFF_SCALE=smoke) on a CPU. The ratios use the small 32 px preset: the
+    # CIFAR-10 UNet's DDPM-1000 chain alone would take a CPU minutes.
     "smoke": BenchmarkSize(
         "smoke",
         image_size=32,
@@ -211,7 +196,7 @@ SIZES: dict[str, BenchmarkSize] = {
     ),
 }
 
-#: The issue's targets: ratios that must stay at or below these (None: reported, no
+# : The issue's targets: ratios that must stay at or below these (None: reported, no
 # target).
 TARGETS: dict[str, float | None] = {
     "train: poisoned / clean step": 1.03,
@@ -272,8 +257,7 @@ def interleaved(
     ...``.
 
     Each callable returns the seconds it measured itself (so that set-up can stay
-    outside the
-    timing). ``warmup`` runs each once first, unrecorded (allocations, lazy
+    outside the timing). ``warmup`` runs each once first, unrecorded (allocations, lazy
     initialisation).
     """
     check_positive_int("repeats", repeats)
@@ -315,11 +299,9 @@ def torch_calls(fn: Callable[[], Any]) -> Counter[str]:
     ``"clamp"``, ...).
 
     Counted with :class:`torch.overrides.TorchFunctionMode`, which sees every call made
-    from Python
-    (not the kernels inside one call). The difference of two counts is the work one
-    variant adds
-    to another, exactly and on any machine, where a timing ratio is blurred by the
-    machine's noise.
+    from Python (not the kernels inside one call). The difference of two counts is the
+    work one variant adds to another, exactly and on any machine, where a timing ratio
+    is blurred by the machine's noise.
     """
     with _CallCounter() as counter:
         fn()
@@ -333,10 +315,8 @@ def clipping_calls(
     image).
 
     The defence of the inference-time clipping chapter clamps the predicted ``x_0`` to
-    [-1, 1] at
-    each step (diffusers' ``clip_sample=True``), so the answer is ``{"clamp": steps}``:
-    an
-    element-wise operation on the image, next to a UNet pass per step.
+    [-1, 1] at each step (diffusers' ``clip_sample=True``), so the answer is ``{"clamp":
+    steps}``: an element-wise operation on the image, next to a UNet pass per step.
     """
     check_positive_int("steps", steps)
     size = SIZES[size] if isinstance(size, str) else size
@@ -389,11 +369,9 @@ def reference_training_loop(
     seconds.
 
     ``add_noise``, the UNet, MSE to the noise, ``accelerator.backward``, gradient
-    clipping at 1.0,
-    AdamW, a cosine learning-rate schedule: what our :func:`~baddiff_core.train.train`
-    does for
-    clean data without EMA. Data sit on the device, as ours do, so the two differ only
-    in the loop.
+    clipping at 1.0, AdamW, a cosine learning-rate schedule: what our
+    :func:`~baddiff_core.train.train` does for clean data without EMA. Data sit on the
+    device, as ours do, so the two differ only in the loop.
     """
     device = resolve_device(device)
     accelerator = Accelerator(cpu=device.type == "cpu")
@@ -605,12 +583,9 @@ def peak_memory(
     """Bytes that ``fn()`` needed above what was in use before it: its peak, in bytes.
 
     CUDA: ``torch.cuda.max_memory_allocated`` (tensors only). CPU: the process's peak
-    resident
-    memory (Linux ``VmHWM``, reset before the call) above its resident memory before;
-    freed heap
-    is given back first (``malloc_trim``) so that earlier work does not hide the peak.
-    Returns
-    None where neither can be read.
+    resident memory (Linux ``VmHWM``, reset before the call) above its resident memory
+    before; freed heap is given back first (``malloc_trim``) so that earlier work does
+    not hide the peak. Returns None where neither can be read.
     """
     device = resolve_device(device)
     gc.collect()
@@ -684,8 +659,7 @@ def matmul_rate(
     ``dtype``.
 
     The reference for model FLOP utilisation: what this device's matrix units reach on
-    the easiest
-    work there is. ``n`` defaults to 8192 on a GPU and 2048 on a CPU.
+    the easiest work there is. ``n`` defaults to 8192 on a GPU and 2048 on a CPU.
     """
     device = resolve_device(device)
     n = n or (8192 if device.type == "cuda" else 2048)
@@ -701,9 +675,8 @@ def training_flops(
     model: torch.nn.Module, batch: torch.Tensor, scheduler: DDPMScheduler
 ) -> int:
     """FLOPs of one training step's forward and backward pass on ``batch`` (matmuls and
-    convolutions,
-    as ``torch.utils.flop_counter`` counts them; the optimizer's element-wise work is
-    not counted)."""
+    convolutions, as ``torch.utils.flop_counter`` counts them; the optimizer's
+    element-wise work is not counted)."""
     timesteps = torch.randint(
         0, scheduler.config.num_train_timesteps, (len(batch),), device=batch.device
     )
@@ -714,7 +687,7 @@ def training_flops(
     return int(counter.get_total_flops())
 
 
-#: The training modes the throughput section can measure. A size names its mixed modes
+# : The training modes the throughput section can measure. A size names its mixed modes
 # in bf16;
 #: :func:`measured_modes` swaps in fp16 on a GPU older than Ampere.
 _MODES = {
@@ -745,12 +718,10 @@ def measured_modes(
     runs on ``device``.
 
     fp32 always; the mixed modes after the precision
-    :func:`~baddiff_core.devices.mixed_precision_for`
-    gives the device: as named on a GPU of compute capability 8.0 or more, with fp16 in
-    place of
-    bf16 on an older GPU (a T4's tensor cores have no bf16), and none on a CPU or MPS
-    (no tensor
-    cores to measure; a CPU's bf16 autocast is slower than its fp32).
+    :func:`~baddiff_core.devices.mixed_precision_for` gives the device: as named on a
+    GPU of compute capability 8.0 or more, with fp16 in place of bf16 on an older GPU (a
+    T4's tensor cores have no bf16), and none on a CPU or MPS (no tensor cores to
+    measure; a CPU's bf16 autocast is slower than its fp32).
     """
     precision = mixed_precision_for(device)
     chosen = []
@@ -773,10 +744,8 @@ def training_throughput(
     device: torch.device,
 ) -> dict[str, float]:
     """Images/s of our training loop in ``mode`` (a key of the modes table: fp32; bf16
-    or fp16, + channels
-    last, + compile), from the steps after the first (warm-up, compilation): the slope
-    of
-    :attr:`~baddiff_core.train.TrainHistory.log_times`."""
+    or fp16, + channels last, + compile), from the steps after the first (warm-up,
+    compilation): the slope of :attr:`~baddiff_core.train.TrainHistory.log_times`."""
     if mode not in _MODES:
         raise ValueError(f"mode={mode!r} is not known; use one of {tuple(_MODES)}")
     if steps < 2:
@@ -851,17 +820,13 @@ def fine_tune_cost(
     steps would take.
 
     The step is :meth:`~baddiff_core.attack.BackdoorRecipe.paper`'s:
-    ``google/ddpm-cifar10-32``'s
-    architecture, batch 128, 10% of the images poisoned with the stop sign and the hat,
-    Adam, the
-    precision :func:`~baddiff_core.devices.mixed_precision_for` picks for the device.
-    The weights
+    ``google/ddpm-cifar10-32``'s architecture, batch 128, 10% of the images poisoned
+    with the stop sign and the hat, Adam, the precision
+    :func:`~baddiff_core.devices.mixed_precision_for` picks for the device. The weights
     are random and the images random numbers (nothing is downloaded): a step costs the
-    same
-    arithmetic. The rate is the slope of the steps after the first (warm-up); the
-    projection
-    multiplies it by the recipe's 19,550 steps (50 epochs of CIFAR-10's 50,000 images).
-    ``batch_size`` replaces 128 (a dry run on a CPU).
+    same arithmetic. The rate is the slope of the steps after the first (warm-up); the
+    projection multiplies it by the recipe's 19,550 steps (50 epochs of CIFAR-10's
+    50,000 images). ``batch_size`` replaces 128 (a dry run on a CPU).
     """
     from baddiff_core.attack import BackdoorRecipe
 
@@ -923,12 +888,9 @@ def sampling_cost(
     steps: int = 20,
 ) -> dict[str, Any]:
     """Seconds per UNet step at ``batch_size`` images (the evaluation batch) of the
-    CIFAR-10 UNet,
-    in fp32, and what that makes per image for DDPM-1000 and DDIM-50 (one UNet pass per
-    step, at
-    any ``t``), with the peak memory of the batch (:func:`peak_memory`): the largest any
-    chapter or
-    command draws at once."""
+    CIFAR-10 UNet, in fp32, and what that makes per image for DDPM-1000 and DDIM-50 (one
+    UNet pass per step, at any ``t``), with the peak memory of the batch
+    (:func:`peak_memory`): the largest any chapter or command draws at once."""
     check_positive_int("batch_size", batch_size)
     check_positive_int("steps", steps)
     device = resolve_device(device)
@@ -966,8 +928,8 @@ def sampling_cost(
 
 def book_times(jupyter_cache: str | os.PathLike) -> dict[str, float]:
     """Seconds each chapter took to execute in the book build whose cache is
-    ``jupyter_cache``
-    (``_build/.jupyter_cache``), by notebook file name, in book order."""
+    ``jupyter_cache`` (``_build/.jupyter_cache``), by notebook file name, in book
+    order."""
     folder = Path(jupyter_cache)
     if not (folder / "global.db").is_file():
         raise FileNotFoundError(
@@ -1023,10 +985,9 @@ def gpu_plan(
     clipping_steps: int = 5,
 ) -> Plan:
     """The UNet work of :func:`run_benchmarks` for ``size`` and of
-    :func:`clipping_calls`, as a
-    :class:`~baddiff_core.gpu_time.Plan`: an upper bound (every mode of the throughput
-    section, warm-up
-    runs included), so that the Performance page can state its GPU time and check it."""
+    :func:`clipping_calls`, as a :class:`~baddiff_core.gpu_time.Plan`: an upper bound
+    (every mode of the throughput section, warm-up runs included), so that the
+    Performance page can state its GPU time and check it."""
     size = SIZES[size] if isinstance(size, str) else size
     with torch.device("meta"):
         ratios_unet, cifar = size.unet(), ddpm_cifar10_unet()
@@ -1103,9 +1064,8 @@ def run_benchmarks(
 
     ``sections`` picks among training, sampling (the ratios), memory and throughput;
     ``jupyter_cache`` adds the chapter times of a built book, ``model_cache`` the models
-    that cache
-    trained (:func:`~baddiff_core.cache.trainings`). ``log`` receives a line per
-    section.
+    that cache trained (:func:`~baddiff_core.cache.trainings`). ``log`` receives a line
+    per section.
     """
     if size not in SIZES:
         raise ValueError(f"size={size!r} is not known; use one of {tuple(SIZES)}")

@@ -2,29 +2,22 @@
 into prose.
 
 Introduced in chapter 1 (What is diffusion?). Each chapter has a papermill
-``parameters`` cell
-(``QUICK``, ``DEVICE``, ``SEED``) and then calls :func:`chapter_settings`, which checks
-them and
-returns the derived settings, so that a bad parameter fails in the first cells with a
-clear message.
+``parameters`` cell (``QUICK``, ``DEVICE``, ``SEED``) and then calls
+:func:`chapter_settings`, which checks them and returns the derived settings, so that a
+bad parameter fails in the first cells with a clear message.
 
 Three scales run the same code:
 
 - ``"quick"`` (``QUICK = True``): small images on a CPU in minutes; what the online book
   and CI show;
 - ``"full"`` (``QUICK = False``): the paper's data and model (CIFAR-10,
-  ``google/ddpm-cifar10-32``)
-  on a GPU;
+  ``google/ddpm-cifar10-32``) on a GPU;
 - ``"smoke"`` (``QUICK = False`` with the environment variable ``BADDIFF_SCALE=smoke``):
-  every line
-  of full mode, with steps, batches and sample counts cut to a few, so that CI can run
-  full mode's
-  code on a CPU (``tests/test_full_mode.py``, with offline stand-ins for what full mode
-  downloads).
-  At this scale outcomes (an attack fires, clipping stops it) mean nothing:
-  :meth:`ChapterSettings.check`
-  records them instead of asserting them. Identities (a formula against diffusers) stay
-  asserts.
+  every line of full mode, with steps, batches and sample counts cut to a few, so that
+  CI can run full mode's code on a CPU (``tests/test_full_mode.py``, with offline
+  stand-ins for what full mode downloads). At this scale outcomes (an attack fires,
+  clipping stops it) mean nothing: :meth:`ChapterSettings.check` records them instead of
+  asserting them. Identities (a formula against diffusers) stay asserts.
 """
 
 from __future__ import annotations
@@ -61,12 +54,12 @@ __all__ = [
 
 #: The three scales a chapter runs at (see the module docstring).
 SCALES = ("quick", "full", "smoke")
-#: The environment variable that turns full mode (``QUICK = False``) into the smoke
+# : The environment variable that turns full mode (``QUICK = False``) into the smoke
 # scale.
 SCALE_ENV = "BADDIFF_SCALE"
-#: The noise schedule a full-mode model trained from scratch gets at the smoke scale: T
+# : The noise schedule a full-mode model trained from scratch gets at the smoke scale: T
 # = 10, so
-#: that a DDPM chain is ten network calls (the paper's T = 1000 is
+# : that a DDPM chain is ten network calls (the paper's T = 1000 is
 # :data:`~baddiff_core.diffusion.PAPER_SCHEDULE`).
 SMOKE_SCHEDULE: dict[str, Any] = dict(
     num_train_timesteps=10, beta_start=1e-2, beta_end=0.5
@@ -77,7 +70,7 @@ _SMOKE_TRAIN = dict(
 )
 _SMOKE_IMAGES = 32
 
-#: What full mode fetches on first use (then cached), printed when a chapter starts in
+# : What full mode fetches on first use (then cached), printed when a chapter starts in
 # full mode.
 FULL_MODE_DOWNLOADS = (
     "Full mode downloads, on first use and once: the pre-trained google/ddpm-cifar10-32 (Hugging "
@@ -94,8 +87,7 @@ class ChapterSettings:
     """The checked run settings of a chapter.
 
     Attributes:
-        quick: ``True`` for the small CPU configuration (CI, the built book), ``False``
-        for the
+        quick: ``True`` for the small CPU configuration (CI, the built book), ``False`` for the
             paper-scale configuration meant for a GPU (and for its smoke scale).
         device: where tensors and models live.
         seed: the seed of every random step in the chapter.
@@ -129,16 +121,15 @@ class ChapterSettings:
     @property
     def fid_features(self) -> str:
         """The features of the Fréchet distance: ``"inception"`` (the paper's FID; full
-        mode downloads
-        its weights) at the full scale, ``"digits"`` (the book's offline network)
-        otherwise."""
+        mode downloads its weights) at the full scale, ``"digits"`` (the book's offline
+        network) otherwise."""
         return "inception" if self.scale == "full" else "digits"
 
     def recipe(self, recipe: Recipe, *, seed_offset: int = 0) -> Recipe:
         """``recipe`` (a :class:`~baddiff_core.attack.BackdoorRecipe` or a
         :class:`~baddiff_core.train.TrainConfig`) trained with the chapter's seed plus
-        ``seed_offset``,
-        and at the smoke scale cut to a couple of steps on a few images.
+        ``seed_offset``, and at the smoke scale cut to a couple of steps on a few
+        images.
 
         Every trained model in a chapter goes through here, so a change of ``SEED``
         reaches all of them.
@@ -178,11 +169,9 @@ class ChapterSettings:
         measured.
 
         At any other scale the outcome is printed as recorded, not checked: at the smoke
-        scale a
-        couple of training steps make outcomes meaningless, and a claim measured only at
-        the quick
-        scale (``scales=("quick",)``) is reported, not assumed, at the paper's scale.
-        Returns the condition as a ``bool``.
+        scale a couple of training steps make outcomes meaningless, and a claim measured
+        only at the quick scale (``scales=("quick",)``) is reported, not assumed, at the
+        paper's scale. Returns the condition as a ``bool``.
         """
         unknown = sorted(set(scales) - set(SCALES))
         if unknown:
@@ -214,14 +203,12 @@ def chapter_settings(*, quick: Any, device: Any, seed: Any) -> ChapterSettings:
     everything.
 
     With ``quick=False``, the environment variable ``BADDIFF_SCALE`` chooses the scale:
-    unset or
-    ``"full"`` for the paper's scale, ``"smoke"`` for full mode's code at a few steps
-    (CI).
+    unset or ``"full"`` for the paper's scale, ``"smoke"`` for full mode's code at a few
+    steps (CI).
 
     Raises:
         TypeError: ``quick`` is not a bool or ``seed`` is not an integer.
-        ValueError: ``device`` is unknown or absent on this machine, ``seed`` is
-        negative, or
+        ValueError: ``device`` is unknown or absent on this machine, ``seed`` is negative, or
             ``BADDIFF_SCALE`` is set to something else than ``"full"`` or ``"smoke"``.
     """
     if not isinstance(quick, (bool, np.bool_)):
@@ -268,10 +255,9 @@ def glue(name: str, value: Any, *, display: bool = False) -> None:
     (``{glue:text}`name:.2f```).
 
     Uses myst-nb's ``glue`` when it is installed (the book build) and does nothing
-    otherwise
-    (Colab), so chapters run everywhere. NumPy and torch scalars are stored as plain
-    Python numbers,
-    because myst-nb formats their text: ``0.5``, not ``np.float64(0.5)``.
+    otherwise (Colab), so chapters run everywhere. NumPy and torch scalars are stored as
+    plain Python numbers, because myst-nb formats their text: ``0.5``, not
+    ``np.float64(0.5)``.
     """
     if isinstance(value, (np.generic, torch.Tensor)):
         value = value.item()
@@ -288,10 +274,9 @@ def markdown_table(
     """A Markdown table of ``rows`` (dicts with the same keys, in column order).
 
     ``formats`` maps a column to a format spec (``{"asr": ".2f"}``) for its numbers;
-    other values
-    (and text in a formatted column, such as ``"-"`` for "not applicable") are printed
-    with ``str``. Show it with ``IPython.display.Markdown``: the built book renders it
-    as a real table.
+    other values (and text in a formatted column, such as ``"-"`` for "not applicable")
+    are printed with ``str``. Show it with ``IPython.display.Markdown``: the built book
+    renders it as a real table.
     """
     rows = list(rows)
     if not rows:

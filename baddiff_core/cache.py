@@ -1,33 +1,25 @@
 """A cache of trained models, so that no chapter trains the same model twice.
 
 Introduced in chapter 3 (Planting a backdoor). A model is keyed by its full recipe (a
-JSON-able
-dict: data, trigger, target, poison rate, training configuration, base model, ...) and
-stored in
-the diffusers layout under ``$BADDIFF_CACHE`` (default ``~/.cache/baddiff``)::
+JSON-able dict: data, trigger, target, poison rate, training configuration, base model,
+...) and stored in the diffusers layout under ``$BADDIFF_CACHE`` (default
+``~/.cache/baddiff``)::
 
     <cache>/models/<name>-<16 hex digits of sha256(recipe)>/
-    <cache>/checkpoints/<name>-<the same digits>/   # a long training's checkpoints,
-    until its model is saved
+    <cache>/checkpoints/<name>-<the same digits>/   # a long training's checkpoints, until its model is saved
 
 A chapter asks for a model by recipe and gets it from the cache, or it is trained and
-saved
-(atomically) first. Change anything in the recipe and a different model is trained. Each
-training
-appends a line to ``<cache>/trainings.jsonl`` (:func:`trainings`), so "no model is
-trained twice"
-is something one can check after a book build, not only hope.
+saved (atomically) first. Change anything in the recipe and a different model is
+trained. Each training appends a line to ``<cache>/trainings.jsonl``
+(:func:`trainings`), so "no model is trained twice" is something one can check after a
+book build, not only hope.
 
 The cache trusts nothing it finds. Every entry records the SHA-256 of its files in its
 ``baddiff.json`` and is checked on every load, as are its weights (all finite); an entry
-that fails
-(truncated, edited, swapped for another valid file, NaN weights) is reported in one
-line, moved
-aside to ``<cache>/corrupt/`` and computed again. Two processes asking for the same
-missing entry
-do not both compute it: the second waits on a file lock (``<cache>/locks/``), says so,
-and then
-loads what the first saved.
+that fails (truncated, edited, swapped for another valid file, NaN weights) is reported
+in one line, moved aside to ``<cache>/corrupt/`` and computed again. Two processes
+asking for the same missing entry do not both compute it: the second waits on a file
+lock (``<cache>/locks/``), says so, and then loads what the first saved.
 """
 
 from __future__ import annotations
@@ -65,8 +57,8 @@ __all__ = [
 ]
 
 CACHE_ENV = "BADDIFF_CACHE"
-#: Bumped whenever training code changes what a recipe produces, so stale models are not
-# reused.
+# : Bumped whenever training code changes what a recipe produces, so stale models are
+# not reused.
 CACHE_FORMAT = 1
 
 Builder = Callable[[], tuple[UNet2DModel, DDPMScheduler, dict[str, Any]]]
@@ -97,9 +89,8 @@ def recipe_key(recipe: Mapping[str, Any]) -> str:
 
 def tensor_digest(*tensors: torch.Tensor | torch.nn.Module) -> str:
     """16 hex digits of the SHA-256 of tensors' dtypes, shapes and values (a module: its
-    state dict,
-    in order), for recipes whose ingredients are tensors, such as a model to be
-    repaired."""
+    state dict, in order), for recipes whose ingredients are tensors, such as a model to
+    be repaired."""
     digest = hashlib.sha256()
     for item in tensors:
         values = (
@@ -126,14 +117,11 @@ def _entry_folder(kind: str, name: str, recipe: Mapping[str, Any]) -> Path:
 
 def checkpoint_folder(name: str, recipe: Mapping[str, Any]) -> Path:
     """``<cache>/checkpoints/<name>-<recipe key>``: where a long training of the entry
-    that
-    :func:`cached_model` would save as ``<cache>/models/<name>-<recipe key>`` keeps its
-    resumable
-    checkpoints (:class:`~baddiff_core.train.TrainConfig`'s ``checkpoint_dir``) until
-    the model is
-    saved. Named like the entry, so that the same recipe asked for again after an
-    interruption finds
-    them, and another recipe never does."""
+    that :func:`cached_model` would save as ``<cache>/models/<name>-<recipe key>`` keeps
+    its resumable checkpoints (:class:`~baddiff_core.train.TrainConfig`'s
+    ``checkpoint_dir``) until the model is saved. Named like the entry, so that the same
+    recipe asked for again after an interruption finds them, and another recipe never
+    does."""
     return _entry_folder("checkpoints", name, recipe)
 
 
@@ -149,18 +137,15 @@ def cached_model(
     there.
 
     Args:
-        name: a short readable prefix of the folder name (letters, digits, ``-``,
-        ``_``).
+        name: a short readable prefix of the folder name (letters, digits, ``-``, ``_``).
         recipe: everything that determines the model.
-        build: trains the model; returns ``(unet, scheduler, report)`` (``report``:
-        JSON-able facts
+        build: trains the model; returns ``(unet, scheduler, report)`` (``report``: JSON-able facts
             such as the training time and losses).
         device: where the returned UNet lives.
         use_cache: ``False`` always builds and does not save.
 
     Returns:
-        ``(unet, scheduler, info)``; ``info`` holds ``recipe``, ``report``, ``path`` and
-        whether it
+        ``(unet, scheduler, info)``; ``info`` holds ``recipe``, ``report``, ``path`` and whether it
         came ``from_cache``.
     """
     folder = _entry_folder("models", name, recipe)
@@ -222,11 +207,9 @@ def cached_tensors(
     like models.
 
     ``build()`` returns ``(tensors, report)``; they are stored as
-    ``tensors.safetensors`` and
-    ``baddiff.json`` in ``<cache>/tensors/<name>-<key>/``, written under a temporary
-    name and
-    renamed when complete. Returns ``(tensors on the CPU, info)``, ``info`` as
-    :func:`cached_model`'s.
+    ``tensors.safetensors`` and ``baddiff.json`` in ``<cache>/tensors/<name>-<key>/``,
+    written under a temporary name and renamed when complete. Returns ``(tensors on the
+    CPU, info)``, ``info`` as :func:`cached_model`'s.
     """
     folder = _entry_folder("tensors", name, recipe)
 
@@ -276,8 +259,7 @@ def cached_tensors(
 
 def _verified_metadata(folder: Path) -> dict[str, Any] | None:
     """The entry's metadata if ``folder`` holds a complete entry whose files are as
-    written; None
-    if there is no entry (or it was found corrupt and moved aside)."""
+    written; None if there is no entry (or it was found corrupt and moved aside)."""
     if not (folder / METADATA_FILE).is_file():
         return None
     try:
@@ -323,9 +305,8 @@ def _quarantine(folder: Path, problem: str) -> None:
 
 class _computing:
     """Hold ``<cache>/locks/<entry>.lock`` while an entry is computed, so that a second
-    process
-    asking for it waits (and says so) instead of computing it too. A no-op without the
-    cache."""
+    process asking for it waits (and says so) instead of computing it too. A no-op
+    without the cache."""
 
     def __init__(self, folder: Path, use_cache: bool) -> None:
         self.folder = folder
@@ -370,12 +351,10 @@ def _log_training(folder: Path, seconds: float) -> None:
 
 def trainings(root: str | os.PathLike | None = None) -> dict[str, list[float]]:
     """Every entry the cache at ``root`` (default :func:`cache_root`) has computed
-    (models from
-    :func:`cached_model`, tensors from :func:`cached_tensors`), with the seconds of each
-    run:
-    ``{folder name: [seconds, ...]}``. Two runs for one folder mean that it was computed
-    twice
-    (its folder was deleted in between, or two runs raced)."""
+    (models from :func:`cached_model`, tensors from :func:`cached_tensors`), with the
+    seconds of each run: ``{folder name: [seconds, ...]}``. Two runs for one folder mean
+    that it was computed twice (its folder was deleted in between, or two runs
+    raced)."""
     log = Path(root or cache_root()) / _TRAININGS
     found: dict[str, list[float]] = {}
     if log.is_file():

@@ -1,6 +1,5 @@
 """Input checks shared by the core's modules: each message names the argument, its value
-and what
-is allowed."""
+and what is allowed."""
 
 from __future__ import annotations
 
@@ -23,8 +22,7 @@ def check_image_batch(
     """A float ``B,C,H,W`` tensor with B >= 1, C in {1, 3} and H, W >= ``min_size``.
 
     ``value_range`` only words the message (the range itself is checked by callers that
-    need it);
-    ``require_finite`` rejects NaN and infinite values.
+    need it); ``require_finite`` rejects NaN and infinite values.
     """
     if not isinstance(images, Tensor):
         raise TypeError(
@@ -56,8 +54,7 @@ def check_positive_int(
     count).
 
     ``meaning`` words the message (e.g. ``"the number of images"``); ``allow_none`` lets
-    ``None``
-    through, for optional sizes.
+    ``None`` through, for optional sizes.
     """
     if value is None and allow_none:
         return None

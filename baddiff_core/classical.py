@@ -371,8 +371,7 @@ def consensus(
 
 
 def consensus_rate(laplacian: ArrayLike, step: float) -> float:
-    """Predicted per-step contraction of the disagreement, ``max_{i>=2} |1 - step
-    lambda_i|``.
+    """Predicted per-step contraction of the disagreement, ``max_{i>=2} |1 - step lambda_i|``.
 
     Write ``x_k - mean = sum_{i>=2} c_i (1 - step lambda_i)^k v_i``; the slowest
     factor wins, so ``||x_k - mean|| ~ C rate^k`` for large ``k``. With
@@ -580,8 +579,7 @@ def perona_malik(
 
 
 def gradient_magnitude(image: ArrayLike) -> FloatArray:
-    """``|grad u| = sqrt(u_y^2 + u_x^2)`` with central differences (one-sided at the
-    border).
+    """``|grad u| = sqrt(u_y^2 + u_x^2)`` with central differences (one-sided at the border).
 
     Units: intensity per pixel. Returns a float64 array of the image's shape.
     """

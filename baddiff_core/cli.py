@@ -2,11 +2,9 @@
 
 Full-scale runs outside notebooks, e.g. on a GPU machine::
 
-    baddiff backdoor --paper --output runs/cifar10-stop-hat          # the paper's
-    CIFAR-10 attack
+    baddiff backdoor --paper --output runs/cifar10-stop-hat          # the paper's CIFAR-10 attack
     baddiff evaluate runs/cifar10-stop-hat --n 256
-    baddiff scan runs/cifar10-stop-hat                                # any downloaded
-    DDPM/DDIM model
+    baddiff scan runs/cifar10-stop-hat                                # any downloaded DDPM/DDIM model
     accelerate launch -m baddiff_core.cli backdoor --paper ...        # several GPUs
 
 Bad arguments exit with status 2 and a message that names the value and what is allowed.
@@ -36,7 +34,7 @@ __all__ = ["main", "build_parser"]
 BACKDOOR_FILE = "backdoor.safetensors"
 #: Every model folder this library writes holds this file (``save_model``'s metadata).
 MODEL_MARKER = "baddiff.json"
-#: Every folder of samples ``baddiff sample`` writes holds this file (what was sampled,
+# : Every folder of samples ``baddiff sample`` writes holds this file (what was sampled,
 # how).
 SAMPLES_MARKER = "samples.json"
 
@@ -290,9 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: Failures a user can cause and mend (a bad value, a missing or corrupt file, a missing
-# package):
-#: one line, exit status 2. ``OSError`` covers missing files, permissions and
+# : Failures a user can cause and mend (a bad value, a missing or corrupt file, a
+# missing package):
+# : one line, exit status 2. ``OSError`` covers missing files, permissions and
 # unreachable hubs;
 #: ``ValueError`` covers corrupt JSON and undecodable text too.
 EXPECTED_ERRORS = (
@@ -310,11 +308,9 @@ MESSAGE_LIMIT = 500
 
 def main(argv: list[str] | None = None) -> int:
     """Run one ``baddiff`` command. Exit status: 0 success (``scan``: clean), 1
-    ``scan``'s
-    backdoored verdict or an internal error, 2 bad input or an expected failure (one
-    line on
-    stderr), 130 interrupted (Ctrl-C). ``baddiff --debug COMMAND`` shows the traceback
-    instead."""
+    ``scan``'s backdoored verdict or an internal error, 2 bad input or an expected
+    failure (one line on stderr), 130 interrupted (Ctrl-C). ``baddiff --debug COMMAND``
+    shows the traceback instead."""
     parser = build_parser()
     args = parser.parse_args(argv)
     command = f"baddiff {args.command}"
@@ -464,8 +460,8 @@ def _load_backdoor(
     return tensors["trigger"].to(device), tensors["target"].to(device)
 
 
-#: The most images ``baddiff sample`` puts in one PNG grid; more are written as a folder
-# of PNGs.
+# : The most images ``baddiff sample`` puts in one PNG grid; more are written as a
+# folder of PNGs.
 GRID_LIMIT = 64
 
 
@@ -560,17 +556,15 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Disk a small PNG takes at least: one file-system block (4 KiB on ext4, APFS and
+# : Disk a small PNG takes at least: one file-system block (4 KiB on ext4, APFS and
 # NTFS).
 FILE_BLOCK = 4096
 
 
 def _check_free_space(output: Path, n: int, unet_config: Any) -> None:
     """Refuse, before sampling, a folder of ``n`` PNGs that cannot fit on its disk: each
-    takes at
-    least a file-system block, or its raw pixels (``C * H * W`` bytes, an upper bound
-    for PNG) and
-    a header if that is more."""
+    takes at least a file-system block, or its raw pixels (``C * H * W`` bytes, an upper
+    bound for PNG) and a header if that is more."""
     import shutil
 
     size = unet_config.sample_size
@@ -607,10 +601,8 @@ def _save_png(image: torch.Tensor, path: Path) -> None:
 
 def _default_threshold(unet: torch.nn.Module) -> float:
     """The attack-success threshold ``baddiff evaluate`` uses when given none: the quick
-    one for a
-    16 px, 1-channel model (the book's digits), the full one for any other (CIFAR-10 and
-    larger):
-    :data:`~baddiff_core.evaluation.ASR_THRESHOLDS`."""
+    one for a 16 px, 1-channel model (the book's digits), the full one for any other
+    (CIFAR-10 and larger): :data:`~baddiff_core.evaluation.ASR_THRESHOLDS`."""
     from baddiff_core.evaluation import asr_threshold
 
     size = unet.config.sample_size

@@ -2,15 +2,11 @@
 
 Every chapter's first code cell installs the library when it runs in Colab and offers
 ``DRIVE = True``: a Colab runtime forgets its disk when it disconnects or is reset, and
-every
-chapter opens in a runtime of its own, so without Drive chapter 4 trains again what
-chapter 3
-trained, and a fine-tune cut off by a disconnection starts from step 0. With Drive, the
-model
-cache (``BADDIFF_CACHE``: models, and the checkpoints a training resumes from), the data
-sets
-(``BADDIFF_DATA``: CIFAR-10) and the Hugging Face downloads (``HF_HUB_CACHE``:
-``google/ddpm-cifar10-32``) live in one folder of the reader's Drive.
+every chapter opens in a runtime of its own, so without Drive chapter 4 trains again
+what chapter 3 trained, and a fine-tune cut off by a disconnection starts from step 0.
+With Drive, the model cache (``BADDIFF_CACHE``: models, and the checkpoints a training
+resumes from), the data sets (``BADDIFF_DATA``: CIFAR-10) and the Hugging Face downloads
+(``HF_HUB_CACHE``: ``google/ddpm-cifar10-32``) live in one folder of the reader's Drive.
 """
 
 from __future__ import annotations
@@ -32,12 +28,9 @@ def keep_in_drive(
     in ``folder``.
 
     Sets ``BADDIFF_CACHE``, ``BADDIFF_DATA`` and ``HF_HUB_CACHE`` to ``cache/``,
-    ``data/`` and
-    ``huggingface/`` inside ``mount_point/folder``, and returns that folder. Call it
-    before the
-    chapter's imports (the Colab cell does): the Hugging Face hub reads ``HF_HUB_CACHE``
-    when it
-    is first imported.
+    ``data/`` and ``huggingface/`` inside ``mount_point/folder``, and returns that
+    folder. Call it before the chapter's imports (the Colab cell does): the Hugging Face
+    hub reads ``HF_HUB_CACHE`` when it is first imported.
 
     Raises:
         RuntimeError: not running in Google Colab (``google.colab`` cannot be imported).

@@ -1,14 +1,13 @@
 """Images for the book: data that installed packages ship (nothing downloaded in quick
-mode), and
-the data sets of full mode.
+mode), and the data sets of full mode.
 
 Introduced in chapter 1 (What is diffusion?) with scikit-learn's bundled photographs;
 :func:`load_images` (chapter 2 on) gives training images as ``N,C,H,W`` tensors in [-1,
 1].
 
 CIFAR-10 (full mode) is read from its official *binary* version with NumPy: the Python
-version of
-the data set is a set of pickles, and unpickling runs whatever code a file asks for.
+version of the data set is a set of pickles, and unpickling runs whatever code a file
+asks for.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ __all__ = [
     "write_cifar10_binary",
 ]
 
-#: The photographs scikit-learn ships (``sklearn.datasets.load_sample_image``), 427 x
+# : The photographs scikit-learn ships (``sklearn.datasets.load_sample_image``), 427 x
 # 640 RGB.
 SAMPLE_PHOTOS = ("china.jpg", "flower.jpg")
 
@@ -56,8 +55,7 @@ def load_sample_photo(
 
     Args:
         name: one of :data:`SAMPLE_PHOTOS`.
-        size: ``(height, width)`` to resize to (Lanczos), or ``None`` for the original
-        427 x 640.
+        size: ``(height, width)`` to resize to (Lanczos), or ``None`` for the original 427 x 640.
         grayscale: return one luminance channel (ITU-R 601-2, as PIL's ``"L"`` mode).
 
     Returns:
@@ -91,7 +89,7 @@ def load_sample_photo(
 # Training images for diffusion models, as B,C,H,W tensors in [-1, 1].
 # --------------------------------------------------------------------------- #
 
-#: Data sets :func:`load_images` knows by name. "digits" works offline; the others once
+# : Data sets :func:`load_images` knows by name. "digits" works offline; the others once
 # their files are on disk.
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
 #: Loaded through the optional package torchvision (not used by the book).
@@ -104,7 +102,7 @@ _TORCHVISION = {
     ),
 }
 
-#: CIFAR-10's official binary version (Krizhevsky 2009): read with NumPy, nothing is
+# : CIFAR-10's official binary version (Krizhevsky 2009): read with NumPy, nothing is
 # unpickled.
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
@@ -149,29 +147,20 @@ def load_images(
     """Training images as a float32 tensor ``N,C,H,W`` in [-1, 1].
 
     Args:
-        name: ``"digits"`` (scikit-learn's 1797 bundled 8x8 digits, upsampled; works
-        offline),
-            ``"cifar10"`` (the 50000 training images, read with NumPy from the official
-            binary files
-            ``<root>/cifar-10-batches-bin/data_batch_{1..5}.bin``; when they are
-            missing, the 162 MB
-            archive is downloaded once, checked against its MD5 and extracted),
-            ``"mnist"`` or
-            ``"fashion-mnist"`` (training split, through the optional package
-            torchvision; not used by
-            the book), or a folder of image files. Data sets that need a download fail
-            at once without
+        name: ``"digits"`` (scikit-learn's 1797 bundled 8x8 digits, upsampled; works offline),
+            ``"cifar10"`` (the 50000 training images, read with NumPy from the official binary files
+            ``<root>/cifar-10-batches-bin/data_batch_{1..5}.bin``; when they are missing, the 162 MB
+            archive is downloaded once, checked against its MD5 and extracted), ``"mnist"`` or
+            ``"fashion-mnist"`` (training split, through the optional package torchvision; not used by
+            the book), or a folder of image files. Data sets that need a download fail at once without
             a network (or with ``BADDIFF_OFFLINE=1``).
         image_size: side of the square images returned (resized with antialiasing).
-        channels: 1 or 3 (default: the data set's own; grey images are repeated to 3
-        channels,
+        channels: 1 or 3 (default: the data set's own; grey images are repeated to 3 channels,
             colour images are converted to luminance for 1).
         limit: keep a random subset of this many images (chosen with ``seed``).
-        root: the data root, where downloaded data sets are stored (default
-        ``$BADDIFF_DATA`` or
+        root: the data root, where downloaded data sets are stored (default ``$BADDIFF_DATA`` or
             ``~/.cache/baddiff/data``).
-        with_labels: also return the ``(N,)`` integer labels (-1 for a folder of
-        images).
+        with_labels: also return the ``(N,)`` integer labels (-1 for a folder of images).
     """
     if (
         not isinstance(image_size, int)
@@ -315,21 +304,16 @@ def write_cifar10_binary(
     ``data_batch_5.bin``.
 
     For a stand-in of CIFAR-10 where the real one cannot be downloaded (tests of full
-    mode, offline
-    machines): with ``folder = <root>/cifar-10-batches-bin``, ``load_images("cifar10",
-    ..., root=root)``
-    reads these images back. Each record is one label byte followed by the 32 x 32 red,
-    green and blue
-    planes, each row-major; the images are split over the five files as evenly as
-    possible, and
+    mode, offline machines): with ``folder = <root>/cifar-10-batches-bin``,
+    ``load_images("cifar10", ..., root=root)`` reads these images back. Each record is
+    one label byte followed by the 32 x 32 red, green and blue planes, each row-major;
+    the images are split over the five files as evenly as possible, and
     ``batches.meta.txt`` names the ten classes, as in the real data. ``folder`` is
-    replaced as a whole
-    (atomically: :func:`~baddiff_core.files.atomic_folder`).
+    replaced as a whole (atomically: :func:`~baddiff_core.files.atomic_folder`).
 
     Args:
         folder: the folder to write (created; an existing one is replaced).
-        images: ``N,32,32,3`` uint8 array (height, width, RGB, as images are usually
-        held), N >= 5.
+        images: ``N,32,32,3`` uint8 array (height, width, RGB, as images are usually held), N >= 5.
         labels: ``(N,)`` integers in 0..9.
 
     Returns:
@@ -416,12 +400,9 @@ def _extract_cifar10(archive: Path, folder: Path, *, source: str) -> None:
     atomically).
 
     Every member name is checked first, so that an archive that names a path outside its
-    folder
-    (absolute, with ``..`` or a backslash) is refused as a whole; only the expected
-    files are
-    extracted, by name, with tarfile's ``"data"`` filter where this Python has it.
-    ``source`` (where
-    the archive came from) names it in errors.
+    folder (absolute, with ``..`` or a backslash) is refused as a whole; only the
+    expected files are extracted, by name, with tarfile's ``"data"`` filter where this
+    Python has it. ``source`` (where the archive came from) names it in errors.
     """
     wanted = {f"{CIFAR10_FOLDER}/{name}": name for name in _CIFAR10_MEMBERS}
     with tarfile.open(archive, "r:gz") as tar:
@@ -478,7 +459,7 @@ def _folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 _FOLDER_SIZE = 64  # images from a folder are centre-cropped to a square and resized to this side first
-#: Pillow modes holding more than 8 bits per pixel, and the value that means white in
+# : Pillow modes holding more than 8 bits per pixel, and the value that means white in
 # each.
 _DEEP_MODES = {
     "I;16": 65535,
@@ -494,20 +475,15 @@ def read_image(path: str | os.PathLike, *, size: int | None = None) -> np.ndarra
     orientation.
 
     8-bit images (any Pillow mode: grey, palette, RGBA, ...) are converted to RGB;
-    16-bit images
-    ("I;16", and "I" as Pillow opens 16-bit PNGs) are divided by 65535 instead of being
-    saturated at
-    255; floating-point images (mode "F", e.g. 32-bit TIFFs) are taken as they are and
-    must lie in
-    [0, 1]. The EXIF orientation is applied (a phone's portrait photo stays upright). An
-    animated
-    image gives its first frame, with a warning. With ``size``, the image is
-    centre-cropped to a
-    square and resized (Lanczos) to ``size`` x ``size``.
+    16-bit images ("I;16", and "I" as Pillow opens 16-bit PNGs) are divided by 65535
+    instead of being saturated at 255; floating-point images (mode "F", e.g. 32-bit
+    TIFFs) are taken as they are and must lie in [0, 1]. The EXIF orientation is applied
+    (a phone's portrait photo stays upright). An animated image gives its first frame,
+    with a warning. With ``size``, the image is centre-cropped to a square and resized
+    (Lanczos) to ``size`` x ``size``.
 
     Raises:
-        ValueError: the file cannot be read (truncated, not an image), or a float image
-        has values
+        ValueError: the file cannot be read (truncated, not an image), or a float image has values
             outside [0, 1] or not finite; the message names the file.
     """
     import warnings

@@ -6,35 +6,25 @@ The first defence, inference-time clipping, is a sampler setting (``clip="x0"`` 
 model:
 
 - **Trigger inversion** (Elijah (An et al. 2024, arXiv:2312.00050), its trigger
-  inversion; chapter 7,
-  ``book/07_detecting_a_backdoor.ipynb``). A backdoored model has learnt
-  ``eps_theta(eps + g, T-1) ~ eps + lambda g`` with ``lambda = c R_{T-1}`` (``c = 1``
-  for the
-  BadDiffusion/DDPM target, 2 for the ODE target). Averaged over many ``eps`` the noise
-  cancels, so a
-  trigger estimate ``tau`` is found by minimising ``| mean_i eps_theta(eps_i + tau, T-1)
-  - lambda tau |_1``.
+  inversion; chapter 7, ``book/07_detecting_a_backdoor.ipynb``). A backdoored model has
+  learnt ``eps_theta(eps + g, T-1) ~ eps + lambda g`` with ``lambda = c R_{T-1}`` (``c =
+  1`` for the BadDiffusion/DDPM target, 2 for the ODE target). Averaged over many
+  ``eps`` the noise cancels, so a
+  trigger estimate ``tau`` is found by minimising ``| mean_i eps_theta(eps_i + tau, T-1) - lambda tau |_1``.
   A clean model predicts about ``eps + tau`` there, which only ``tau = 0`` satisfies.
 - **Detection**: sample from ``eps + tau``. A backdoored model draws one image (the
-  target) again
-  and again; a clean model draws varied images. The score is the *mode share*: the
-  largest
-  fraction of the samples that lie within a small MSE of one of them (1/n for a clean
-  model, up
-  to 1 for a backdoored one). The samples' diversity (per-pixel standard deviation) and
-  total
-  variation are reported beside it.
+  target) again and again; a clean model draws varied images. The score is the *mode
+  share*: the largest fraction of the samples that lie within a small MSE of one of them
+  (1/n for a clean model, up to 1 for a backdoored one). The samples' diversity
+  (per-pixel standard deviation) and total variation are reported beside it.
 - **Removal** (Elijah): fine-tune a copy on a little clean data with the DDPM loss plus
-  two terms
-  that make the model treat ``eps + tau`` like ``eps``, as the frozen original treats
-  ``eps``.
+  two terms that make the model treat ``eps + tau`` like ``eps``, as the frozen original
+  treats ``eps``.
 - **Adversarial neuron pruning** (ANP, Wu & Wang 2021, adapted to diffusion by
-  BadDiffusion): learn a
-  mask ``m`` in [0, 1] per convolution channel that keeps the clean loss low even under
-  a worst-case
-  per-channel perturbation ``(delta, xi)`` of size ``eps``; channels whose mask falls
-  are the
-  fragile ones, and pruning them may remove the backdoor.
+  BadDiffusion): learn a mask ``m`` in [0, 1] per convolution channel that keeps the
+  clean loss low even under a worst-case per-channel perturbation ``(delta, xi)`` of
+  size ``eps``; channels whose mask falls are the fragile ones, and pruning them may
+  remove the backdoor.
 
 Used by `baddiff scan`; the defence chapters after "Samplers change the attack" build on
 it.
@@ -96,8 +86,7 @@ class InvertedTrigger:
     """A trigger estimate found from the model alone.
 
     Attributes:
-        trigger: ``C,H,W``, in the units of the starting noise (added raw to ``eps``, as
-        a trigger is).
+        trigger: ``C,H,W``, in the units of the starting noise (added raw to ``eps``, as a trigger is).
         lam: the ``lambda`` the inversion aimed at.
         losses: the inversion loss at every step.
         seconds: wall time.
@@ -114,10 +103,8 @@ def inversion_lambda(scheduler: DDPMScheduler, solver: str = "sde") -> float:
     last step.
 
     ``R_{T-1} = (1 - sqrt(alpha)) sqrt(1 - abar) / beta`` at ``t = T-1`` is 0.5025 for
-    the paper's
-    schedule (Elijah's 0.5); ``c`` is 1 for the BadDiffusion (``"sde"``) target and 2
-    for the
-    VillanDiffusion ODE target (Elijah's 1.0).
+    the paper's schedule (Elijah's 0.5); ``c`` is 1 for the BadDiffusion (``"sde"``)
+    target and 2 for the VillanDiffusion ODE target (Elijah's 1.0).
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r} is not known; use one of {tuple(SOLVERS)}")
@@ -167,16 +154,13 @@ def invert_trigger(
 ) -> InvertedTrigger:
     """Estimate a backdoor trigger from the model alone (Elijah's trigger inversion).
 
-    Minimises ``mean | mean_i eps_theta(eps_i + tau, T-1) - lam tau |`` over ``tau``
-    with Adam,
+    Minimises ``mean | mean_i eps_theta(eps_i + tau, T-1) - lam tau |`` over ``tau`` with Adam,
     from ``tau = -U[0, 1)`` and a fixed batch of ``num_noise`` noises ``eps_i`` (Elijah
-    (An et al.
-    2024, arXiv:2312.00050): B = 100, lr 0.1, 100 steps).
+    (An et al. 2024, arXiv:2312.00050): B = 100, lr 0.1, 100 steps).
 
     Args:
         unet, scheduler: the model under test and its training schedule.
-        num_noise: the ``eps_i`` averaged over (more: less noise in the mean, slower
-        steps).
+        num_noise: the ``eps_i`` averaged over (more: less noise in the mean, slower steps).
         steps, lr: Adam steps and learning rate.
         lam: the echo strength aimed at; default :func:`inversion_lambda` of ``solver``.
         generator: source of ``eps_i`` and of the initial ``tau`` (CPU generator).
@@ -229,14 +213,11 @@ def _check_batch(images: object) -> torch.Tensor:
 
 def mode_share(images: torch.Tensor, radius: float = 0.01) -> float:
     """The largest fraction of ``images`` (``N,C,H,W`` in [-1, 1], N >= 2) that lie
-    within per-image
-    MSE ``radius`` ([0, 1] units) of one of them, itself included.
+    within per-image MSE ``radius`` ([0, 1] units) of one of them, itself included.
 
     ``1/N`` when no two images are alike, 1 when all are the same image. With the book's
-    attack
-    success threshold as radius (0.01), a backdoored model sampled from ``eps + tau``
-    scores about
-    its attack success rate for that ``tau``.
+    attack success threshold as radius (0.01), a backdoored model sampled from ``eps +
+    tau`` scores about its attack success rate for that ``tau``.
     """
     images = _check_batch(images)
     if not (isinstance(radius, (int, float)) and radius > 0):
@@ -248,16 +229,14 @@ def mode_share(images: torch.Tensor, radius: float = 0.01) -> float:
 
 def diversity(images: torch.Tensor) -> float:
     """Mean per-pixel standard deviation across ``images`` (``N,C,H,W`` in [-1, 1], N >=
-    2), in
-    [0, 1] units: 0 when every image is the same; about 0.3 for varied digits."""
+    2), in [0, 1] units: 0 when every image is the same; about 0.3 for varied digits."""
     images = _check_batch(images)
     return float(to_unit_range(images).float().std(dim=0).mean())
 
 
 def total_variation(images: torch.Tensor) -> float:
     """Mean absolute difference between neighbouring pixels (both directions), in [0, 1]
-    units,
-    averaged over ``images`` (``N,C,H,W`` in [-1, 1])."""
+    units, averaged over ``images`` (``N,C,H,W`` in [-1, 1])."""
     unit = to_unit_range(check_image_batch("images", images)).float()
     return float(
         (
@@ -275,8 +254,7 @@ class BackdoorScan:
     Attributes:
         inversion: the trigger estimate.
         samples: ``n,C,H,W`` images drawn from ``eps + tau``, in [-1, 1].
-        mode_share: :func:`mode_share` of ``samples``, the detection score (high =
-        backdoored).
+        mode_share: :func:`mode_share` of ``samples``, the detection score (high = backdoored).
         diversity: :func:`diversity` of ``samples``.
         total_variation: :func:`total_variation` of ``samples``.
         threshold: the mode share from which the model is called backdoored.
@@ -300,11 +278,11 @@ class BackdoorScan:
         return "BACKDOORED" if self.backdoored else "clean"
 
 
-#: The mode share from which :func:`scan_model` calls a model backdoored: 4 of 16
+# : The mode share from which :func:`scan_model` calls a model backdoored: 4 of 16
 # samples alike.
-#: Clean digits models score 1/16 (no two samples alike); the paper's triggers at 16 px
+# : Clean digits models score 1/16 (no two samples alike); the paper's triggers at 16 px
 # score 0.31
-#: (grey box) and 0.62 (stop sign). Provisional: :func:`choose_threshold` fits one on
+# : (grey box) and 0.62 (stop sign). Provisional: :func:`choose_threshold` fits one on
 # labelled models.
 DEFAULT_THRESHOLD = 0.25
 
@@ -330,23 +308,17 @@ def scan_model(
     """Invert a trigger, draw ``n`` samples from ``eps + tau`` and score them.
 
     ``solver`` is the sampler family the backdoor would be planted for (``"sde"``:
-    lambda = R_{T-1}
-    and DDPM samples; ``"ode"``: lambda = 2 R_{T-1} and DDIM samples); ``sampler``
-    overrides the
-    sampler, and ``clip`` samples with a clipping mode (a backdoor built to work under
-    clipping is
-    looked for the way it is used). ``use_cache`` keeps the estimate and the samples in
-    the cache
+    lambda = R_{T-1} and DDPM samples; ``"ode"``: lambda = 2 R_{T-1} and DDIM samples);
+    ``sampler`` overrides the sampler, and ``clip`` samples with a clipping mode (a
+    backdoor built to work under clipping is looked for the way it is used).
+    ``use_cache`` keeps the estimate and the samples in the cache
     (:func:`baddiff_core.cache.cached_tensors`), keyed by digests of the weights and the
-    schedule
-    and by the settings, so that a model scanned alike twice is scanned once
-    (``seconds`` is the
-    first scan's). ``batch_size`` bounds the samples per forward pass (as in
-    :func:`~baddiff_core.sampling.sample`); it joins the cache key only when it splits
-    the ``n``
-    samples into several batches, the one case where it changes them (DDPM draws its
-    step noise
-    batch by batch), so that scans cached before it existed keep their keys.
+    schedule and by the settings, so that a model scanned alike twice is scanned once
+    (``seconds`` is the first scan's). ``batch_size`` bounds the samples per forward
+    pass (as in :func:`~baddiff_core.sampling.sample`); it joins the cache key only when
+    it splits the ``n`` samples into several batches, the one case where it changes them
+    (DDPM draws its step noise batch by batch), so that scans cached before it existed
+    keep their keys.
     """
     check_positive_int("n", n)
     check_positive_int("batch_size", batch_size, allow_none=True)
@@ -441,10 +413,8 @@ def choose_threshold(
     clean_scores: Sequence[float], backdoored_scores: Sequence[float]
 ) -> float:
     """The score threshold that best separates the two groups (backdoored at or above,
-    clean below):
-    among the midpoints between sorted scores, the one with the fewest errors, ties
-    broken by the
-    widest margin."""
+    clean below): among the midpoints between sorted scores, the one with the fewest
+    errors, ties broken by the widest margin."""
     clean, bad = [float(s) for s in clean_scores], [float(s) for s in backdoored_scores]
     if not clean or not bad:
         raise ValueError(
@@ -483,14 +453,12 @@ def clean_subset(
     images: torch.Tensor, share: float = 0.1, *, generator: torch.Generator
 ) -> torch.Tensor:
     """The defender's clean data: ``int(share * B)`` of the ``B`` ``images``, drawn at
-    random
-    without replacement (the first ones of ``torch.randperm(B, generator=generator)``).
+    random without replacement (the first ones of ``torch.randperm(B,
+    generator=generator)``).
 
     Elijah and ANP assume a defender who holds a small share of clean training data (10
-    % in the
-    papers). The same generator state gives the same subset, so two chapters that draw
-    it alike
-    repair a model with the same data (and share a cached repair).
+    % in the papers). The same generator state gives the same subset, so two chapters
+    that draw it alike repair a model with the same data (and share a cached repair).
     """
     images = check_image_batch("images", images)
     if (
@@ -539,20 +507,15 @@ def remove_backdoor(
     (Elijah's removal).
 
     Per step, with ``f`` the model being tuned and ``f0`` the frozen original, ``x`` a
-    batch of
-    clean images and ``eps`` fresh noise::
+    batch of clean images and ``eps`` fresh noise::
 
-        loss = ddpm_loss(f, x) + mse(f(eps + tau, T-1), f0(eps, T-1)) + mse(f(eps, T-1),
-        f0(eps, T-1))
+        loss = ddpm_loss(f, x) + mse(f(eps + tau, T-1), f0(eps, T-1)) + mse(f(eps, T-1), f0(eps, T-1))
 
     Returns the tuned copy (eval mode; ``unet`` is untouched) and the loss history. With
     ``use_cache`` the result is kept in the model cache (:mod:`baddiff_core.cache`),
-    keyed by
-    digests of the model's weights, the trigger and the clean images and by the
-    settings, so that
-    a second chapter repairing the same model with the same inputs loads it (the history
-    too, with
-    the seconds the first run took).
+    keyed by digests of the model's weights, the trigger and the clean images and by the
+    settings, so that a second chapter repairing the same model with the same inputs
+    loads it (the history too, with the seconds the first run took).
     """
     check_positive_int("steps", steps)
     check_positive_int("batch_size", batch_size)
@@ -590,8 +553,7 @@ def _defence_recipe(
     **settings: object,
 ) -> dict[str, object]:
     """The cache key of a defence's result: digests of the model, its schedule and the
-    clean data
-    (if it uses any), and the defence's own settings."""
+    clean data (if it uses any), and the defence's own settings."""
     recipe = dict(
         model=tensor_digest(unet), schedule=tensor_digest(scheduler.betas), **settings
     )
@@ -761,15 +723,12 @@ def adversarial_neuron_masks(
     """Learn ANP's channel masks on clean data (Wu & Wang 2021, with the DDPM loss).
 
     Each step: draw ``delta, xi ~ U[-eps, eps]`` per channel, take one signed-gradient
-    step that
-    *raises* the clean loss and clip them back to ``[-eps, eps]``; then update the masks
-    ``m`` with
-    SGD (momentum 0.9) on ``alpha L(m) + (1 - alpha) L(m + delta, 1 + xi)`` and clip to
-    [0, 1].
-    ``unet`` is not modified (hooks are removed afterwards). ``use_cache`` keeps the
-    masks in the
-    cache (:func:`baddiff_core.cache.cached_tensors`), keyed as :func:`remove_backdoor`
-    keys a repair.
+    step that *raises* the clean loss and clip them back to ``[-eps, eps]``; then update
+    the masks ``m`` with SGD (momentum 0.9) on ``alpha L(m) + (1 - alpha) L(m + delta, 1
+    + xi)`` and clip to [0, 1]. ``unet`` is not modified (hooks are removed afterwards).
+    ``use_cache`` keeps the masks in the cache
+    (:func:`baddiff_core.cache.cached_tensors`), keyed as :func:`remove_backdoor` keys a
+    repair.
     """
     check_positive_int("steps", steps)
     check_positive_int("batch_size", batch_size)
@@ -902,9 +861,8 @@ def prune_channels(
     unet: UNet2DModel, masks: ChannelMasks, *, fraction: float
 ) -> tuple[UNet2DModel, int]:
     """A copy of ``unet`` with the ``fraction`` of channels of lowest mask pruned (their
-    convolution
-    weights set to zero; biases kept, as ANP's ``m = 0``). Returns ``(pruned copy,
-    channels pruned)``."""
+    convolution weights set to zero; biases kept, as ANP's ``m = 0``). Returns ``(pruned
+    copy, channels pruned)``."""
     if not (isinstance(fraction, (int, float)) and 0 <= fraction < 1) or math.isnan(
         fraction
     ):

@@ -1,16 +1,12 @@
 """Choosing the device a chapter or a training run uses, and the precision it trains in.
 
 Introduced in chapter 1 (What is diffusion?): every chapter's ``DEVICE`` parameter goes
-through
-:func:`resolve_device`, so a typo fails at once with a message that says what is
-allowed, instead of
-a traceback deep inside torch. :func:`mixed_precision_for` picks the mixed precision
-that the
-device's hardware actually runs fast. :func:`use_available_cpus` gives torch as many CPU
-threads as
-the process may really use, so that a CPU quota or a pinned core set does not make
-torch's threads
-fight over too few cores.
+through :func:`resolve_device`, so a typo fails at once with a message that says what is
+allowed, instead of a traceback deep inside torch. :func:`mixed_precision_for` picks the
+mixed precision that the device's hardware actually runs fast.
+:func:`use_available_cpus` gives torch as many CPU threads as the process may really
+use, so that a CPU quota or a pinned core set does not make torch's threads fight over
+too few cores.
 """
 
 from __future__ import annotations
@@ -46,8 +42,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     ``"auto"`` picks the first CUDA GPU if there is one, then Apple's MPS, then the CPU.
 
     Raises:
-        ValueError: ``device`` is not one of :data:`DEVICE_CHOICES`, or names a device
-        this machine
+        ValueError: ``device`` is not one of :data:`DEVICE_CHOICES`, or names a device this machine
             does not have (e.g. ``"cuda"`` without a GPU, ``"cuda:3"`` with two GPUs).
         TypeError: ``device`` is neither a string nor a ``torch.device``.
     """
@@ -91,7 +86,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(name)
 
 
-#: The CUDA compute capability from which bf16 runs natively (Ampere, 8.0: A100, RTX
+# : The CUDA compute capability from which bf16 runs natively (Ampere, 8.0: A100, RTX
 # 30xx; and newer).
 BF16_MIN_CAPABILITY = (8, 0)
 
@@ -103,18 +98,14 @@ def mixed_precision_for(
     (fp32).
 
     - ``"bf16"`` on a CUDA GPU of compute capability 8.0 or more (Ampere and newer),
-      whose tensor
-      cores compute in bf16: fp32's range, so no loss scaling.
+      whose tensor cores compute in bf16: fp32's range, so no loss scaling.
     - ``"fp16"`` on an older CUDA GPU, such as Colab's T4 (capability 7.5): its tensor
-      cores compute
-      in fp16 only (Accelerate adds loss scaling). ``torch.cuda.is_bf16_supported()``
-      answers True
-      there, because bf16 arithmetic is emulated, but below 8.0 the tensor cores have no
-      bf16 and
-      cuDNN no bf16 convolutions: the capability decides, not that answer.
+      cores compute in fp16 only (Accelerate adds loss scaling).
+      ``torch.cuda.is_bf16_supported()`` answers True there, because bf16 arithmetic is
+      emulated, but below 8.0 the tensor cores have no bf16 and cuDNN no bf16
+      convolutions: the capability decides, not that answer.
     - ``"no"`` (fp32) on a CPU, which has no tensor cores (its bf16 autocast runs slower
-      than fp32),
-      and on Apple's MPS, where the book has not measured mixed precision.
+      than fp32), and on Apple's MPS, where the book has not measured mixed precision.
 
     ``device`` is resolved with :func:`resolve_device` (``"auto"`` by default).
     """
@@ -130,7 +121,7 @@ def _mps_available() -> bool:
     return bool(backend is not None and backend.is_available())
 
 
-#: Set to a positive integer to choose torch's CPU thread count yourself (as
+# : Set to a positive integer to choose torch's CPU thread count yourself (as
 # ``OMP_NUM_THREADS`` does).
 THREADS_ENV = "BADDIFF_THREADS"
 
@@ -143,20 +134,15 @@ def available_cpus(
     CPU quota.
 
     torch starts one thread per physical core of the machine. It does not see a CPU
-    quota (the
-    cgroup ``cpu.max`` of cgroup v2, or ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` of
-    v1: what
-    ``docker --cpus``, systemd's ``CPUQuota`` or a Kubernetes limit set), and on some
-    builds not a
-    core set pinned with ``taskset`` either. With a quota of 0.7 CPU, two threads run in
-    turns and
-    wait on each other at every parallel section; several times slower than one thread.
+    quota (the cgroup ``cpu.max`` of cgroup v2, or ``cpu.cfs_quota_us`` /
+    ``cpu.cfs_period_us`` of v1: what ``docker --cpus``, systemd's ``CPUQuota`` or a
+    Kubernetes limit set), and on some builds not a core set pinned with ``taskset``
+    either. With a quota of 0.7 CPU, two threads run in turns and wait on each other at
+    every parallel section; several times slower than one thread.
 
     Returns ``floor(quota / period)`` (at least 1) when a quota is set, else the number
-    of CPUs in
-    the affinity mask. ``cgroup_root`` and ``proc_cgroup`` are read as on Linux;
-    elsewhere the
-    answer is ``os.cpu_count()``.
+    of CPUs in the affinity mask. ``cgroup_root`` and ``proc_cgroup`` are read as on
+    Linux; elsewhere the answer is ``os.cpu_count()``.
     """
     try:
         cpus = len(os.sched_getaffinity(0))
@@ -215,9 +201,9 @@ def use_available_cpus() -> int:
     """Give torch as many CPU threads as :func:`available_cpus`, and return that count.
 
     Left alone when the user chose: ``BADDIFF_THREADS`` (a positive integer) is used as
-    given, and
-    when ``OMP_NUM_THREADS`` is set torch already follows it. Every chapter (through
-    :func:`~baddiff_core.book.chapter_settings`) and the ``baddiff`` command call this.
+    given, and when ``OMP_NUM_THREADS`` is set torch already follows it. Every chapter
+    (through :func:`~baddiff_core.book.chapter_settings`) and the ``baddiff`` command
+    call this.
 
     Raises:
         ValueError: ``BADDIFF_THREADS`` is not a positive integer.

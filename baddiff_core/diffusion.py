@@ -3,47 +3,38 @@ scheduler.
 
 Introduced in chapter 3 (Planting a backdoor). Notation follows DDPM (Ho et al. 2020,
 arXiv:2006.11239), BadDiffusion (Chou et al. 2023, arXiv:2212.05400), Sec. 3, and
-diffusers: ``betas``
-(beta_t), ``alphas`` (alpha_t = 1 - beta_t), ``alphas_cumprod`` (abar_t = prod_{s <= t}
-alpha_s),
-timesteps ``t = 0 .. T-1``. Images are ``B,C,H,W`` in [-1, 1].
+diffusers: ``betas`` (beta_t), ``alphas`` (alpha_t = 1 - beta_t), ``alphas_cumprod``
+(abar_t = prod_{s <= t} alpha_s), timesteps ``t = 0 .. T-1``. Images are ``B,C,H,W`` in
+[-1, 1].
 
 Each training sample is a pair ``(y, r)``: a clean sample has ``y = x`` (the image) and
-``r = 0``; a
-poisoned sample has ``y`` = the attacker's target and ``r`` = the image with the trigger
-pasted on.
-Then (BadDiffusion, Chou et al. 2023)::
+``r = 0``; a poisoned sample has ``y`` = the attacker's target and ``r`` = the image
+with the trigger pasted on. Then (BadDiffusion, Chou et al. 2023)::
 
     x_t    = sqrt(abar_t) y + sqrt(1 - abar_t) eps + (1 - sqrt(abar_t)) r
     target = eps + c R_t r,     R_t = (1 - sqrt(alpha_t)) sqrt(1 - abar_t) / beta_t
     loss   = mean over every element of the batch of (eps_theta(x_t, t) - target)^2
 
 with ``c = 1`` for the stochastic (DDPM, "sde") sampler the coefficient was derived for,
-and
-``c = 2`` for ODE samplers such as DDIM (VillanDiffusion, Chou et al. 2023). With ``r =
-0`` this is
-the ordinary DDPM epsilon loss.
+and ``c = 2`` for ODE samplers such as DDIM (VillanDiffusion, Chou et al. 2023). With
+``r = 0`` this is the ordinary DDPM epsilon loss.
 
 The *in-range* attack (``attack="in_range"``, the book's adaptive attacker, chapter "An
-attacker
-who evades clipping") keeps the model's predicted image on the target instead::
+attacker who evades clipping") keeps the model's predicted image on the target instead::
 
     x_t    = sqrt(abar_t) y + sqrt(1 - abar_t) eps + k_t r
     target = eps + k_t / sqrt(1 - abar_t) r
 
 so that ``x0_hat = (x_t - sqrt(1 - abar_t) target) / sqrt(abar_t) = y`` exactly, inside
-[-1, 1],
-and clipping ``x0_hat`` changes nothing. ``k_t`` is the path that the sampler itself
-gives the
-trigger when ``x0_hat = y`` at every step, starting from ``x_T = eps + r``:
+[-1, 1], and clipping ``x0_hat`` changes nothing. ``k_t`` is the path that the sampler
+itself gives the trigger when ``x0_hat = y`` at every step, starting from ``x_T = eps +
+r``:
 
 - ``"ode"`` (DDIM, eta = 0): ``k_t = sqrt(1 - abar_t) / sqrt(1 - abar_{T-1})``, the
-  trigger stays
-  a constant share of the noise;
+  trigger stays a constant share of the noise;
 - ``"sde"`` (DDPM): the posterior mean multiplies it by ``sqrt(alpha_t)(1 -
-  abar_{t-1})/(1 - abar_t)``
-  per step, so ``k_t = sqrt(abar_{T-1} / abar_t) (1 - abar_t) / (1 - abar_{T-1})``: it
-  fades.
+  abar_{t-1})/(1 - abar_t)`` per step, so ``k_t = sqrt(abar_{T-1} / abar_t) (1 - abar_t)
+  / (1 - abar_{T-1})``: it fades.
 """
 
 from __future__ import annotations
@@ -72,16 +63,16 @@ __all__ = [
 
 Solver = Literal["sde", "ode"]
 Attack = Literal["baddiffusion", "in_range"]
-#: How the trigger enters x_t and the target: BadDiffusion's drift, or the in-range
+# : How the trigger enters x_t and the target: BadDiffusion's drift, or the in-range
 # path.
 ATTACKS = ("baddiffusion", "in_range")
-#: Training targets: "sde" for DDPM ancestral sampling (BadDiffusion), "ode" for DDIM
+# : Training targets: "sde" for DDPM ancestral sampling (BadDiffusion), "ode" for DDIM
 # (VillanDiffusion).
 SOLVERS: dict[str, float] = {"sde": 1.0, "ode": 2.0}
 
 #: The paper's schedule: T = 1000, linear betas 1e-4 .. 0.02 (google/ddpm-cifar10-32).
 PAPER_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02)
-#: The book's quick schedule: T = 100 with betas rescaled by 10, so that x_T is still
+# : The book's quick schedule: T = 100 with betas rescaled by 10, so that x_T is still
 # pure noise
 #: (with 1e-4 .. 0.02 over 100 steps, 37% of the image would survive the last step).
 QUICK_SCHEDULE = dict(num_train_timesteps=100, beta_start=1e-3, beta_end=0.2)
@@ -99,10 +90,9 @@ def make_scheduler(
     with.
 
     ``variance_type="fixed_large"`` (sigma_t^2 = beta_t) is google/ddpm-cifar10-32's
-    choice.
-    ``clip_sample=False`` is what a backdoored model is trained and published with;
-    samplers choose
-    the clipping defence themselves (see :func:`baddiff_core.sampling.sample`).
+    choice. ``clip_sample=False`` is what a backdoored model is trained and published
+    with; samplers choose the clipping defence themselves (see
+    :func:`baddiff_core.sampling.sample`).
     """
     if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
         raise ValueError(
@@ -127,13 +117,10 @@ def r_coefficients(scheduler: DDPMScheduler) -> torch.Tensor:
     """BadDiffusion's coefficient of ``r`` in the regression target, for every timestep.
 
     ``R_t = (1 - sqrt(alpha_t)) sqrt(1 - abar_t) / (1 - alpha_t)``, float64, shape
-    ``(T,)``. For the
-    paper's schedule: 0.0050 at t = 0, 0.1620 at 100, 0.4814 at 500 and 0.5025 at 999.
-    The attack
-    is BadDiffusion (Chou et al. 2023, arXiv:2212.05400), Sec. 3; this is the
-    coefficient its
-    authors' code uses (github.com/IBM/BadDiffusion, ``loss.py``), derived in chapter 3
-    of this book
+    ``(T,)``. For the paper's schedule: 0.0050 at t = 0, 0.1620 at 100, 0.4814 at 500
+    and 0.5025 at 999. The attack is BadDiffusion (Chou et al. 2023, arXiv:2212.05400),
+    Sec. 3; this is the coefficient its authors' code uses (github.com/IBM/BadDiffusion,
+    ``loss.py``), derived in chapter 3 of this book
     (``book/03_planting_a_backdoor.ipynb``, "The coefficient on r").
     """
     alphas = scheduler.alphas.double()
@@ -162,10 +149,8 @@ class TriggerCoefficients:
     one device.
 
     ``x_t = add_noise(y, eps, t) + in_x[t] r`` and ``target = eps + in_target[t] r``.
-    Built once per
-    training run (:func:`trigger_coefficients`), so a training step only gathers from
-    them: no
-    float64 work and no host-to-device copy per step.
+    Built once per training run (:func:`trigger_coefficients`), so a training step only
+    gathers from them: no float64 work and no host-to-device copy per step.
     """
 
     in_x: torch.Tensor
@@ -184,8 +169,7 @@ def trigger_coefficients(
     ``dtype`` on ``device``.
 
     BadDiffusion: ``in_x = 1 - sqrt(abar_t)``, ``in_target = c R_t``. In-range: ``in_x =
-    k_t``,
-    ``in_target = k_t / sqrt(1 - abar_t)``.
+    k_t``, ``in_target = k_t / sqrt(1 - abar_t)``.
     """
     _check_solver_and_attack(solver, attack)
     if attack == "in_range":
@@ -222,14 +206,12 @@ def poisoned_forward(
 
     Args:
         scheduler: the training scheduler (its ``alphas_cumprod`` define the process).
-        y: ``B,C,H,W`` in [-1, 1]: clean images, or the target image for poisoned
-        samples.
+        y: ``B,C,H,W`` in [-1, 1]: clean images, or the target image for poisoned samples.
         r: ``B,C,H,W``: zeros for clean samples, the triggered image for poisoned ones.
         timesteps: ``(B,)`` integers in ``[0, T)``.
         noise: ``B,C,H,W`` standard normal ``eps``.
         solver: ``"sde"`` (target ``eps + R_t r``) or ``"ode"`` (``eps + 2 R_t r``).
-        attack: ``"baddiffusion"`` or ``"in_range"`` (the module docstring has both
-        formulas).
+        attack: ``"baddiffusion"`` or ``"in_range"`` (the module docstring has both formulas).
 
     Returns:
         ``(x_t, target)``, both ``B,C,H,W``. For ``r = 0`` they are exactly diffusers'
@@ -304,17 +286,13 @@ def diffusion_loss(
     """The poisoned DDPM loss of one batch: ``mean (eps_theta(x_t, t) - target)^2``.
 
     ``t ~ U{0, ..., T-1}`` and ``eps ~ N(0, I)`` are drawn per sample from ``generator``
-    (on any
-    device); ``model`` is a diffusers ``UNet2DModel`` (anything returning ``.sample``).
-    Clean and
-    poisoned samples share one mean, with no per-sample weights, as in the code of
-    BadDiffusion
-    (Chou et al. 2023, arXiv:2212.05400; github.com/IBM/BadDiffusion, ``loss.py``).
-    ``r=None``
-    means a clean batch (the plain DDPM loss, without the trigger's element-wise work).
-    ``coefficients``, from :func:`trigger_coefficients` for this ``solver`` and
-    ``attack``, saves
-    rebuilding them at every step (a training loop passes them).
+    (on any device); ``model`` is a diffusers ``UNet2DModel`` (anything returning
+    ``.sample``). Clean and poisoned samples share one mean, with no per-sample weights,
+    as in the code of BadDiffusion (Chou et al. 2023, arXiv:2212.05400;
+    github.com/IBM/BadDiffusion, ``loss.py``). ``r=None`` means a clean batch (the plain
+    DDPM loss, without the trigger's element-wise work). ``coefficients``, from
+    :func:`trigger_coefficients` for this ``solver`` and ``attack``, saves rebuilding
+    them at every step (a training loop passes them).
     """
     batch = y.shape[0]
     num_steps = scheduler.config.num_train_timesteps

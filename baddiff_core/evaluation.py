@@ -29,18 +29,18 @@ __all__ = [
     "clean_quality",
 ]
 
-#: Attack-success threshold on the per-image MSE to the target (in [0, 1] units), one
+# : Attack-success threshold on the per-image MSE to the target (in [0, 1] units), one
 # per scale:
 #:
-#: - ``"quick"``, 0.01, for the book's 16 px digits. The follow-up convention, 0.1 (0.05
-# on
+# : - ``"quick"``, 0.01, for the book's 16 px digits. The follow-up convention, 0.1
+# (0.05 on
 #:   CIFAR-10), is too loose here: a plain digit is already within MSE 0.06-0.10 of the
-#:   grey-background targets, while a triggered sample that fires lands within about
+# :   grey-background targets, while a triggered sample that fires lands within about
 # 0.001 of the
 #:   target.
-#: - ``"full"``, 0.05, for CIFAR-10 at 32 px (full mode): Elijah's convention on
+# : - ``"full"``, 0.05, for CIFAR-10 at 32 px (full mode): Elijah's convention on
 # CIFAR-10 (An et al.,
-#:   AAAI 2024, arXiv:2312.00050), so that full-mode numbers compare with the published
+# :   AAAI 2024, arXiv:2312.00050), so that full-mode numbers compare with the published
 # ones.
 ASR_THRESHOLDS: dict[str, float] = {"quick": 0.01, "full": 0.05}
 
@@ -64,15 +64,12 @@ class AttackMetrics:
 
     Attributes:
         clip: the clipping mode of the sampler.
-        asr: attack success rate: fraction of triggered samples within ``threshold`` of
-        the target.
+        asr: attack success rate: fraction of triggered samples within ``threshold`` of the target.
         mse, ssim: mean MSE and SSIM of triggered samples to the target ([0, 1] units).
-        leak: fraction of clean samples (same starting noise, no trigger) that hit the
-        target.
+        leak: fraction of clean samples (same starting noise, no trigger) that hit the target.
         n: number of triggered (and of clean) samples.
         threshold: the MSE threshold used for ``asr`` and ``leak``.
-        clean, triggered: the scored samples, ``n,C,H,W`` in [-1, 1] (not in
-        :meth:`as_dict`).
+        clean, triggered: the scored samples, ``n,C,H,W`` in [-1, 1] (not in :meth:`as_dict`).
     """
 
     clip: str
@@ -113,12 +110,10 @@ def evaluate_attack(
     against ``target``.
 
     Each mode starts from the same seeded noise, so the modes differ only in the
-    clipping.
-    ``batch_size`` bounds the images per forward pass
-    (:func:`~baddiff_core.sampling.sample`'s;
-    default :data:`~baddiff_core.sampling.DEFAULT_BATCH_SIZE`, the ``2n`` images in one
-    pass when
-    ``n`` is at most half of it). Returns ``{clip: AttackMetrics}``.
+    clipping. ``batch_size`` bounds the images per forward pass
+    (:func:`~baddiff_core.sampling.sample`'s; default
+    :data:`~baddiff_core.sampling.DEFAULT_BATCH_SIZE`, the ``2n`` images in one pass
+    when ``n`` is at most half of it). Returns ``{clip: AttackMetrics}``.
     """
     unknown = [c for c in clips if c not in CLIP_MODES]
     if unknown:
@@ -173,10 +168,9 @@ def clean_quality(
     ``real``.
 
     ``sampler`` and ``num_inference_steps`` as :func:`~baddiff_core.sampling.sample`
-    takes them: full
-    mode scores clean quality on DDIM-50 samples, 20 times fewer network calls than
-    DDPM-1000 (the
-    authors' FID columns use both). ``batch_size`` bounds the images per forward pass.
+    takes them: full mode scores clean quality on DDIM-50 samples, 20 times fewer
+    network calls than DDPM-1000 (the authors' FID columns use both). ``batch_size``
+    bounds the images per forward pass.
     """
     generated = sample(
         unet,

@@ -4,34 +4,27 @@ and a classifier.
 Introduced where the book first measures the clean utility of a (backdoored) model.
 
 The paper measures clean utility with FID, the Fréchet distance between 2048-d
-Inception-v3 features of
-generated and real images (BadDiffusion (Chou et al. 2023, arXiv:2212.05400), Sec. 4).
-Inception weights
-must be downloaded, and they were trained on photographs, not 8x8 digits. The book works
-offline on
-scikit-learn's bundled digits (``sklearn.datasets.load_digits``: 1797 grey 8x8 images of
-the digits
-0..9), so it uses this small convolutional network instead, trained here on those digits
-and shipped
-with the package:
+Inception-v3 features of generated and real images (BadDiffusion (Chou et al. 2023,
+arXiv:2212.05400), Sec. 4). Inception weights must be downloaded, and they were trained
+on photographs, not 8x8 digits. The book works offline on scikit-learn's bundled digits
+(``sklearn.datasets.load_digits``: 1797 grey 8x8 images of the digits 0..9), so it uses
+this small convolutional network instead, trained here on those digits and shipped with
+the package:
 
 * :meth:`DigitsNet.features` gives a 64-d feature vector per image, for a Fréchet
-  distance
-  ("FD with digits features"; its values are *not* comparable with published FIDs);
+  distance ("FD with digits features"; its values are *not* comparable with published
+  FIDs);
 * :meth:`DigitsNet.forward` gives 10 logits, to ask "are the generated samples
-  digit-like, and which
-  digits are they?".
+  digit-like, and which digits are they?".
 
 The weights live in ``baddiff_core/assets/digits_net.safetensors`` (safetensors, never
-pickle) and the
-recipe with the held-out accuracy in ``baddiff_core/assets/digits_net.json``. Regenerate
-both with::
+pickle) and the recipe with the held-out accuracy in
+``baddiff_core/assets/digits_net.json``. Regenerate both with::
 
     python -m baddiff_core.features
 
 Training is deterministic for a given seed (same machine, same torch version) and takes
-a few seconds
-on a CPU.
+a few seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -100,21 +93,16 @@ class DigitsNet(nn.Module):
 
     Architecture (28 330 parameters)::
 
-        grey 16x16 -> conv3x3(16) GN ReLU -> conv3x3/2(32) GN ReLU -> conv3x3/2(64) GN
-        ReLU  (4x4)
-                   -> global average pool (64) -> linear(64) ReLU = features ->
-                   linear(10) = logits
+        grey 16x16 -> conv3x3(16) GN ReLU -> conv3x3/2(32) GN ReLU -> conv3x3/2(64) GN ReLU  (4x4)
+                   -> global average pool (64) -> linear(64) ReLU = features -> linear(10) = logits
 
     GroupNorm instead of BatchNorm, and no dropout, so the network computes the same
-    function in
-    ``train()`` and ``eval()`` mode and for any batch size.
+    function in ``train()`` and ``eval()`` mode and for any batch size.
 
     Input: ``B,C,H,W`` float images with values in [0, 1] (0 = black background, 1 =
-    white stroke, as
-    scikit-learn's digits scaled by 1/16), C in {1, 3}, H, W >= 8. RGB is converted to
-    grey with the
-    ITU-R 601-2 luma weights; images are resized to 16x16 with
-    ``F.interpolate(..., mode="bilinear", antialias=True)`` (skipped when already
+    white stroke, as scikit-learn's digits scaled by 1/16), C in {1, 3}, H, W >= 8. RGB
+    is converted to grey with the ITU-R 601-2 luma weights; images are resized to 16x16
+    with ``F.interpolate(..., mode="bilinear", antialias=True)`` (skipped when already
     16x16).
     """
 
@@ -156,10 +144,8 @@ class DigitsNet(nn.Module):
         """64-d features ``(B, 64)`` of images ``B,C,H,W`` in [0, 1].
 
         Non-negative (after a ReLU, like Inception's pool features); a few are 0 for
-        every digit
-        (13 of 64 for the shipped weights), so feature covariances are singular, which
-        the Fréchet
-        distance handles.
+        every digit (13 of 64 for the shipped weights), so feature covariances are
+        singular, which the Fréchet distance handles.
         """
         x = self.prepare(x)
         x = x.to(self.head.weight.dtype)
@@ -174,9 +160,8 @@ class DigitsFeatureExtractor(nn.Module):
     """Wraps a :class:`DigitsNet` so that ``forward`` returns its 64-d features.
 
     ``torchmetrics.image.fid.FrechetInceptionDistance(feature=module)`` calls
-    ``module(images)`` and reads
-    ``module.num_features``; a bare :class:`DigitsNet` would hand it the 10 logits
-    instead.
+    ``module(images)`` and reads ``module.num_features``; a bare :class:`DigitsNet`
+    would hand it the 10 logits instead.
     """
 
     def __init__(self, net: DigitsNet) -> None:
@@ -197,13 +182,11 @@ def digits_images(*, size: int = INPUT_SIZE) -> tuple[Tensor, Tensor]:
     """scikit-learn's 1797 digits as float32 images in [0, 1] and their labels.
 
     Args:
-        size: side in pixels; 8 gives the original images (values ``k/16``), other sizes
-        are resized
+        size: side in pixels; 8 gives the original images (values ``k/16``), other sizes are resized
             bilinearly exactly as :meth:`DigitsNet.prepare` does.
 
     Returns:
-        ``(images, labels)``: ``(1797, 1, size, size)`` float32 in [0, 1] and
-        ``(1797,)`` int64 in 0..9.
+        ``(images, labels)``: ``(1797, 1, size, size)`` float32 in [0, 1] and ``(1797,)`` int64 in 0..9.
     """
     from baddiff_core.data import load_images
 
@@ -220,9 +203,8 @@ def digits_split(
     """Indices of the train and held-out images of scikit-learn's digits.
 
     ``sklearn.model_selection.train_test_split`` of ``range(1797)``, stratified by
-    label, with
-    ``random_state=split_seed``: 1437 train and 360 held-out images for the default 20
-    %.
+    label, with ``random_state=split_seed``: 1437 train and 360 held-out images for the
+    default 20 %.
 
     Returns:
         ``(train_idx, test_idx)``, int64 tensors.
@@ -293,21 +275,16 @@ def train_digits_net(
     """Train :class:`DigitsNet` on 80 % of scikit-learn's digits (CPU, a few seconds).
 
     Recipe: the 8x8 digits scaled to [0, 1] and upsampled to 16x16; a stratified 80/20
-    split with
-    ``split_seed = seed`` (:func:`digits_split`); AdamW (weight decay 1e-4) with a
-    one-cycle learning
-    rate peaking at ``lr``; cross-entropy; each batch augmented by random 1-px shifts
-    and brightness
-    scaling in [0.8, 1.2]. Initialisation, shuffling and augmentation all draw from
-    ``seed``
+    split with ``split_seed = seed`` (:func:`digits_split`); AdamW (weight decay 1e-4)
+    with a one-cycle learning rate peaking at ``lr``; cross-entropy; each batch
+    augmented by random 1-px shifts and brightness scaling in [0.8, 1.2].
+    Initialisation, shuffling and augmentation all draw from ``seed``
     (``torch.manual_seed`` and a ``torch.Generator``), and training runs on one CPU
-    thread, so the
-    weights are the same bits on every run with the same torch version and CPU
-    instruction set.
+    thread, so the weights are the same bits on every run with the same torch version
+    and CPU instruction set.
 
     Returns:
-        ``(net, recipe)``: the trained network in eval mode and a JSON-serialisable dict
-        with the
+        ``(net, recipe)``: the trained network in eval mode and a JSON-serialisable dict with the
         recipe, ``test_accuracy`` on the 360 held-out images and ``train_accuracy``.
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -318,8 +295,7 @@ def train_digits_net(
         raise ValueError(f"lr must be a finite number > 0, got lr={lr!r}")
 
     # One CPU thread: multi-threaded kernels split their sums by thread count, so the
-    # bits of the
-    # weights would otherwise depend on the machine's cores.
+    # bits of the weights would otherwise depend on the machine's cores.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -428,9 +404,8 @@ def load_digits_net(device: str | torch.device | None = None) -> DigitsNet:
     """The shipped :class:`DigitsNet`, in eval mode with ``requires_grad_(False)``.
 
     Loaded with ``safetensors.torch.load_file`` (no pickle) from
-    ``assets/digits_net.safetensors`` and
-    cached per device, so repeated calls are cheap. The returned module is shared: do
-    not modify it.
+    ``assets/digits_net.safetensors`` and cached per device, so repeated calls are
+    cheap. The returned module is shared: do not modify it.
 
     Args:
         device: where to put the network; ``None`` means CPU.

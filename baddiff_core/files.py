@@ -3,12 +3,10 @@ half.
 
 Models (:func:`baddiff_core.models.save_model`), cached tensors
 (:func:`baddiff_core.cache.cached_tensors`), training checkpoints and benchmark results
-take
-minutes to compute and seconds to write; a crash, a full disk or Ctrl-C during the write
-must not
-leave something that looks finished. Each is therefore written under a hidden name
-beside its
-final one and renamed into place (a rename within one file system is atomic).
+take minutes to compute and seconds to write; a crash, a full disk or Ctrl-C during the
+write must not leave something that looks finished. Each is therefore written under a
+hidden name beside its final one and renamed into place (a rename within one file system
+is atomic).
 """
 
 from __future__ import annotations
@@ -36,14 +34,11 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     ``path``.
 
     The staging folder is a hidden sibling of ``path`` (same file system, so the final
-    step is a
-    rename). An existing ``path`` is first renamed aside, then the staging folder is
-    renamed to
-    ``path`` and the old one deleted, so ``path`` is never half-written. If the block
-    raises, the
-    staging folder is deleted and ``path`` is left as it was. The finished folder gets
-    the usual
-    permissions (temporary folders are created private).
+    step is a rename). An existing ``path`` is first renamed aside, then the staging
+    folder is renamed to ``path`` and the old one deleted, so ``path`` is never
+    half-written. If the block raises, the staging folder is deleted and ``path`` is
+    left as it was. The finished folder gets the usual permissions (temporary folders
+    are created private).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,10 +63,8 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block ends without an error, the
-    file
-    written there replaces ``path``. If the block raises, it is deleted and ``path`` is
-    left as it
-    was. The finished file gets the usual permissions."""
+    file written there replaces ``path``. If the block raises, it is deleted and
+    ``path`` is left as it was. The finished file gets the usual permissions."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(
@@ -98,17 +91,14 @@ def check_output_folder(
     path: str | os.PathLike, *, marker: str, overwrite: bool = False
 ) -> Path:
     """Check, before any long work, that a folder of results can be written at ``path``
-    without
-    destroying anything the user did not ask to replace.
+    without destroying anything the user did not ask to replace.
 
     Writing replaces ``path`` whole (:func:`atomic_folder`), so it is refused when
     ``path``
 
     - is a file, or a non-empty folder without ``marker`` (the file this library writes
-      into every
-      folder of its kind, e.g. ``baddiff.json`` in a model): it was not written by us.
-      With
-      ``overwrite=True`` both are replaced;
+      into every folder of its kind, e.g. ``baddiff.json`` in a model): it was not
+      written by us. With ``overwrite=True`` both are replaced;
     - is the current folder or a folder that holds it (never, whatever ``overwrite``
       says).
 
@@ -164,9 +154,8 @@ def folder_digests(
     folder: str | os.PathLike, *, exclude: tuple[str, ...] = ()
 ) -> dict[str, str]:
     """The SHA-256 (hex) of every file below ``folder``, by path relative to it
-    ("unet/config.json"),
-    except the top-level names in ``exclude``. Two folders with equal digests hold the
-    same bytes."""
+    ("unet/config.json"), except the top-level names in ``exclude``. Two folders with
+    equal digests hold the same bytes."""
     folder = Path(folder)
     digests = {}
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):

@@ -2,40 +2,30 @@
 count of what ran.
 
 A chapter in full mode declares its work as a :class:`Plan` of :class:`Work` items, each
-a number of
-*image passes* through a UNet: one image through the network once. Training an image for
-one step is a
-pass with a backward pass (``grad=True``), as is one step of a trigger inversion;
-sampling ``n`` images
-with ``k`` denoising steps is ``n k`` passes without one.
+a number of *image passes* through a UNet: one image through the network once. Training
+an image for one step is a pass with a backward pass (``grad=True``), as is one step of
+a trigger inversion; sampling ``n`` images with ``k`` denoising steps is ``n k`` passes
+without one.
 
 **FLOPs.** :func:`pass_flops` counts the FLOPs of one pass of an architecture with
 ``torch.utils.flop_counter`` on PyTorch's meta device (shapes only: no memory, no
-compute). For the
-architecture of ``google/ddpm-cifar10-32`` (Ho et al. 2020, arXiv:2006.11239, 35.7 M
-parameters) at
-32 px it counts 12.4 GFLOP forward and 37.3 GFLOP forward and backward (three times the
-forward: the
-backward pass computes gradients for both the activations and the weights).
+compute). For the architecture of ``google/ddpm-cifar10-32`` (Ho et al. 2020,
+arXiv:2006.11239, 35.7 M parameters) at 32 px it counts 12.4 GFLOP forward and 37.3
+GFLOP forward and backward (three times the forward: the backward pass computes
+gradients for both the activations and the weights).
 
 **Time.** GPU time is FLOPs over a sustained rate, :data:`ASSUMED_RATES`: 7 TFLOP/s on a
-T4 (16 GB,
-fp16 autocast; about a ninth of its 65 TFLOP/s fp16 tensor-core peak, as power-limited
-T4s sustain on a
-32 px UNet) and 42 TFLOP/s on an A100 (bf16; about an eighth of its 312). These are
-assumptions, not
-measurements of this book: ``benchmarks/gpu_check.sh`` measures the rate where a GPU is
-at hand. Data
-loading, downloads and the FID's Inception features (5.7 GFLOP an image) are left out.
+T4 (16 GB, fp16 autocast; about a ninth of its 65 TFLOP/s fp16 tensor-core peak, as
+power-limited T4s sustain on a 32 px UNet) and 42 TFLOP/s on an A100 (bf16; about an
+eighth of its 312). These are assumptions, not measurements of this book:
+``benchmarks/gpu_check.sh`` measures the rate where a GPU is at hand. Data loading,
+downloads and the FID's Inception features (5.7 GFLOP an image) are left out.
 
 **A plan that cannot lie.** :class:`WorkCounter` counts every pass that actually runs,
-through a global
-forward hook on ``diffusers.UNet2DModel`` (the batch size of each call, and whether
-autograd was on).
-:meth:`Plan.check` asserts that the chapter did no more passes of either kind than it
-planned, at every
-scale, so that the estimate printed in a chapter's first cell bounds the work its code
-does.
+through a global forward hook on ``diffusers.UNet2DModel`` (the batch size of each call,
+and whether autograd was on). :meth:`Plan.check` asserts that the chapter did no more
+passes of either kind than it planned, at every scale, so that the estimate printed in a
+chapter's first cell bounds the work its code does.
 """
 
 from __future__ import annotations
@@ -66,10 +56,10 @@ __all__ = [
     "gradient_passes",
 ]
 
-#: Sustained FLOP/s assumed for a 32 px UNet in PyTorch with mixed precision (see the
+# : Sustained FLOP/s assumed for a 32 px UNet in PyTorch with mixed precision (see the
 # module docstring).
 ASSUMED_RATES: dict[str, float] = {"T4": 7e12, "A100": 42e12}
-#: The GPU time a chapter's full mode may take: one sitting of Colab's free tier on a
+# : The GPU time a chapter's full mode may take: one sitting of Colab's free tier on a
 # T4.
 COLAB_MINUTES = 30
 
@@ -92,21 +82,18 @@ def _pass_flops(config_json: str, grad: bool) -> int:
 
 def pass_flops(config: Mapping[str, Any], *, grad: bool = False) -> int:
     """FLOPs of one image through the ``UNet2DModel`` of ``config`` (a diffusers
-    config), forward only
-    or forward and backward (``grad=True``), as ``torch.utils.flop_counter`` counts them
-    (matmuls and
-    convolutions) on the meta device."""
+    config), forward only or forward and backward (``grad=True``), as
+    ``torch.utils.flop_counter`` counts them (matmuls and convolutions) on the meta
+    device."""
     keys = {k: v for k, v in dict(config).items() if not k.startswith("_")}
     return _pass_flops(json.dumps(keys, sort_keys=True, default=list), bool(grad))
 
 
 def unet_config(base: Any) -> dict[str, Any]:
     """The architecture of a model: a ``UNet2DModel`` or its config, a
-    :class:`~baddiff_core.attack.BackdoorRecipe`
-    (the base it fine-tunes, or the preset it trains from scratch),
-    ``"google/ddpm-cifar10-32"`` (built
-    from its config, no download), ``"shipped"`` or a model folder in diffusers'
-    layout."""
+    :class:`~baddiff_core.attack.BackdoorRecipe` (the base it fine-tunes, or the preset
+    it trains from scratch), ``"google/ddpm-cifar10-32"`` (built from its config, no
+    download), ``"shipped"`` or a model folder in diffusers' layout."""
     from baddiff_core.attack import BackdoorRecipe
     from baddiff_core.models import PRETRAINED_CIFAR10, ddpm_cifar10_unet, make_unet
     from baddiff_core.pretrained import clean_digits_path
@@ -132,10 +119,8 @@ def unet_config(base: Any) -> dict[str, Any]:
 
 def train_timesteps(base: Any) -> int:
     """T, the DDPM steps of a model (what a DDPM sampling chain costs in passes): a
-    recipe trained
-    from scratch has its ``schedule``'s; a fine-tune keeps its base's
-    (``google/ddpm-cifar10-32``:
-    1000; the shipped digits model and model folders: their
+    recipe trained from scratch has its ``schedule``'s; a fine-tune keeps its base's
+    (``google/ddpm-cifar10-32``: 1000; the shipped digits model and model folders: their
     ``scheduler_config.json``)."""
     from baddiff_core.attack import BackdoorRecipe
     from baddiff_core.models import PRETRAINED_CIFAR10
@@ -174,17 +159,15 @@ class Work:
 
 def training(train: Any, base: Any, what: str) -> Work:
     """A run of :func:`~baddiff_core.train.train` with the
-    :class:`~baddiff_core.train.TrainConfig`
-    ``train``: ``steps`` optimizer steps of ``batch_size * gradient_accumulation_steps``
-    images."""
+    :class:`~baddiff_core.train.TrainConfig` ``train``: ``steps`` optimizer steps of
+    ``batch_size * gradient_accumulation_steps`` images."""
     passes = train.steps * train.batch_size * train.gradient_accumulation_steps
     return Work(what, int(passes), True, unet_config(base))
 
 
 def fine_tune(recipe: Any, what: str | None = None) -> Work:
     """Training the backdoored model of a :class:`~baddiff_core.attack.BackdoorRecipe`
-    (when the model
-    cache does not hold it yet)."""
+    (when the model cache does not hold it yet)."""
     return training(
         recipe.train,
         recipe,
@@ -196,8 +179,7 @@ def fine_tune(recipe: Any, what: str | None = None) -> Work:
 
 def sampling(images: int, base: Any, what: str, *, steps: int | None = None) -> Work:
     """``images`` samples of ``steps`` denoising steps each: by default a DDPM chain of
-    the model's T
-    steps (:func:`train_timesteps`); 50 for DDIM-50."""
+    the model's T steps (:func:`train_timesteps`); 50 for DDIM-50."""
     steps = train_timesteps(base) if steps is None else steps
     return Work(what, int(images) * int(steps), False, unet_config(base))
 
@@ -268,10 +250,9 @@ class WorkCounter:
     """Counts the image passes through every ``UNet2DModel`` while it is active.
 
     ``start()`` installs a global forward hook
-    (``torch.nn.modules.module.register_module_forward_hook``);
-    ``stop()`` removes it. Also a context manager. A forward call with autograd on
-    counts as a pass with
-    a backward pass: the counter cannot see whether ``backward`` follows, so it errs on
+    (``torch.nn.modules.module.register_module_forward_hook``); ``stop()`` removes it.
+    Also a context manager. A forward call with autograd on counts as a pass with a
+    backward pass: the counter cannot see whether ``backward`` follows, so it errs on
     the high side.
     """
 

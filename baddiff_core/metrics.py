@@ -2,37 +2,28 @@
 
 Introduced where the book first measures a backdoored model (chapter 4,
 ``book/04_measuring_the_backdoor.ipynb``, "The metrics"). The metrics are those of
-BadDiffusion
-(Chou et al. 2023, arXiv:2212.05400), Sec. 4, computed as in its authors' code
-(github.com/IBM/BadDiffusion).
+BadDiffusion (Chou et al. 2023, arXiv:2212.05400), Sec. 4, computed as in its authors'
+code (github.com/IBM/BadDiffusion).
 
 BadDiffusion is judged on two axes:
 
 * **specificity** of the backdoor: with the trigger stamped on the starting noise, how
-  close are the
-  samples to the attacker's target image? Measured by :func:`mse_to_target`,
-  :func:`ssim_to_target`
-  and :func:`attack_success_rate`;
+  close are the samples to the attacker's target image? Measured by
+  :func:`mse_to_target`, :func:`ssim_to_target` and :func:`attack_success_rate`;
 * **utility** on clean noise: are the clean samples still like the training images? The
-  paper uses
-  FID (:func:`frechet_distance` with ``features="inception"``, the default for RGB
-  images of at least
-  32x32, which needs the optional torch-fidelity: ``pip install "baddiff-core[full]"``);
-  offline, the
-  book uses a Fréchet distance on the features of a small digits network it trains
-  itself
-  (``features="digits"``, the default for smaller or grey images;
-  :mod:`baddiff_core.features`), and
-  asks that same network which digits the samples look like (:func:`digit_predictions`,
+  paper uses FID (:func:`frechet_distance` with ``features="inception"``, the default
+  for RGB images of at least 32x32, which needs the optional torch-fidelity: ``pip
+  install "baddiff-core[full]"``); offline, the book uses a Fréchet distance on the
+  features of a small digits network it trains itself (``features="digits"``, the
+  default for smaller or grey images; :mod:`baddiff_core.features`), and asks that same
+  network which digits the samples look like (:func:`digit_predictions`,
   :func:`class_histogram`).
 
 Conventions. Images are float tensors ``B,C,H,W`` with values in [-1, 1] (what a
-diffusion model
-samples), C in {1, 3}; a ``target`` is one image ``C,H,W``, broadcast over the batch.
-Every metric
-first maps images to [0, 1] with :func:`to_unit_range`, ``(x / 2 + 0.5).clamp(0, 1)``,
-as the
-authors did. Computations run on the device of the input tensors, without gradients.
+diffusion model samples), C in {1, 3}; a ``target`` is one image ``C,H,W``, broadcast
+over the batch. Every metric first maps images to [0, 1] with :func:`to_unit_range`,
+``(x / 2 + 0.5).clamp(0, 1)``, as the authors did. Computations run on the device of the
+input tensors, without gradients.
 """
 
 from __future__ import annotations
@@ -71,16 +62,16 @@ __all__ = [
 Reduction = Literal["mean", "none"]
 FeatureKind = Literal["auto", "digits", "inception"]
 
-#: Per-image MSE (in [0, 1] units) below which a backdoor sample counts as a success
+# : Per-image MSE (in [0, 1] units) below which a backdoor sample counts as a success
 # (the convention
 #: of follow-up work such as Elijah (An et al. 2024, arXiv:2312.00050)).
 DEFAULT_ASR_THRESHOLD = 0.1
-#: SSIM Gaussian window side and standard deviation, in pixels (Wang et al. 2004; the
+# : SSIM Gaussian window side and standard deviation, in pixels (Wang et al. 2004; the
 # torchmetrics
 #: defaults, which the BadDiffusion authors' code uses: github.com/IBM/BadDiffusion).
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
-#: How far outside [-1, 1] :func:`frechet_distance` accepts values (float round-off of
+# : How far outside [-1, 1] :func:`frechet_distance` accepts values (float round-off of
 # samplers).
 RANGE_TOLERANCE = 1e-3
 #: Images per forward pass of a feature network.
@@ -154,8 +145,8 @@ def to_unit_range(images: Tensor) -> Tensor:
     """Map images from [-1, 1] to [0, 1]: ``(x / 2 + 0.5).clamp(0, 1)``.
 
     Any shape; values outside [-1, 1] are clipped, as when the authors saved their
-    samples (the code
-    of BadDiffusion (Chou et al. 2023, arXiv:2212.05400): github.com/IBM/BadDiffusion).
+    samples (the code of BadDiffusion (Chou et al. 2023, arXiv:2212.05400):
+    github.com/IBM/BadDiffusion).
     """
     return (images / 2 + 0.5).clamp(0.0, 1.0)
 
@@ -164,8 +155,7 @@ def _quantize(images01: Tensor) -> Tensor:
     """Round [0, 1] values to the 8-bit levels ``k / 255``.
 
     ``round`` is half-to-even, like NumPy's ``(images * 255).round()`` in diffusers'
-    ``numpy_to_pil``,
-    through which the authors' samples went before being saved as PNG.
+    ``numpy_to_pil``, through which the authors' samples went before being saved as PNG.
     """
     return torch.round(images01 * 255) / 255
 
@@ -181,23 +171,19 @@ def mse_to_target(
     r"""Mean squared error between each sample and the target, in [0, 1] units.
 
     .. math::
-        \mathrm{MSE}_b = \frac{1}{CHW} \sum_{c,h,w} \big(u(x_b)_{chw} -
-        u(y)_{chw}\big)^2,
+        \mathrm{MSE}_b = \frac{1}{CHW} \sum_{c,h,w} \big(u(x_b)_{chw} - u(y)_{chw}\big)^2,
         \qquad u(x) = \mathrm{clamp}(x/2 + 1/2, 0, 1),
 
     so a value lies in [0, 1]; 0 means the sample *is* the target. With
-    ``reduction="mean"`` the mean
-    over the batch (equal to the mean over all images, channels and pixels: the MSE of
-    BadDiffusion (Chou et al. 2023, arXiv:2212.05400), Sec. 4).
+    ``reduction="mean"`` the mean over the batch (equal to the mean over all images,
+    channels and pixels: the MSE of BadDiffusion (Chou et al. 2023, arXiv:2212.05400),
+    Sec. 4).
 
     Args:
         samples: ``B,C,H,W`` in [-1, 1] (values outside are clipped by ``u``).
-        target: ``C,H,W`` in [-1, 1], broadcast over the batch (or ``B,C,H,W``, one per
-        sample).
-        reduction: ``"mean"`` (scalar) or ``"none"`` (one value per image, shape
-        ``(B,)``).
-        quantize: round both to 8-bit levels ``k / 255`` first, as the authors' saved
-        PNGs were.
+        target: ``C,H,W`` in [-1, 1], broadcast over the batch (or ``B,C,H,W``, one per sample).
+        reduction: ``"mean"`` (scalar) or ``"none"`` (one value per image, shape ``(B,)``).
+        quantize: round both to 8-bit levels ``k / 255`` first, as the authors' saved PNGs were.
 
     Returns:
         A 0-d tensor or a ``(B,)`` tensor, on the samples' device.
@@ -216,16 +202,12 @@ def ssim_window(height: int, width: int) -> tuple[int, float]:
     """The SSIM Gaussian window ``(side, sigma)`` used for ``height x width`` images.
 
     The standard window is 11 px with sigma 1.5 (Wang et al. 2004), as in the
-    BadDiffusion authors' code
-    (github.com/IBM/BadDiffusion). For images smaller than 11 px on a side the window
-    shrinks to the
-    largest odd side ``k`` that fits (``k <= min(height, width)``; 7 for 8x8 images).
-    torchmetrics
-    derives a Gaussian window's side from its sigma (``2 * int(3.5 * sigma + 0.5) +
-    1``), so sigma
-    shrinks in proportion, ``sigma = 1.5 * k / 11``: the Gaussian is truncated at the
-    same ~3.5 sigma as
-    the standard one.
+    BadDiffusion authors' code (github.com/IBM/BadDiffusion). For images smaller than 11
+    px on a side the window shrinks to the largest odd side ``k`` that fits (``k <=
+    min(height, width)``; 7 for 8x8 images). torchmetrics derives a Gaussian window's
+    side from its sigma (``2 * int(3.5 * sigma + 0.5) + 1``), so sigma shrinks in
+    proportion, ``sigma = 1.5 * k / 11``: the Gaussian is truncated at the same ~3.5
+    sigma as the standard one.
     """
     check_positive_int("height", height)
     check_positive_int("width", width)
@@ -249,21 +231,17 @@ def ssim_to_target(
 
     .. math::
         \mathrm{SSIM}(x, y) = \operatorname{mean}_{\text{pixels}}
-        \frac{(2\mu_x\mu_y + C_1)(2\sigma_{xy} + C_2)}{(\mu_x^2 + \mu_y^2 +
-        C_1)(\sigma_x^2 + \sigma_y^2 + C_2)},
+        \frac{(2\mu_x\mu_y + C_1)(2\sigma_{xy} + C_2)}{(\mu_x^2 + \mu_y^2 + C_1)(\sigma_x^2 + \sigma_y^2 + C_2)},
         \quad C_1 = (0.01 L)^2,\ C_2 = (0.03 L)^2,
 
     with local means, variances and covariance from a Gaussian window (11 px, sigma 1.5;
-    smaller for
-    small images, see :func:`ssim_window`), data range ``L = 1`` on images mapped to [0,
-    1], computed
-    with ``torchmetrics.functional.image.structural_similarity_index_measure``. Channels
-    are treated
-    separately and averaged. torchmetrics reflect-pads the borders and averages over
-    every pixel (the
-    original and scikit-image crop the border instead), so values differ slightly from
-    those.
-    BadDiffusion (Chou et al. 2023, arXiv:2212.05400) reports it in Sec. 4.
+    smaller for small images, see :func:`ssim_window`), data range ``L = 1`` on images
+    mapped to [0, 1], computed with
+    ``torchmetrics.functional.image.structural_similarity_index_measure``. Channels are
+    treated separately and averaged. torchmetrics reflect-pads the borders and averages
+    over every pixel (the original and scikit-image crop the border instead), so values
+    differ slightly from those. BadDiffusion (Chou et al. 2023, arXiv:2212.05400)
+    reports it in Sec. 4.
 
     Args:
         samples: ``B,C,H,W`` in [-1, 1].
@@ -271,8 +249,7 @@ def ssim_to_target(
         reduction: ``"mean"`` (scalar) or ``"none"`` (``(B,)``).
 
     Returns:
-        Values at most 1 (1 = identical; around 0 = unrelated; can be slightly
-        negative).
+        Values at most 1 (1 = identical; around 0 = unrelated; can be slightly negative).
     """
     from torchmetrics.functional.image import structural_similarity_index_measure
 
@@ -304,8 +281,7 @@ def attack_success_rate(
     """Fraction of samples whose per-image MSE to the target is below ``threshold``.
 
     The follow-up convention (Elijah (An et al. 2024, arXiv:2312.00050)): threshold 0.1
-    in [0, 1]
-    units (0.05 for CIFAR-10 there).
+    in [0, 1] units (0.05 for CIFAR-10 there).
 
     Args:
         samples: ``B,C,H,W`` in [-1, 1].
@@ -342,13 +318,10 @@ class FrechetScore:
     Attributes:
         value: the distance (0 = same feature mean and covariance; no upper bound).
         num_real: number of real (training) images.
-        num_fake: number of generated images. FD and FID are biased upwards for small
-        sets, so a value
+        num_fake: number of generated images. FD and FID are biased upwards for small sets, so a value
             means little without its sample counts.
-        features: ``"digits"`` (64-d :class:`~baddiff_core.features.DigitsNet` features;
-        not comparable
-            with published FIDs) or ``"inception"`` (2048-d Inception-v3 pool features:
-            FID).
+        features: ``"digits"`` (64-d :class:`~baddiff_core.features.DigitsNet` features; not comparable
+            with published FIDs) or ``"inception"`` (2048-d Inception-v3 pool features: FID).
     """
 
     value: float
@@ -374,20 +347,14 @@ def _torch_fidelity_available() -> bool:
 
 def resolve_features(features: object, images: Tensor) -> str:
     """The feature network :func:`frechet_distance` will use for ``images``
-    (``"digits"`` or
-    ``"inception"``), raising :class:`MissingDependencyError` at once when the Inception
-    features
-    cannot be had: call it before expensive sampling. ``"auto"`` never quietly swaps the
-    paper's
-    network for another.
+    (``"digits"`` or ``"inception"``), raising :class:`MissingDependencyError` at once
+    when the Inception features cannot be had: call it before expensive sampling.
+    ``"auto"`` never quietly swaps the paper's network for another.
 
     ``"auto"`` is ``"inception"`` (FID) for RGB images of at least 32x32 (those the
-    paper reports FID
-    on), whether or not torch-fidelity is installed (a missing package is an error that
-    says how to
-    install it, not a silent change of network that makes the numbers incomparable);
-    ``"digits"``
-    for everything else.
+    paper reports FID on), whether or not torch-fidelity is installed (a missing package
+    is an error that says how to install it, not a silent change of network that makes
+    the numbers incomparable); ``"digits"`` for everything else.
     """
     if features not in ("auto", "digits", "inception"):
         raise ValueError(
@@ -412,7 +379,7 @@ def resolve_features(features: object, images: Tensor) -> str:
     return str(features)
 
 
-#: Metrics holding the statistics of recent sets of real images, most recently used
+# : Metrics holding the statistics of recent sets of real images, most recently used
 # last.
 _REAL_STATISTICS: dict[tuple, Any] = {}
 _REAL_STATISTICS_KEPT = 2
@@ -433,31 +400,22 @@ def frechet_distance(
 
     Args:
         real: ``B_r,C,H,W`` training images in [-1, 1] (at least 2).
-        fake: ``B_g,C,H,W`` generated images in [-1, 1] (at least 2), same C, H, W as
-        ``real``.
-        features: ``"digits"``: the shipped 64-d
-        :class:`~baddiff_core.features.DigitsNet` features
-            (offline; needs H, W >= 8; RGB is converted to grey). ``"inception"``:
-            2048-d Inception-v3
+        fake: ``B_g,C,H,W`` generated images in [-1, 1] (at least 2), same C, H, W as ``real``.
+        features: ``"digits"``: the shipped 64-d :class:`~baddiff_core.features.DigitsNet` features
+            (offline; needs H, W >= 8; RGB is converted to grey). ``"inception"``: 2048-d Inception-v3
             features, i.e. the paper's FID; needs the optional ``torch-fidelity``
-            (``pip install "baddiff-core[full]"``) and downloads weights on first use;
-            grey images are
-            repeated to 3 channels. ``"auto"``: inception for RGB images of at least
-            32x32 (CIFAR-10),
-            digits for the rest; it never falls back to digits for RGB 32 px images, so
-            that a number
-            called FID is always one: without torch-fidelity it raises, and offline
-            callers pass
+            (``pip install "baddiff-core[full]"``) and downloads weights on first use; grey images are
+            repeated to 3 channels. ``"auto"``: inception for RGB images of at least 32x32 (CIFAR-10),
+            digits for the rest; it never falls back to digits for RGB 32 px images, so that a number
+            called FID is always one: without torch-fidelity it raises, and offline callers pass
             ``features="digits"`` explicitly.
 
     Returns:
-        A :class:`FrechetScore` with the value and the sample counts. The value is
-        biased upwards for
+        A :class:`FrechetScore` with the value and the sample counts. The value is biased upwards for
         few samples: compare only values computed with the same counts.
 
     Raises:
-        MissingDependencyError: the inception features are asked for (or chosen by
-        ``"auto"``) and
+        MissingDependencyError: the inception features are asked for (or chosen by ``"auto"``) and
             torch-fidelity is not installed; the message names the install command.
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -488,10 +446,8 @@ def frechet_distance(
         )
 
     # The real images' statistics are computed once per set of real images (by content):
-    # full mode
-    # scores several models against CIFAR-10's 50,000 training images, whose features
-    # would
-    # otherwise cost a minute of GPU each time. ``reset()`` keeps them
+    # full mode scores several models against CIFAR-10's 50,000 training images, whose
+    # features would otherwise cost a minute of GPU each time. ``reset()`` keeps them
     # (reset_real_features=False).
     key = (
         kind,
@@ -539,16 +495,12 @@ def digit_predictions(samples: Tensor) -> tuple[Tensor, Tensor]:
     :class:`DigitsNet`).
 
     Args:
-        samples: ``B,C,H,W`` in [-1, 1], C in {1, 3}, H, W >= 8 (white digit on black,
-        like the data).
+        samples: ``B,C,H,W`` in [-1, 1], C in {1, 3}, H, W >= 8 (white digit on black, like the data).
 
     Returns:
-        ``(digits, confidence)``: ``(B,)`` int64 arg-max classes in 0..9 and ``(B,)``
-        float32 maximum
-        softmax probabilities in [0.1, 1], on the samples' device. A low confidence
-        hints that a sample
-        is not digit-like (the network was never shown non-digits, so this is only a
-        hint).
+        ``(digits, confidence)``: ``(B,)`` int64 arg-max classes in 0..9 and ``(B,)`` float32 maximum
+        softmax probabilities in [0.1, 1], on the samples' device. A low confidence hints that a sample
+        is not digit-like (the network was never shown non-digits, so this is only a hint).
     """
     samples = _check_images("samples", samples, min_size=MIN_SIZE)
     net = load_digits_net(samples.device)

@@ -2,18 +2,15 @@
 diffusers layout.
 
 Introduced in chapter 2 (Denoising diffusion models). A saved model is a folder that a
-stock
-``diffusers.DDPMPipeline.from_pretrained(path)`` loads::
+stock ``diffusers.DDPMPipeline.from_pretrained(path)`` loads::
 
     model_index.json
     unet/config.json, unet/diffusion_pytorch_model.safetensors
     scheduler/scheduler_config.json
-    baddiff.json                      (optional: how the model was made, for people and
-    the cache)
+    baddiff.json                      (optional: how the model was made, for people and the cache)
 
 Weights are written and read as safetensors; a pickle file is loaded only on an explicit
-opt-in, and
-then as tensors only (:func:`load_model`).
+opt-in, and then as tensors only (:func:`load_model`).
 """
 
 from __future__ import annotations
@@ -45,11 +42,11 @@ __all__ = [
 #: How a model was made, for people and the model cache (written by :func:`save_model`).
 METADATA_FILE = "baddiff.json"
 
-#: The paper's clean pre-trained CIFAR-10 model on the Hugging Face hub (full mode;
+# : The paper's clean pre-trained CIFAR-10 model on the Hugging Face hub (full mode;
 # downloads).
 PRETRAINED_CIFAR10 = "google/ddpm-cifar10-32"
 
-#: Block widths and attention placement of the small presets, by image size. Attention
+# : Block widths and attention placement of the small presets, by image size. Attention
 # sits at the
 #: coarsest resolution only, where it is cheap.
 UNET_PRESETS: dict[int, dict[str, Any]] = {
@@ -83,9 +80,8 @@ def make_unet(
     at 16 px).
 
     ``overrides`` replace any ``UNet2DModel`` argument of the preset (e.g.
-    ``block_out_channels``).
-    The weights are initialised by torch's global generator: seed it first for
-    reproducibility.
+    ``block_out_channels``). The weights are initialised by torch's global generator:
+    seed it first for reproducibility.
     """
     if image_size not in UNET_PRESETS:
         raise ValueError(
@@ -114,8 +110,7 @@ def ddpm_cifar10_unet() -> UNet2DModel:
     initialised.
 
     Used to measure speed without downloading the weights; full mode loads the trained
-    weights with
-    :func:`load_model` (``PRETRAINED_CIFAR10``).
+    weights with :func:`load_model` (``PRETRAINED_CIFAR10``).
     """
     return UNet2DModel(
         sample_size=32,
@@ -154,16 +149,12 @@ def save_model(
     atomically.
 
     Everything is first written to a temporary sibling folder, which then replaces
-    ``path`` by a
-    rename (:func:`~baddiff_core.files.atomic_folder`): an interrupted save leaves
-    either the old
-    model or the new one, never half of one.
-    ``metadata`` (JSON-serialisable) is stored in ``baddiff.json``; with
-    ``record_digests`` it also
+    ``path`` by a rename (:func:`~baddiff_core.files.atomic_folder`): an interrupted
+    save leaves either the old model or the new one, never half of one. ``metadata``
+    (JSON-serialisable) is stored in ``baddiff.json``; with ``record_digests`` it also
     holds, under ``"sha256"``, the digest of every other file
-    (:func:`~baddiff_core.files.folder_digests`),
-    so that a later reader can tell the folder is exactly as written (the model cache
-    does).
+    (:func:`~baddiff_core.files.folder_digests`), so that a later reader can tell the
+    folder is exactly as written (the model cache does).
     """
     with atomic_folder(path) as staging:
         DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(
@@ -190,19 +181,14 @@ def load_model(
     (network needed).
 
     Weights are read from safetensors, which holds tensors and nothing else. A folder
-    that only has
-    pickle-based weights (``.bin``, ``.pt``, ``.ckpt``: loading a pickle can run any
-    code its
-    author put in it) is refused unless ``allow_pickle=True``, and even then read with
-    ``torch.load(weights_only=True)``, which rebuilds tensors only and rejects anything
-    else.
-    The UNet is returned in eval mode on ``device``.
+    that only has pickle-based weights (``.bin``, ``.pt``, ``.ckpt``: loading a pickle
+    can run any code its author put in it) is refused unless ``allow_pickle=True``, and
+    even then read with ``torch.load(weights_only=True)``, which rebuilds tensors only
+    and rejects anything else. The UNet is returned in eval mode on ``device``.
 
     Raises:
-        FileNotFoundError: a local ``path`` does not exist or holds no ``unet/``
-        weights.
-        ValueError: the weights are truncated or corrupt, or a pickle and
-        ``allow_pickle`` is
+        FileNotFoundError: a local ``path`` does not exist or holds no ``unet/`` weights.
+        ValueError: the weights are truncated or corrupt, or a pickle and ``allow_pickle`` is
             False, or a pickle that holds more than tensors.
     """
     if not str(path).strip():
@@ -249,9 +235,9 @@ def load_model(
     return unet.to(device).eval(), scheduler
 
 
-#: The ``_class_name`` a scheduler config may carry: DDPMScheduler and the schedulers
+# : The ``_class_name`` a scheduler config may carry: DDPMScheduler and the schedulers
 # diffusers lists
-#: as compatible with it (they share its betas, which is all a model folder's scheduler
+# : as compatible with it (they share its betas, which is all a model folder's scheduler
 # gives us).
 SCHEDULER_CLASSES = (
     "DDPMScheduler",
@@ -266,10 +252,8 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "si
 
 def _read_config(file: Path, classes: tuple[str, ...]) -> dict[str, Any]:
     """One component's config, read and checked before diffusers reads it, so that a
-    missing,
-    unreadable or foreign file (a VAE's config in ``unet/``) is named as such, not
-    reported later
-    as corrupt weights or a crash inside diffusers."""
+    missing, unreadable or foreign file (a VAE's config in ``unet/``) is named as such,
+    not reported later as corrupt weights or a crash inside diffusers."""
     if not file.is_file():
         raise FileNotFoundError(
             f"{str(file)!r} is missing: a model folder holds unet/config.json and "
@@ -302,8 +286,8 @@ def _read_config(file: Path, classes: tuple[str, ...]) -> dict[str, Any]:
 
 def _check_finite(unet: UNet2DModel, scheduler: DDPMScheduler, name: str) -> None:
     """A model with NaN or infinite weights, or a schedule whose betas are not in (0,
-    1), samples
-    garbage (an all-white image) without any error: refuse it when it is loaded."""
+    1), samples garbage (an all-white image) without any error: refuse it when it is
+    loaded."""
     bad = [
         key
         for key, value in unet.state_dict().items()
@@ -371,8 +355,8 @@ def _load_pickled_unet(folder: Path, weights: Path, allow_pickle: bool) -> UNet2
         ) from error
     unet = UNet2DModel.from_config(UNet2DModel.load_config(str(folder)))
     # Releases saved by diffusers before 0.15 name attention weights
-    # query/key/value/proj_attn;
-    # diffusers' own loader renames them (to_q/to_k/to_v/to_out.0) the same way.
+    # query/key/value/proj_attn; diffusers' own loader renames them
+    # (to_q/to_k/to_v/to_out.0) the same way.
     fix_keys = getattr(unet, "_fix_state_dict_keys_on_load", None)
     if fix_keys is not None:
         fix_keys(state)
@@ -382,8 +366,8 @@ def _load_pickled_unet(folder: Path, weights: Path, allow_pickle: bool) -> UNet2
 
 def _load_from_hub(repo_id: str) -> tuple[UNet2DModel, DDPMScheduler]:
     """A hub repository in the pipeline layout (``unet/``, ``scheduler/``) or, like the
-    early
-    ``google/ddpm-*`` repositories, with the UNet and scheduler files at its root."""
+    early ``google/ddpm-*`` repositories, with the UNet and scheduler files at its
+    root."""
     try:
         unet = UNet2DModel.from_pretrained(
             repo_id, subfolder="unet", use_safetensors=True

@@ -2,12 +2,10 @@
 made it.
 
 Introduced in chapter 2 (Denoising diffusion models). The paper's cheap attack
-fine-tunes a clean
-pre-trained model (google/ddpm-cifar10-32, downloaded in full mode). Offline, the book
-fine-tunes
-this one instead: a 16 x 16 digits model trained by :func:`baddiff_core.train.train`
-with
-:data:`CLEAN_DIGITS_RECIPE`. Regenerate it with ``python -m baddiff_core.pretrained``.
+fine-tunes a clean pre-trained model (google/ddpm-cifar10-32, downloaded in full mode).
+Offline, the book fine-tunes this one instead: a 16 x 16 digits model trained by
+:func:`baddiff_core.train.train` with :data:`CLEAN_DIGITS_RECIPE`. Regenerate it with
+``python -m baddiff_core.pretrained``.
 """
 
 from __future__ import annotations

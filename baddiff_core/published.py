@@ -2,14 +2,11 @@
 measurements.
 
 Introduced in chapter 4 (Measuring the backdoor). Source: the result files
-(``score.json``) of the
-CIFAR-10 models that the authors of BadDiffusion (Chou et al. 2023, arXiv:2212.05400)
-released on the
-Hugging Face hub under the user ``newsyctw`` (chapter 10,
-``book/10_the_authors_models.ipynb``,
-opens them): a fine-tune of ``google/ddpm-cifar10-32`` for 50 epochs, DDPM sampling with
-1000
-steps, MSE and SSIM between triggered samples and the target on the [0, 1] scale.
+(``score.json``) of the CIFAR-10 models that the authors of BadDiffusion (Chou et al.
+2023, arXiv:2212.05400) released on the Hugging Face hub under the user ``newsyctw``
+(chapter 10, ``book/10_the_authors_models.ipynb``, opens them): a fine-tune of
+``google/ddpm-cifar10-32`` for 50 epochs, DDPM sampling with 1000 steps, MSE and SSIM
+between triggered samples and the target on the [0, 1] scale.
 """
 
 from __future__ import annotations
@@ -24,10 +21,8 @@ class PublishedResult:
     """One published BadDiffusion result on CIFAR-10.
 
     Attributes:
-        trigger, trigger_size, target, poison_rate: the attack (size at 32 px, rate in
-        [0, 1]).
-        mse, ssim: triggered samples against the target, without clipping (``None``: not
-        published).
+        trigger, trigger_size, target, poison_rate: the attack (size at 32 px, rate in [0, 1]).
+        mse, ssim: triggered samples against the target, without clipping (``None``: not published).
         mse_clip, ssim_clip: the same with the x0-clipping defence.
     """
 

@@ -2,29 +2,21 @@
 defence.
 
 Introduced in chapter 2 (Denoising diffusion models); the clipping variants are the
-subject of the
-inference-time clipping chapter. Stock diffusers pipelines always start from pure noise,
-so the core
-has its own loop around the scheduler's ``step``. Backdoor sampling and the clipping
-defence are those
-of BadDiffusion (Chou et al. 2023, arXiv:2212.05400), Secs. 3 and 4, as its authors'
-code runs them
+subject of the inference-time clipping chapter. Stock diffusers pipelines always start
+from pure noise, so the core has its own loop around the scheduler's ``step``. Backdoor
+sampling and the clipping defence are those of BadDiffusion (Chou et al. 2023,
+arXiv:2212.05400), Secs. 3 and 4, as its authors' code runs them
 (github.com/IBM/BadDiffusion):
 
 - clean generation starts from ``x_T = eps``; backdoor generation from ``x_T = eps +
-  g``, the raw
-  trigger ``g`` including its -1 background;
+  g``, the raw trigger ``g`` including its -1 background;
 - ``clip="x0"`` clamps the predicted ``x_0`` to [-1, 1] at every step before the
-  posterior mean is
-  formed (the authors' defence; diffusers' ``clip_sample=True``, the DDPMScheduler
-  default). Under
-  DDIM the step is then taken as if the model had predicted the clamped image: the noise
-  is
-  re-derived from it (diffusers' ``use_clipped_model_output=True``, GLIDE's choice).
-  diffusers'
-  DDIM pipeline leaves that off: its ``clip_sample=True`` keeps the raw predicted noise
-  (chapter 9
-  measures both; neither stops a backdoor planted for DDIM);
+  posterior mean is formed (the authors' defence; diffusers' ``clip_sample=True``, the
+  DDPMScheduler default). Under DDIM the step is then taken as if the model had
+  predicted the clamped image: the noise is re-derived from it (diffusers'
+  ``use_clipped_model_output=True``, GLIDE's choice). diffusers' DDIM pipeline leaves
+  that off: its ``clip_sample=True`` keeps the raw predicted noise (chapter 9 measures
+  both; neither stops a backdoor planted for DDIM);
 - ``clip="xt"`` clamps ``x_t`` itself after every step (a cruder variant);
 - ``sampler="ddim"`` uses diffusers' ``DDIMScheduler`` (deterministic, ``eta = 0``).
 """
@@ -51,7 +43,7 @@ __all__ = [
     "sample_clean_and_triggered",
 ]
 
-#: ``"none"``: no clipping (how the attack is evaluated); ``"x0"``: clamp the predicted
+# : ``"none"``: no clipping (how the attack is evaluated); ``"x0"``: clamp the predicted
 # x_0 (the
 #: defence); ``"xt"``: clamp x_t after each step.
 CLIP_MODES = ("none", "x0", "xt")
@@ -62,20 +54,20 @@ Sampler = Literal["ddpm", "ddim"]
 #: ``callback(t, x_t, x0_pred)`` after every step, for measuring trajectories.
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
-#: Images per forward pass when :func:`sample` is given no ``batch_size``: memory stays
+# : Images per forward pass when :func:`sample` is given no ``batch_size``: memory stays
 # bounded
 #: however many images are asked for. Sized for the 35.7 M-parameter CIFAR-10 UNet
-#: (``google/ddpm-cifar10-32``) in fp32 on a 16 GB card: we measured the peak of the
+# : (``google/ddpm-cifar10-32``) in fp32 on a 16 GB card: we measured the peak of the
 # tensors alive
-#: during one forward pass without gradients (a dispatch mode summing live storages, on
+# : during one forward pass without gradients (a dispatch mode summing live storages, on
 # the CPU) at
-#: 128 MB for 16 images and 240 MB for 32 (the 136 MB of weights apart), so 7 MB per
+# : 128 MB for 16 images and 240 MB for 32 (the 136 MB of weights apart), so 7 MB per
 # image, and
-#: 256 images with the weights take about 2 GB. That leaves most of the card to cuDNN's
+# : 256 images with the weights take about 2 GB. That leaves most of the card to cuDNN's
 # workspaces,
-#: the caching allocator's slack and whatever else a notebook holds; the sampler's own
+# : the caching allocator's slack and whatever else a notebook holds; the sampler's own
 # state is a
-#: few ``3 x 32 x 32`` tensors per image. The book's quick mode never samples more than
+# : few ``3 x 32 x 32`` tensors per image. The book's quick mode never samples more than
 # 256 images
 #: in one call, so its samples are those of a single batch, as before this bound.
 DEFAULT_BATCH_SIZE = 256
@@ -85,8 +77,8 @@ def inference_scheduler(
     scheduler: DDPMScheduler, *, sampler: Sampler = "ddpm", clip: ClipMode = "none"
 ) -> DDPMScheduler | DDIMScheduler:
     """A fresh scheduler for sampling: the training schedule, ``sampler``'s update rule
-    and the
-    predicted-x_0 clipping of ``clip`` (``clip_sample=True`` only for ``"x0"``)."""
+    and the predicted-x_0 clipping of ``clip`` (``clip_sample=True`` only for
+    ``"x0"``)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is not known; use one of {SAMPLERS}")
     if clip not in CLIP_MODES:
@@ -102,9 +94,8 @@ def inference_steps(
     scheduler: DDPMScheduler, sampler: Sampler, num_inference_steps: int | None
 ) -> int:
     """The number of sampling steps: ``num_inference_steps``, checked against the
-    training ``T``, or
-    the default (``T`` for DDPM, ``min(50, T)`` for DDIM). Call it before expensive
-    work.
+    training ``T``, or the default (``T`` for DDPM, ``min(50, T)`` for DDIM). Call it
+    before expensive work.
 
     Raises:
         ValueError: not an integer in [1, T].
@@ -143,34 +134,23 @@ def sample(
     """Draw ``n`` images from ``model``, optionally starting from triggered noise.
 
     Args:
-        model: the noise predictor ``eps_theta(x_t, t)``; sampling runs on its device
-        and dtype.
-        scheduler: the training scheduler (its betas); its own ``clip_sample`` is
-        ignored.
+        model: the noise predictor ``eps_theta(x_t, t)``; sampling runs on its device and dtype.
+        scheduler: the training scheduler (its betas); its own ``clip_sample`` is ignored.
         n: number of images.
-        trigger: ``C,H,W`` (the same for every image) or ``n,C,H,W`` (per image; rows of
-        zeros give
+        trigger: ``C,H,W`` (the same for every image) or ``n,C,H,W`` (per image; rows of zeros give
             clean samples), added raw to the starting noise: ``x_T = eps + trigger``.
         clip: one of :data:`CLIP_MODES`.
         sampler: ``"ddpm"`` (ancestral, stochastic) or ``"ddim"`` (deterministic).
-        num_inference_steps: defaults to the training ``T`` for DDPM and ``min(50, T)``
-        for DDIM.
-        generator: the source of every random number (starting noise and DDPM's step
-        noise).
-        batch_size: images per forward pass (default ``min(n, DEFAULT_BATCH_SIZE)``).
-        Batches are
-            sampled one after the other from the same ``generator``, so the images
-            depend on it:
-            under DDPM, ``n`` images in one batch are not those of two (its step noise
-            is drawn batch
-            by batch); the starting noise is drawn for all ``n`` at once either way, and
-            DDIM draws
+        num_inference_steps: defaults to the training ``T`` for DDPM and ``min(50, T)`` for DDIM.
+        generator: the source of every random number (starting noise and DDPM's step noise).
+        batch_size: images per forward pass (default ``min(n, DEFAULT_BATCH_SIZE)``). Batches are
+            sampled one after the other from the same ``generator``, so the images depend on it:
+            under DDPM, ``n`` images in one batch are not those of two (its step noise is drawn batch
+            by batch); the starting noise is drawn for all ``n`` at once either way, and DDIM draws
             no other.
-        noise: optional starting ``eps`` of shape ``n,C,H,W`` (default: drawn from
-        ``generator``).
+        noise: optional starting ``eps`` of shape ``n,C,H,W`` (default: drawn from ``generator``).
         progress: show a tqdm bar over the steps.
-        callback: called as ``callback(t, x_t, x0_pred)`` after every step (of each
-        batch in turn,
+        callback: called as ``callback(t, x_t, x0_pred)`` after every step (of each batch in turn,
             with that batch's rows).
 
     Returns:
@@ -226,13 +206,11 @@ def sample_clean_and_triggered(
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` clean and ``n`` triggered samples in one call to :func:`sample` (``2n``
-    images, batched
-    by its ``batch_size``: one pass up to :data:`DEFAULT_BATCH_SIZE`), from the same
-    starting ``eps``.
+    images, batched by its ``batch_size``: one pass up to :data:`DEFAULT_BATCH_SIZE`),
+    from the same starting ``eps``.
 
     Pairing the noise shows exactly what the trigger changes. ``kwargs`` go to
-    :func:`sample`.
-    Returns ``(clean, triggered)``, each ``n,C,H,W`` in [-1, 1].
+    :func:`sample`. Returns ``(clean, triggered)``, each ``n,C,H,W`` in [-1, 1].
     """
     check_positive_int("n", n, meaning="the number of images")
     config = model.config

@@ -2,16 +2,13 @@
 resume.
 
 Introduced in chapter 2 (Denoising diffusion models). One loop serves both: a clean data
-set is a
-poisoned one with poison rate 0, whose loss is the ordinary DDPM loss (DDPM (Ho et al.
-2020,
-arXiv:2006.11239), eq. (14)).
+set is a poisoned one with poison rate 0, whose loss is the ordinary DDPM loss (DDPM (Ho
+et al. 2020, arXiv:2006.11239), eq. (14)).
 
 Data are kept as tensors on the training device; every random number (batch order,
-flips, t, eps)
-comes from one seeded ``torch.Generator``, whose state is saved in checkpoints, so a run
-resumed
-from a checkpoint continues exactly as if it had never stopped (on CPU).
+flips, t, eps) comes from one seeded ``torch.Generator``, whose state is saved in
+checkpoints, so a run resumed from a checkpoint continues exactly as if it had never
+stopped (on CPU).
 """
 
 from __future__ import annotations
@@ -57,7 +54,7 @@ __all__ = [
 ]
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
-#: Settings that change how a run is executed, not what it produces: a run resumed from
+# : Settings that change how a run is executed, not what it produces: a run resumed from
 # a checkpoint
 #: may change them, and they are not part of a model's cache key.
 RUN_ONLY_FIELDS = (
@@ -71,7 +68,7 @@ RUN_ONLY_FIELDS = (
     "torch_compile",
 )
 LR_SCHEDULES = ("cosine", "constant")
-#: Optimizer steps of full mode's fine-tune (:meth:`TrainConfig.colab_finetune`), sized
+# : Optimizer steps of full mode's fine-tune (:meth:`TrainConfig.colab_finetune`), sized
 # for a Colab T4.
 COLAB_FINETUNE_STEPS = 1_000
 
@@ -82,27 +79,20 @@ class TrainConfig:
     authors' recipe.
 
     ``steps`` counts optimizer steps; each sees ``batch_size *
-    gradient_accumulation_steps`` images.
-    ``ema_decay`` goes to diffusers' ``EMAModel``. With ``ema_warmup`` (right for
-    training from
-    scratch) it caps the decay at ``(1 + k) / (10 + k)`` at step ``k``, so that below
-    about 1,800
-    steps a decay of 0.995 or 0.999 behaves the same. A fine-tune starts from good
-    weights and
-    wants ``ema_warmup=False``: the decay is constant from the first step, so the
-    average starts
-    at the pre-trained weights and forgets them at the rate ``ema_decay`` says.
+    gradient_accumulation_steps`` images. ``ema_decay`` goes to diffusers' ``EMAModel``.
+    With ``ema_warmup`` (right for training from scratch) it caps the decay at ``(1 + k)
+    / (10 + k)`` at step ``k``, so that below about 1,800 steps a decay of 0.995 or
+    0.999 behaves the same. A fine-tune starts from good weights and wants
+    ``ema_warmup=False``: the decay is constant from the first step, so the average
+    starts at the pre-trained weights and forgets them at the rate ``ema_decay`` says.
     ``solver`` and ``attack`` choose the poisoned training target
     (:mod:`baddiff_core.diffusion`).
 
     The GPU path: ``mixed_precision="bf16"`` (Accelerate's autocast; "fp16" adds loss
-    scaling),
-    ``channels_last`` (the NHWC memory format that tensor-core convolutions want) and
-    ``torch_compile`` (``torch.compile`` on the UNet's forward; the first steps
-    compile). These
-    three change speed, not the recipe: only ``mixed_precision`` changes the numbers,
-    and it alone
-    of them is part of a model's cache key.
+    scaling), ``channels_last`` (the NHWC memory format that tensor-core convolutions
+    want) and ``torch_compile`` (``torch.compile`` on the UNet's forward; the first
+    steps compile). These three change speed, not the recipe: only ``mixed_precision``
+    changes the numbers, and it alone of them is part of a model's cache key.
     """
 
     steps: int = 500
@@ -196,19 +186,14 @@ class TrainConfig:
         **overrides: Any,
     ) -> TrainConfig:
         """The fine-tuning recipe of BadDiffusion (Chou et al. 2023, arXiv:2212.05400),
-        Sec. 4, and of its
-        authors' code (github.com/IBM/BadDiffusion, ``baddiffusion.py``): 50 epochs of
-        ``num_images``,
-        Adam lr 2e-4, cosine schedule with 500 warm-up steps, batch 128, gradient
-        clipping 1.0, random
-        horizontal flips, on ``device`` and in the mixed precision that its hardware
-        runs fast
+        Sec. 4, and of its authors' code (github.com/IBM/BadDiffusion,
+        ``baddiffusion.py``): 50 epochs of ``num_images``, Adam lr 2e-4, cosine schedule
+        with 500 warm-up steps, batch 128, gradient clipping 1.0, random horizontal
+        flips, on ``device`` and in the mixed precision that its hardware runs fast
         (:func:`~baddiff_core.devices.mixed_precision_for`): fp16, the authors'
-        precision, on GPUs older
-        than Ampere (Colab's T4), bf16 on compute capability 8.0 or more, fp32 on a CPU.
-        ``device`` is
-        checked with :func:`~baddiff_core.devices.resolve_device` and kept as given
-        (``"auto"`` stays
+        precision, on GPUs older than Ampere (Colab's T4), bf16 on compute capability
+        8.0 or more, fp32 on a CPU. ``device`` is checked with
+        :func:`~baddiff_core.devices.resolve_device` and kept as given (``"auto"`` stays
         ``"auto"``); ``overrides`` replace any other field, ``mixed_precision``
         included."""
         defaults = dict(
@@ -232,14 +217,11 @@ class TrainConfig:
         cls, *, device: str | torch.device = "auto", **overrides: Any
     ) -> TrainConfig:
         """:meth:`paper_finetune` cut to fit a free Colab session on a T4: 1,000 steps
-        at batch 128
-        (128,000 image views, 2.6 epochs of CIFAR-10, where the paper's 50 epochs are
-        19,550 steps),
-        100 warm-up steps, then the paper's cosine decay, and a checkpoint every 250
-        steps so that a
-        disconnected run resumes. About 11 minutes of a T4
-        (:mod:`baddiff_core.gpu_time`), against
-        3.7 hours for the paper's."""
+        at batch 128 (128,000 image views, 2.6 epochs of CIFAR-10, where the paper's 50
+        epochs are 19,550 steps), 100 warm-up steps, then the paper's cosine decay, and
+        a checkpoint every 250 steps so that a disconnected run resumes. About 11
+        minutes of a T4 (:mod:`baddiff_core.gpu_time`), against 3.7 hours for the
+        paper's."""
         defaults = dict(
             steps=COLAB_FINETUNE_STEPS, warmup_steps=100, checkpoint_every=250
         )
@@ -256,10 +238,8 @@ class TrainHistory:
     speed.
 
     ``log_times`` pairs ``(step, seconds since the loop began)`` at every logging point,
-    where the
-    loop waits for the device anyway (to read the losses): the steady speed, past the
-    first slow
-    steps (warm-up, compilation), is the slope between two of them.
+    where the loop waits for the device anyway (to read the losses): the steady speed,
+    past the first slow steps (warm-up, compilation), is the slope between two of them.
     """
 
     losses: list[float] = field(default_factory=list)
@@ -283,27 +263,20 @@ def train(
     history.
 
     Args:
-        model: a diffusers ``UNet2DModel`` (its weights are updated; with ``ema_decay``
-        it ends
+        model: a diffusers ``UNet2DModel`` (its weights are updated; with ``ema_decay`` it ends
             holding the EMA weights).
         scheduler: the training noise schedule.
-        dataset: a :class:`~baddiff_core.poison.PoisonedDataset`, or a tensor
-        ``N,C,H,W`` of clean
+        dataset: a :class:`~baddiff_core.poison.PoisonedDataset`, or a tensor ``N,C,H,W`` of clean
             images in [-1, 1].
         config: see :class:`TrainConfig`.
-        resume: continue from the newest checkpoint in ``config.checkpoint_dir`` if
-        there is one.
-        run_key: names what is trained beyond ``config`` (e.g. a backdoor recipe's cache
-        key: data,
-            trigger, target, base model). Checkpoints record it with every setting of
-            ``config``
+        resume: continue from the newest checkpoint in ``config.checkpoint_dir`` if there is one.
+        run_key: names what is trained beyond ``config`` (e.g. a backdoor recipe's cache key: data,
+            trigger, target, base model). Checkpoints record it with every setting of ``config``
             that shapes the result, and belong to that run only.
 
     Raises:
-        ValueError: ``config.checkpoint_dir`` holds checkpoints of another run (another
-        ``run_key``,
-            or another value of a setting outside :data:`RUN_ONLY_FIELDS`, ``steps``
-            included): a
+        ValueError: ``config.checkpoint_dir`` holds checkpoints of another run (another ``run_key``,
+            or another value of a setting outside :data:`RUN_ONLY_FIELDS`, ``steps`` included): a
             resumed run would return weights of a recipe it was not asked for.
     """
     if not isinstance(config, TrainConfig):
@@ -495,14 +468,11 @@ def _accelerator(device: torch.device, config: TrainConfig) -> Accelerator:
     """An Accelerator for ``device`` in ``config.mixed_precision``.
 
     Accelerate keeps its settings process-wide and refuses a second Accelerator whose
-    mixed
-    precision or device differ from the first one's. One process here may train in
-    several (the
-    benchmark's fp32 and bf16 modes; a notebook that trains in fp32 after bf16), so a
-    single-process
-    state that differs is reset first. A multi-process launch (``accelerate launch``)
-    fixes both for
-    all its runs, and a run that asks for others is refused.
+    mixed precision or device differ from the first one's. One process here may train in
+    several (the benchmark's fp32 and bf16 modes; a notebook that trains in fp32 after
+    bf16), so a single-process state that differs is reset first. A multi-process launch
+    (``accelerate launch``) fixes both for all its runs, and a run that asks for others
+    is refused.
     """
     state = AcceleratorState._shared_state
     if state:
@@ -689,9 +659,8 @@ def _save_checkpoint(
     """Write ``checkpoint-<step>/`` next to the others, then point ``latest`` at it.
 
     The folder is written under a temporary name and renamed when complete; the
-    ``latest`` pointer
-    is replaced atomically afterwards. A crash at any moment leaves the previous
-    checkpoint usable.
+    ``latest`` pointer is replaced atomically afterwards. A crash at any moment leaves
+    the previous checkpoint usable.
     """
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     tensors = {

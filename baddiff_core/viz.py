@@ -125,8 +125,7 @@ def show_strips(
     side by side.
 
     ``rows`` maps each title to its images, e.g. samples of one model or one checkpoint,
-    so that
-    rows compare at a glance. Returns the figure.
+    so that rows compare at a glance. Returns the figure.
     """
     rows = dict(rows)
     if not rows:
@@ -164,8 +163,8 @@ def animate_images(
     diffusion steps).
 
     In a notebook, display it with ``IPython.display.HTML(anim.to_jshtml())``: the
-    frames are
-    embedded, so the animation plays in the static online book without a kernel.
+    frames are embedded, so the animation plays in the static online book without a
+    kernel.
     """
     frames = list(frames)
     if not frames:

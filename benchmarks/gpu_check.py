@@ -1,32 +1,25 @@
 """The GPU check: what full mode costs on the GPU at hand, in one run of a few minutes.
 
-    python benchmarks/gpu_check.py                 # a GPU: writes
-    benchmarks/results/full-gpu.json
-    python benchmarks/gpu_check.py --dry-run       # the same code on the CPU at a few
-    steps (CI)
+    python benchmarks/gpu_check.py                 # a GPU: writes benchmarks/results/full-gpu.json
+    python benchmarks/gpu_check.py --dry-run       # the same code on the CPU at a few steps (CI)
 
 ``benchmarks/gpu_check.sh`` installs the wheels it is handed (offline) and runs this
-file under a
-time limit. Nothing is downloaded: the CIFAR-10 UNet is ``google/ddpm-cifar10-32``'s
-architecture
-with random weights, and the images are random numbers, which cost the same arithmetic.
+file under a time limit. Nothing is downloaded: the CIFAR-10 UNet is
+``google/ddpm-cifar10-32``'s architecture with random weights, and the images are random
+numbers, which cost the same arithmetic.
 
 What it measures (``baddiff_core.benchmark``), written as JSON that the Performance page
 shows:
 
 - ``throughput``: training images/s and model FLOP utilisation of the CIFAR-10 UNet at
-  batch 128 in
-  fp32, fp16, bf16 where the GPU runs it (compute capability 8.0 or more) and bf16 with
-  channels-last
-  and ``torch.compile`` (``training_throughput``);
+  batch 128 in fp32, fp16, bf16 where the GPU runs it (compute capability 8.0 or more)
+  and bf16 with channels-last and ``torch.compile`` (``training_throughput``);
 - ``peak_memory_bytes``: training at batch 128, sampling at the evaluation batch of 256
   images;
 - ``fine_tune``: the paper's backdoor fine-tune (``BackdoorRecipe.paper()``), seconds
-  per step and
-  what its 19,550 steps would take (``fine_tune_cost``);
+  per step and what its 19,550 steps would take (``fine_tune_cost``);
 - ``sampling_cost``: seconds per UNet step at batch 256, so DDPM-1000 and DDIM-50 per
-  image, and the
-  batch's peak memory (``sampling_cost``).
+  image, and the batch's peak memory (``sampling_cost``).
 """
 
 from __future__ import annotations
@@ -43,7 +36,7 @@ from baddiff_core.benchmark import (
 )
 from baddiff_core.devices import resolve_device
 
-#: What a run may take on one modern GPU (the issue that asked for this check: 8
+# : What a run may take on one modern GPU (the issue that asked for this check: 8
 # minutes).
 BUDGET_SECONDS = 8 * 60
 

@@ -4,12 +4,10 @@ and an A100.
     .venv/bin/python benchmarks/gpu_plans.py [--markdown]
 
 Runs each chapter's parameters and setup cells with ``QUICK = False`` at full scale
-(nothing is
-trained, sampled or downloaded: the setup cells only configure), as
-``tests/test_gpu_plans.py`` does,
-and prints ``PLAN.rows()`` (``baddiff_core.gpu_time``). The rates are assumptions (T4 7
-TFLOP/s,
-A100 42 TFLOP/s) until ``benchmarks/gpu_check.sh`` measures them on a GPU.
+(nothing is trained, sampled or downloaded: the setup cells only configure), as
+``tests/test_gpu_plans.py`` does, and prints ``PLAN.rows()``
+(``baddiff_core.gpu_time``). The rates are assumptions (T4 7 TFLOP/s, A100 42 TFLOP/s)
+until ``benchmarks/gpu_check.sh`` measures them on a GPU.
 """
 
 from __future__ import annotations
@@ -26,8 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def chapter_plan(chapter: Path):
     """The ``PLAN`` a chapter's setup cell builds with ``QUICK = False`` (at full scale
-    when the
-    environment sets no ``BADDIFF_SCALE``)."""
+    when the environment sets no ``BADDIFF_SCALE``)."""
     cells = [
         c for c in nbformat.read(chapter, as_version=4).cells if c.cell_type == "code"
     ]

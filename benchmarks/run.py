@@ -1,22 +1,16 @@
 """Benchmarks of the book's training, sampling and chapters: one command, results to a
 file.
 
-    python benchmarks/run.py --size small                       # CI: a 2-core CPU,
-    about 40 s
+    python benchmarks/run.py --size small                       # CI: a 2-core CPU, about 40 s
     python benchmarks/run.py --size small --book _build/.jupyter_cache --models
-                                        # + the chapter times of a build, what the model
-                                        # cache computed
-    python benchmarks/run.py --size full --device cuda          # a GPU: CIFAR-10 UNet,
-    batch 128
+                                        # + the chapter times of a build, what the model cache computed
+    python benchmarks/run.py --size full --device cuda          # a GPU: CIFAR-10 UNet, batch 128
 
 It prints each ratio as it is measured and writes JSON (and the same as Markdown tables)
-to
-``--output``. The measurements are in ``baddiff_core.benchmark``; the book's Performance
-page
-runs the small size and shows the results recorded here. ``--strict`` exits with status
-1 when a
-ratio misses its target (off by default: a shared CI machine is too noisy for a 3% bound
-to gate).
+to ``--output``. The measurements are in ``baddiff_core.benchmark``; the book's
+Performance page runs the small size and shows the results recorded here. ``--strict``
+exits with status 1 when a ratio misses its target (off by default: a shared CI machine
+is too noisy for a 3% bound to gate).
 """
 
 from __future__ import annotations

@@ -1,34 +1,27 @@
 """Offline stand-ins for what full mode downloads, built by the tests themselves.
 
 Full mode (``QUICK = False``) downloads two things: the pre-trained
-``google/ddpm-cifar10-32`` from
-the Hugging Face hub and the CIFAR-10 training set. The full-mode smoke test
-(``test_full_mode.py``)
-runs the library's real download code against local copies laid out exactly as the real
-ones are
-found on disk, so that nothing in the library has to know about them:
+``google/ddpm-cifar10-32`` from the Hugging Face hub and the CIFAR-10 training set. The
+full-mode smoke test (``test_full_mode.py``) runs the library's real download code
+against local copies laid out exactly as the real ones are found on disk, so that
+nothing in the library has to know about them:
 
 - a Hugging Face hub cache (``HF_HUB_CACHE``, used with ``HF_HUB_OFFLINE=1``) holding
   ``models--google--ddpm-cifar10-32`` in that repository's layout: ``config.json``,
   ``diffusion_pytorch_model.safetensors`` and ``scheduler_config.json`` at its root,
-  plus
-  ``model_index.json``. The UNet is of the same class and block layout as the real one,
-  but narrow
-  and randomly initialised (about 0.1 M parameters against 35.7 M), and its schedule has
-  T = 10
-  instead of 1000, so that a DDPM chain is ten calls of a small network;
+  plus ``model_index.json``. The UNet is of the same class and block layout as the real
+  one, but narrow and randomly initialised (about 0.1 M parameters against 35.7 M), and
+  its schedule has T = 10 instead of 1000, so that a DDPM chain is ten calls of a small
+  network;
 - CIFAR-10's binary version (``cifar-10-batches-bin/data_batch_{1..5}.bin``) under
-  ``BADDIFF_DATA``,
-  holding 32 x 32 colour crops of the two photographs scikit-learn ships.
+  ``BADDIFF_DATA``, holding 32 x 32 colour crops of the two photographs scikit-learn
+  ships.
 
 Chapter 10 also downloads the BadDiffusion authors' released models;
-``build_authors_repo`` writes
-one of their repositories into the same hub cache, in their layout (a pickled ``.bin``).
-Their
-stop-sign picture and Fashion-MNIST have no stand-in (they are checked against published
-digests),
-so at the smoke scale chapter 10 measures only the grey-box models, whose attacks are
-drawn.
+``build_authors_repo`` writes one of their repositories into the same hub cache, in
+their layout (a pickled ``.bin``). Their stop-sign picture and Fashion-MNIST have no
+stand-in (they are checked against published digests), so at the smoke scale chapter 10
+measures only the grey-box models, whose attacks are drawn.
 """
 
 from __future__ import annotations
@@ -44,7 +37,7 @@ from baddiff_core.book import SMOKE_SCHEDULE
 from baddiff_core.data import load_sample_photo, write_cifar10_binary
 from baddiff_core.models import PRETRAINED_CIFAR10, ddpm_cifar10_unet
 
-#: A made-up commit id for the stand-in snapshot (the hub cache names snapshots by
+# : A made-up commit id for the stand-in snapshot (the hub cache names snapshots by
 # commit).
 STANDIN_COMMIT = "0" * 40
 
@@ -67,8 +60,8 @@ def build_hub_cache(hub_cache: Path, *, seed: int = 0) -> Path:
     ``hub_cache``.
 
     Returns the snapshot folder. Point ``HF_HUB_CACHE`` at ``hub_cache`` and set
-    ``HF_HUB_OFFLINE=1``
-    (before ``huggingface_hub`` is imported) for ``from_pretrained`` to find it.
+    ``HF_HUB_OFFLINE=1`` (before ``huggingface_hub`` is imported) for
+    ``from_pretrained`` to find it.
     """
     repo = hub_cache / f"models--{PRETRAINED_CIFAR10.replace('/', '--')}"
     snapshot = repo / "snapshots" / STANDIN_COMMIT
@@ -98,8 +91,8 @@ def build_hub_cache(hub_cache: Path, *, seed: int = 0) -> Path:
 
 def build_cifar10(data_root: Path, *, per_batch: int = 16, seed: int = 0) -> Path:
     """Write a stand-in of CIFAR-10's binary training set (5 files of ``per_batch``
-    images each),
-    crops of scikit-learn's photographs, into ``data_root/cifar-10-batches-bin``."""
+    images each), crops of scikit-learn's photographs, into
+    ``data_root/cifar-10-batches-bin``."""
     rng = np.random.default_rng(seed)
     photos = [
         load_sample_photo(name, size=(107, 160)) for name in ("china.jpg", "flower.jpg")
@@ -118,7 +111,7 @@ def build_cifar10(data_root: Path, *, per_batch: int = 16, seed: int = 0) -> Pat
     return write_cifar10_binary(data_root / "cifar-10-batches-bin", images, labels)
 
 
-#: How diffusers before 0.15 named the attention weights that it now calls to_q, to_k,
+# : How diffusers before 0.15 named the attention weights that it now calls to_q, to_k,
 # to_v, to_out.0.
 OLD_ATTENTION_NAMES = {
     "to_q": "query",
@@ -140,16 +133,12 @@ def build_authors_repo(
     ``hub_cache``.
 
     Their layout: ``unet/config.json``, the weights as a pickled
-    ``unet/diffusion_pytorch_model.bin``
-    (a state dict of plain tensors, as ``torch.save`` writes it) and
-    ``scheduler/scheduler_config.json``.
-    The UNet is narrow (``build_hub_cache``'s); ``weights`` replaces the ``.bin``'s
-    bytes (a
+    ``unet/diffusion_pytorch_model.bin`` (a state dict of plain tensors, as
+    ``torch.save`` writes it) and ``scheduler/scheduler_config.json``. The UNet is
+    narrow (``build_hub_cache``'s); ``weights`` replaces the ``.bin``'s bytes (a
     malicious pickle, in the test that it is refused); ``old_names`` writes the
-    attention weights
-    under their names before diffusers 0.15 (as releases of that time have them).
-    Returns the
-    snapshot folder.
+    attention weights under their names before diffusers 0.15 (as releases of that time
+    have them). Returns the snapshot folder.
     """
     repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
     snapshot = repo / "snapshots" / STANDIN_COMMIT

@@ -219,10 +219,9 @@ def test_command_line_rejects_unknown_choices(capsys):
 
 def test_an_interrupted_fine_tune_resumes_from_its_last_checkpoint(cache, monkeypatch):
     """A training with checkpoints keeps them in the cache's checkpoint folder of its
-    recipe; run
-    again after an interruption, it resumes there, ends with the weights of an
-    uninterrupted run
-    (bit for bit on a CPU) and deletes the folder once the model is saved."""
+    recipe; run again after an interruption, it resumes there, ends with the weights of
+    an uninterrupted run (bit for bit on a CPU) and deletes the folder once the model is
+    saved."""
     import baddiff_core.train as train_module
     from baddiff_core.cache import checkpoint_folder, recipe_key
 

@@ -1,9 +1,7 @@
 """The authors' released models: only listed repositories, tensors only, converted to
-safetensors
-once and verified after. Run in a subprocess against a stand-in hub cache, offline,
-through the
-same code a reader's Colab runs (``HF_HUB_CACHE`` is read when huggingface_hub is
-imported)."""
+safetensors once and verified after. Run in a subprocess against a stand-in hub cache,
+offline, through the same code a reader's Colab runs (``HF_HUB_CACHE`` is read when
+huggingface_hub is imported)."""
 
 from __future__ import annotations
 
@@ -174,9 +172,8 @@ def test_every_model_has_the_scores_its_score_json_records():
         assert scores.fid > 0 and 0 < scores.mse < 1 and 0 < scores.mse_clip < 1, name
         assert -1 <= scores.ssim <= 1 and -1 <= scores.ssim_clip <= 1, name
     # The three 90 % models hit their target to the 8-bit floor: 3.85e-6 for the
-    # all-grey-or-box
-    # targets, a little less where some target pixels sit exactly on an 8-bit level (the
-    # stop sign).
+    # all-grey-or-box targets, a little less where some target pixels sit exactly on an
+    # 8-bit level (the stop sign).
     for name in ("stop_sign-corner-90", "box-corner-90"):
         assert AUTHORS_MODELS[name].published.mse == pytest.approx(
             EIGHT_BIT_FLOOR, rel=0.01

@@ -1,19 +1,14 @@
 """The authors' triggers and targets, rebuilt exactly: boxes against the geometry
-derived by hand,
-pictures against an independent computation of the recipe on hand-made images, downloads
-refused
-on a wrong digest or offline. Everything runs offline on stand-ins written here; one
-test reads the
-authors' real pictures from a local mirror of their repository and skips where there is
-none.
+derived by hand, pictures against an independent computation of the recipe on hand-made
+images, downloads refused on a wrong digest or offline. Everything runs offline on
+stand-ins written here; one test reads the authors' real pictures from a local mirror of
+their repository and skips where there is none.
 
 When this file was written, every picture tensor was also compared with the authors'
-recipe run
-through torchvision 0.28's own transforms (Resize, ToTensor, Pad) on the real pictures
-and on
-random images: equal bit for bit. torchvision is not a dependency, so that check is not
-repeated
-here; the SHA-256 pins of ``test_the_authors_real_pictures`` carry it.
+recipe run through torchvision 0.28's own transforms (Resize, ToTensor, Pad) on the real
+pictures and on random images: equal bit for bit. torchvision is not a dependency, so
+that check is not repeated here; the SHA-256 pins of ``test_the_authors_real_pictures``
+carry it.
 """
 
 from __future__ import annotations
@@ -166,8 +161,8 @@ def standin_fashion_mnist(root: Path, monkeypatch, first: np.ndarray) -> Path:
 @pytest.mark.parametrize("size", [4, 8, 11, 14, 18])
 def test_the_grey_box_is_the_authors_box(size):
     # The authors: a (size x size) box of value (vmin + vmax) / 2 = 0 at rows and
-    # columns
-    # [-(size + 2) : -2] of a -1 image, i.e. 32 - 2 - size .. 29 (16..29 for 14 px).
+    # columns [-(size + 2) : -2] of a -1 image, i.e. 32 - 2 - size .. 29 (16..29 for 14
+    # px).
     expected = torch.full((3, 32, 32), -1.0)
     expected[:, 30 - size : 30, 30 - size : 30] = 0.0
     assert torch.equal(make_trigger("box", 32, 3, size=size), expected)
@@ -185,8 +180,7 @@ def test_the_corner_target_is_the_authors_corner():
 
 def test_the_trigger_as_target_and_the_shift_are_the_authors():
     # The authors: the trigger with values <= -0.4 raised to -0.4 ("no shift"), or first
-    # rolled
-    # 3 rows up and 5 columns left, wrapping around (torch.roll by (-3, -5)).
+    # rolled 3 rows up and 5 columns left, wrapping around (torch.roll by (-3, -5)).
     trigger = torch.full((3, 32, 32), -1.0)
     trigger[:, 16:30, 16:30] = 0.0
     trigger[0, 0, 0] = 0.5  # wraps to row 29, column 27
@@ -225,10 +219,8 @@ def test_a_tile_already_at_the_trigger_size_is_scaled_placed_and_whitened_value_
 
 def test_a_picture_is_resized_bilinearly_to_the_trigger_size():
     # 28 x 28 flat quadrants halved to 14 x 14: PIL's bilinear filter (antialiased: 4
-    # taps at
-    # weights 1/8, 3/8, 3/8, 1/8) keeps a quadrant's colour exactly where all taps are
-    # inside it,
-    # rows and columns 0..5 and 8..13 of the tile.
+    # taps at weights 1/8, 3/8, 3/8, 1/8) keeps a quadrant's colour exactly where all
+    # taps are inside it, rows and columns 0..5 and 8..13 of the tile.
     picture = quadrants(28, COLOURS)
     trigger = trigger_from_image(Image.fromarray(picture), 14)
     expected = expected_trigger(quadrants(14, COLOURS), 14)
@@ -239,8 +231,7 @@ def test_a_picture_is_resized_bilinearly_to_the_trigger_size():
     outside[16:30, 16:30] = False
     assert (trigger[:, outside] == -1).all()
     # The whole tile is PIL's bilinear resize (what torchvision's Resize calls on a PIL
-    # image).
-    # 40 wide, 39 high
+    # image). 40 wide, 39 high
     noise = np.random.default_rng(1).integers(0, 256, (39, 40, 3), dtype=np.uint8)
     resized = np.asarray(
         Image.fromarray(noise).resize((14, 14), Image.Resampling.BILINEAR)
@@ -494,8 +485,8 @@ def test_an_attack_no_released_model_uses_is_refused():
 # The real pictures, where a mirror of the authors' repository is at hand.
 # --------------------------------------------------------------------------- #
 
-#: SHA-256 of the float32 bytes of the tensors built from the real pictures; equal, when
-# written,
+# : SHA-256 of the float32 bytes of the tensors built from the real pictures; equal,
+# when written,
 #: to the authors' recipe run through torchvision 0.28's transforms (with Pillow 13.0).
 REAL_TENSORS = {
     (

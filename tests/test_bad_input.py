@@ -2,10 +2,8 @@
 allowed.
 
 One table, one row per case, across the public API; the command line's exit status 2 is
-tested in
-``test_attack.test_command_line_errors_exit_with_status_2``. Each row gives the call,
-the exception
-type and a pattern that its message must match.
+tested in ``test_attack.test_command_line_errors_exit_with_status_2``. Each row gives
+the call, the exception type and a pattern that its message must match.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """The benchmark's measuring tools, each against something known: call order,
-hand-counted FLOPs,
-a buffer of known size, a jupyter cache with known times. The command itself runs in
-`make test`."""
+hand-counted FLOPs, a buffer of known size, a jupyter cache with known times. The
+command itself runs in `make test`."""
 
 from __future__ import annotations
 
@@ -93,9 +92,8 @@ class _OneConv(torch.nn.Module):
 
 def test_training_flops_match_a_hand_count():
     """Forward: 2 * B * C_out * H * W * C_in * 3 * 3 multiply-adds counted as two FLOPs
-    each. The input
-    needs no gradient, so the backward pass computes the weight's gradient only: as much
-    again."""
+    each. The input needs no gradient, so the backward pass computes the weight's
+    gradient only: as much again."""
     batch = torch.rand(2, 1, 8, 8)
     forward = 2 * 2 * 4 * 8 * 8 * 1 * 9
     assert (
@@ -121,8 +119,7 @@ def test_torch_calls_counts_each_function_by_name():
 
 def test_clipping_adds_one_clamp_per_step_and_nothing_else():
     # Hand count: diffusers' DDPMScheduler.step with clip_sample=True clamps
-    # pred_original_sample
-    # once; every other call is the same with and without clipping.
+    # pred_original_sample once; every other call is the same with and without clipping.
     assert benchmark.clipping_calls(steps=3) == {"clamp": 3}
     assert benchmark.clipping_calls(steps=1) == {"clamp": 1}
 
@@ -156,9 +153,8 @@ def test_training_throughput_is_the_steady_slope():
 
 def test_the_gpu_modes_run_one_after_another_in_one_process():
     """The full size measures fp32, bf16 and bf16 + channels-last on one model in one
-    process, as
-    on a GPU; the CPU runs the same code (its bf16 is slow, so the CPU small size skips
-    it)."""
+    process, as on a GPU; the CPU runs the same code (its bf16 is slow, so the CPU small
+    size skips it)."""
     torch.manual_seed(0)
     model = make_unet(8, 1, block_out_channels=(16, 32))
     images = torch.rand(4, 1, 8, 8) * 2 - 1
@@ -326,9 +322,8 @@ def test_the_cache_summary_names_what_was_computed_twice():
 @pytest.mark.slow
 def test_the_gpu_check_runs_dry_on_the_cpu(tmp_path):
     """benchmarks/gpu_check.sh as it would run on a lent GPU, in its --dry-run form:
-    every section,
-    the same code, a few steps on the CPU (so that the check cannot rot before a GPU is
-    at hand)."""
+    every section, the same code, a few steps on the CPU (so that the check cannot rot
+    before a GPU is at hand)."""
     import os
 
     env = dict(

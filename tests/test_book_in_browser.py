@@ -1,46 +1,37 @@
 """The built book as a reader sees it: every chapter page opened in headless Chromium.
 
 The module builds the book once, with the command `make book` runs (`jupyter-book build
-. --all
---warningiserror --keep-going`), serves `_build/html` on a free local port and opens
-every page
-that `_toc.yml` lists as a chapter notebook in headless Chromium. For each chapter it
-checks that
+. --all --warningiserror --keep-going`), serves `_build/html` on a free local port and
+opens every page that `_toc.yml` lists as a chapter notebook in headless Chromium. For
+each chapter it checks that
 
 1. the page renders: HTTP 200, the notebook's title as an `<h1>`, a screenshot that is
-not blank;
+   not blank;
 2. it shows at least one figure: an `<img>` inside a cell's output, whose file the
-server has;
+   server has;
 3. its Colab launch link opens this chapter's notebook on branch `main` of the book's
-repository;
+   repository;
 4. no cell output shows an error: no traceback or error output, no "Traceback (most
-recent call
-   last)", no ANSI-coloured exception name, no stderr block mentioning "Error";
+   recent call last)", no ANSI-coloured exception name, no stderr block mentioning
+   "Error";
 5. widgets have saved state: a chapter whose code uses ipywidgets embeds the widget
-state, and
-   every widget view on the page refers to a model in that state.
+   state, and every widget view on the page refers to a model in that state.
 
 The front page is checked to render too. A full-page screenshot of every page it opens
-is kept in
-`_build/screenshots/<page>.png` (beside the HTML, so that it is not published with it).
+is kept in `_build/screenshots/<page>.png` (beside the HTML, so that it is not published
+with it).
 
 Time: the build executes the chapters unless the jupyter cache (`_build/.jupyter_cache`)
-already
-holds them: about 8 minutes on 2 CPU cores with the chapters' models already in
-`~/.cache/baddiff`
-(about 17 without), a few seconds with the jupyter cache warm, when the whole module
-takes about
-25 seconds. The cache is emptied when `baddiff_core` changed (the Makefile's
-`_build/.core-stamp`
-rule, which this module runs too). The build's log is kept in `_build/book-build.log`.
-Chromium
-takes about 4 seconds per page. The checking helpers are tested on small HTML snippets
-at the end of
-this file; those tests need no build: `pytest tests/test_book_in_browser.py -k helpers`.
+already holds them: about 8 minutes on 2 CPU cores with the chapters' models already in
+`~/.cache/baddiff` (about 17 without), a few seconds with the jupyter cache warm, when
+the whole module takes about 25 seconds. The cache is emptied when `baddiff_core`
+changed (the Makefile's `_build/.core-stamp` rule, which this module runs too). The
+build's log is kept in `_build/book-build.log`. Chromium takes about 4 seconds per page.
+The checking helpers are tested on small HTML snippets at the end of this file; those
+tests need no build: `pytest tests/test_book_in_browser.py -k helpers`.
 
 Chromium: `make test` installs Debian's `chromium` package with apt when it is missing.
-Set
-`CHROMIUM` to use another Chromium binary.
+Set `CHROMIUM` to use another Chromium binary.
 """
 
 from __future__ import annotations
@@ -108,9 +99,8 @@ MAX_HEIGHT = 30_000  # pixels: longer pages are shot down to this height
 
 CHAPTERS = chapter_notebooks()  # the .ipynb entries of _toc.yml, in reading order
 # The first test builds the book: from an empty model cache on a machine three times
-# slower than
-# ours that took 69 minutes (README), so the module's bound is two hours, not pytest's
-# 30 minutes.
+# slower than ours that took 69 minutes (README), so the module's bound is two hours,
+# not pytest's 30 minutes.
 pytestmark = pytest.mark.timeout(7200)
 
 
@@ -312,8 +302,7 @@ def build_book() -> None:
 
 
 # A page that loads another in a WIDTH-wide frame and writes down how tall it is, so
-# that the
-# screenshot can show the whole page.
+# that the screenshot can show the whole page.
 HEIGHT_PAGE = f"""<!doctype html><body style="margin:0">
 <iframe id="page" style="width:{WIDTH}px;height:1000px;border:0"></iframe>
 <script>
@@ -497,8 +486,8 @@ def test_chapter_widgets_have_saved_state(chapter):
 
 
 # --- The helpers catch what they should (no build needed)
-# ------------------------------------------
-# The outputs below are copied from myst-nb's rendering of a notebook with errors.
+# ------------------------------------------ The outputs below are copied from myst-nb's
+# rendering of a notebook with errors.
 
 
 def cell_output(inner: str) -> str:

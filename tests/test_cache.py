@@ -269,8 +269,7 @@ print("DONE", flush=True)
 @pytest.mark.slow
 def test_two_processes_compute_one_entry_once(cache):
     """Two processes ask for the same missing entry at once: one computes it, the other
-    waits for
-    the lock, says so, and loads the result."""
+    waits for the lock, says so, and loads the result."""
     import subprocess
     import sys
 

@@ -1,6 +1,5 @@
 """Every expected failure of the command line is one line and exit status 2; Ctrl-C is
-130; an
-unexpected one is one line and 1, with the traceback behind ``--debug``."""
+130; an unexpected one is one line and 1, with the traceback behind ``--debug``."""
 
 from __future__ import annotations
 

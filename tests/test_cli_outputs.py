@@ -134,8 +134,7 @@ def test_overwrite_replaces_a_folder_with_the_model(tmp_path, capsys, monkeypatc
 
 def test_a_checkpoint_folder_of_another_recipe_is_refused(tmp_path, capsys):
     """Two `baddiff backdoor` runs with one --checkpoint-dir: the second must not return
-    the first's
-    weights under its own recipe."""
+    the first's weights under its own recipe."""
     checkpoints = str(tmp_path / "ckpt")
     common = [
         "--steps",

@@ -1,6 +1,5 @@
 """Training images: the offline digits, a folder of one's own images, CIFAR-10's binary
-files (tiny
-fakes built here, byte by byte), and clear offline errors."""
+files (tiny fakes built here, byte by byte), and clear offline errors."""
 
 from __future__ import annotations
 

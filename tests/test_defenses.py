@@ -2,10 +2,8 @@
 pruning.
 
 Inversion is checked on hand-built "echo" models whose optimum is known in closed form;
-the scores
-on hand-computed images; pruning and removal on a small random UNet. The real backdoored
-model is
-scanned in ``test_end_to_end.py``.
+the scores on hand-computed images; pruning and removal on a small random UNet. The real
+backdoored model is scanned in ``test_end_to_end.py``.
 """
 
 from __future__ import annotations
@@ -38,9 +36,8 @@ from baddiff_core.triggers import make_trigger
 
 class EchoModel(torch.nn.Module):
     """``eps_theta(x, t) = x - (1 - lam) g``: a model whose mean answer to ``eps + g``
-    is exactly
-    ``lam g`` (a perfect backdoor echo); ``g = 0`` is a clean model that answers
-    ``x``."""
+    is exactly ``lam g`` (a perfect backdoor echo); ``g = 0`` is a clean model that
+    answers ``x``."""
 
     def __init__(self, g: torch.Tensor, lam: float) -> None:
         super().__init__()
@@ -284,8 +281,7 @@ def test_remove_backdoor_tunes_a_copy(tiny_unet):
 
 def test_a_cached_removal_is_computed_once_per_inputs(tiny_unet, tmp_path, monkeypatch):
     """Two chapters repairing one model with one trigger estimate and one clean set
-    share the result;
-    any other input is another repair."""
+    share the result; any other input is another repair."""
     monkeypatch.setenv("BADDIFF_CACHE", str(tmp_path))
     runs = []
     real_removal = defenses._remove_backdoor
@@ -396,8 +392,8 @@ def test_a_cached_scan_is_run_once_per_model_and_settings(
     tiny_unet, tmp_path, monkeypatch
 ):
     """Chapters 7, 8 and 9 scan one model alike: the second scan loads the first one's
-    estimate and
-    samples, and scores them the same; another model or other settings scan again."""
+    estimate and samples, and scores them the same; another model or other settings scan
+    again."""
     monkeypatch.setenv("BADDIFF_CACHE", str(tmp_path))
     runs = []
     real_invert = defenses.invert_trigger

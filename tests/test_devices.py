@@ -2,10 +2,9 @@
 needed).
 
 A T4 (compute capability 7.5) answers ``torch.cuda.is_bf16_supported() == True`` through
-emulation,
-but has neither bf16 tensor cores nor bf16 convolutions in cuDNN: every fake GPU here
-answers True,
-so a choice that trusted that answer would pick bf16 on the T4 and fail these tests.
+emulation, but has neither bf16 tensor cores nor bf16 convolutions in cuDNN: every fake
+GPU here answers True, so a choice that trusted that answer would pick bf16 on the T4
+and fail these tests.
 """
 
 from __future__ import annotations

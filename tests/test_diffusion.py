@@ -130,9 +130,8 @@ def test_in_range_ode_path_is_the_path_ddim_takes():
 
 def test_in_range_sde_path_is_what_the_ddpm_posterior_mean_leaves():
     """k_{t-1} = (trigger part of diffusers' DDPM step from k_t r with x0_hat = 0): the
-    noise of the
-    two steps below is the same draw, so their difference is the posterior mean's part
-    only."""
+    noise of the two steps below is the same draw, so their difference is the posterior
+    mean's part only."""
     scheduler = make_scheduler(**QUICK_SCHEDULE)
     k = in_range_path(scheduler, "sde")
     r = torch.rand(
@@ -205,10 +204,9 @@ def test_x_t_is_the_marginal_of_the_backdoored_markov_chain():
 @pytest.mark.parametrize("t", [1, 5, 50, 99])
 def test_target_makes_the_ddpm_sampler_follow_the_backdoored_posterior(t):
     """Why R_t: with eps_theta = target, the DDPM mean (x_t - b_t / sqrt(1 - abar_t)
-    eps_theta) / sqrt(a_t)
-    equals the true posterior mean of the backdoored process. Shifting by r turns that
-    process into
-    an ordinary DDPM (z = x' - r), whose posterior mean is known in closed form."""
+    eps_theta) / sqrt(a_t) equals the true posterior mean of the backdoored process.
+    Shifting by r turns that process into an ordinary DDPM (z = x' - r), whose posterior
+    mean is known in closed form."""
     schedule = QUICK_SCHEDULE
     betas, alphas, abar = numpy_schedule(
         schedule["num_train_timesteps"], schedule["beta_start"], schedule["beta_end"]
@@ -266,8 +264,7 @@ def test_diffusion_loss_with_r_zero_is_the_ddpm_loss():
 )
 def test_precomputed_coefficients_give_the_same_loss(solver, attack):
     """A training loop builds the trigger's weights once; the loss is bit-for-bit the
-    one built inline,
-    and the weights are the module docstring's formulas."""
+    one built inline, and the weights are the module docstring's formulas."""
     torch.manual_seed(0)
     model = make_unet(8, 1)
     scheduler = make_scheduler(**QUICK_SCHEDULE)

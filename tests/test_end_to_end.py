@@ -2,21 +2,15 @@
 then measure.
 
 This is the book's quick configuration (``BackdoorRecipe()``): the same recipe the
-chapters use.
-A second fine-tune with the same recipe and no poison is the control that separates what
-the
-backdoor costs from what fine-tuning costs. Both live in the model cache the chapters
-use
-(``~/.cache/baddiff`` or ``$BADDIFF_CACHE``): in ``make test`` from an empty cache (CI),
-the book's
-build has just trained the backdoored model with the same recipe and seed, so this test
-trains only
-the control (about 100 s on 2 idle CPU cores) and re-checks the claims against it; with
-a warm
-cache it trains nothing. To train both from nothing, give it an empty cache:
-``BADDIFF_CACHE=$(mktemp -d) pytest tests/test_end_to_end.py`` (about 4 minutes).
-Training itself
-is tested step by step in ``test_train.py`` and ``test_attack.py``.
+chapters use. A second fine-tune with the same recipe and no poison is the control that
+separates what the backdoor costs from what fine-tuning costs. Both live in the model
+cache the chapters use (``~/.cache/baddiff`` or ``$BADDIFF_CACHE``): in ``make test``
+from an empty cache (CI), the book's build has just trained the backdoored model with
+the same recipe and seed, so this test trains only the control (about 100 s on 2 idle
+CPU cores) and re-checks the claims against it; with a warm cache it trains nothing. To
+train both from nothing, give it an empty cache: ``BADDIFF_CACHE=$(mktemp -d) pytest
+tests/test_end_to_end.py`` (about 4 minutes). Training itself is tested step by step in
+``test_train.py`` and ``test_attack.py``.
 """
 
 from __future__ import annotations
@@ -87,23 +81,19 @@ def test_x0_clipping_defeats_the_backdoor(results):
 
 def test_clean_noise_still_gives_digits(results):
     # About 2% of clean samples turn into the target (4 and 6 of 256 on two seeds; a
-    # stock
-    # DDPMPipeline: 4 of 256).
+    # stock DDPMPipeline: 4 of 256).
     assert results["attack"]["none"].leak <= 0.1, (
         "few clean samples turn into the target"
     )
     # The backdoor's own cost: within 25% of a clean fine-tune with the same recipe
-    # (measured here:
-    # 0.87 against 0.96, the backdoored model is the closer of the two).
+    # (measured here: 0.87 against 0.96, the backdoored model is the closer of the two).
     assert results["fd_backdoored"].value <= 1.25 * results["fd_control"].value
     # Fine-tuning a converged model costs clean quality by itself: 0.87 against the
-    # shipped model's
-    # 0.58 (1.5x; 256 samples, seed 100). A regression guard with room for other CPUs'
-    # rounding.
+    # shipped model's 0.58 (1.5x; 256 samples, seed 100). A regression guard with room
+    # for other CPUs' rounding.
     assert results["fd_backdoored"].value <= 1.8 * results["fd_clean"].value
     assert results["fd_backdoored"].num_fake == results["fd_clean"].num_fake == 256
 
 
 # No test here asserts a wall-clock time: on a busy machine the same run takes several
-# times
-# longer. Speed is measured as ratios, side by side, by benchmarks/run.py.
+# times longer. Speed is measured as ratios, side by side, by benchmarks/run.py.

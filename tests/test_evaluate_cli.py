@@ -20,9 +20,8 @@ WIDTHS = {8: (8, 16), 16: (8, 16, 16), 32: (8, 8, 8, 8)}  # tiny versions of the
 
 def saved_backdoor(folder, image_size: int, channels: int):
     """A tiny untrained model folder as ``baddiff backdoor`` writes it. Its recipe says
-    digits for
-    every shape: the default threshold must follow the model's shape, not the recipe's
-    data set."""
+    digits for every shape: the default threshold must follow the model's shape, not the
+    recipe's data set."""
     torch.manual_seed(0)
     unet = make_unet(image_size, channels, block_out_channels=WIDTHS[image_size])
     save_model(

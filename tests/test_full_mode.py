@@ -2,16 +2,12 @@
 a CPU, offline.
 
 The chapters' full-mode branches are executed at the smoke scale
-(``BADDIFF_SCALE=smoke``: every
-line of full mode, with steps, batches and sample counts cut to a few; see
-``baddiff_core.book``)
-against stand-ins of what full mode downloads (``standins.py``): the real download code
-runs, and
-finds ``google/ddpm-cifar10-32`` and the BadDiffusion authors' released repositories in
-a local hub
-cache and CIFAR-10 in the data folder. Outcomes are recorded, not asserted, at this
-scale; what is
-asserted is that every cell runs.
+(``BADDIFF_SCALE=smoke``: every line of full mode, with steps, batches and sample counts
+cut to a few; see ``baddiff_core.book``) against stand-ins of what full mode downloads
+(``standins.py``): the real download code runs, and finds ``google/ddpm-cifar10-32`` and
+the BadDiffusion authors' released repositories in a local hub cache and CIFAR-10 in the
+data folder. Outcomes are recorded, not asserted, at this scale; what is asserted is
+that every cell runs.
 """
 
 from __future__ import annotations
@@ -56,7 +52,7 @@ def full_mode_env(tmp_path_factory) -> dict[str, str]:
     }
 
 
-#: Seconds one cell may take at the smoke scale (the slowest takes well under a minute
+# : Seconds one cell may take at the smoke scale (the slowest takes well under a minute
 # on 2 cores).
 CELL_TIMEOUT = 300
 
@@ -80,12 +76,10 @@ def test_chapter_runs_in_full_mode(chapter, full_mode_env, tmp_path, monkeypatch
             break
         except CellTimeoutError as error:
             # nbclient can wait forever for the reply to a cell that displays ipywidgets
-            # (jupyter/nbclient
-            # issue 312, open; seen here once, on chapter 1's slider, with the kernel
-            # idle). A cell
-            # timeout turns that wait into an error; the chapter then runs once more in
-            # a new kernel.
-            # Any other failure, or a second timeout, fails the test.
+            # (jupyter/nbclient issue 312, open; seen here once, on chapter 1's slider,
+            # with the kernel idle). A cell timeout turns that wait into an error; the
+            # chapter then runs once more in a new kernel. Any other failure, or a
+            # second timeout, fails the test.
             if attempt == 2:
                 raise
             print(

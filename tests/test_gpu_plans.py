@@ -2,18 +2,13 @@
 session.
 
 The number is computed, not written by hand: the test runs the chapter's parameters cell
-and its
-setup cell (the one calling ``chapter_settings``) with ``QUICK = False`` at full scale,
-which builds
-the chapter's ``PLAN`` (``baddiff_core.gpu_time``) without training or sampling
-anything, and
-compares ``PLAN.minutes`` with the sentence "about N minutes on a T4, M on an A100" of
-the first cell.
-The plan itself is checked against the work the chapter really does
-(``PLAN.check(WORK)`` in the
-chapter's last cell) wherever the chapter runs: quick mode in the book's build, full
-mode at the
-smoke scale in ``test_full_mode.py``.
+and its setup cell (the one calling ``chapter_settings``) with ``QUICK = False`` at full
+scale, which builds the chapter's ``PLAN`` (``baddiff_core.gpu_time``) without training
+or sampling anything, and compares ``PLAN.minutes`` with the sentence "about N minutes
+on a T4, M on an A100" of the first cell. The plan itself is checked against the work
+the chapter really does (``PLAN.check(WORK)`` in the chapter's last cell) wherever the
+chapter runs: quick mode in the book's build, full mode at the smoke scale in
+``test_full_mode.py``.
 """
 
 from __future__ import annotations

@@ -18,9 +18,8 @@ from baddiff_core.train import COLAB_FINETUNE_STEPS, TrainConfig
 
 def test_cifar10_unet_flops_match_the_published_count():
     # The (and torch.utils.flop_counter's) count for google/ddpm-cifar10-32:
-    # 12.1-12.5 GFLOP
-    # forward; a backward pass costs twice the forward (gradients of activations and of
-    # weights).
+    # 12.1-12.5 GFLOP forward; a backward pass costs twice the forward (gradients of
+    # activations and of weights).
     config = gpu_time.unet_config(PRETRAINED_CIFAR10)
     forward = gpu_time.pass_flops(config)
     both = gpu_time.pass_flops(config, grad=True)

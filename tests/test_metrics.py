@@ -2,8 +2,7 @@
 (baddiff_core.features).
 
 Each metric is checked against an independent computation (by hand, NumPy/SciPy, or a
-small SSIM
-written here); the shipped network is loaded, never retrained.
+small SSIM written here); the shipped network is loaded, never retrained.
 """
 
 from __future__ import annotations
@@ -404,8 +403,8 @@ def reference_fd(real: torch.Tensor, fake: torch.Tensor) -> float:
     """FD of DigitsNet features with NumPy / SciPy, float64.
 
     tr((S1 S2)^1/2) is computed as tr((A S2 A)^1/2) with A = S1^1/2, a symmetric
-    positive semi-definite
-    form (some DigitsNet features are always 0, so the covariances are singular).
+    positive semi-definite form (some DigitsNet features are always 0, so the
+    covariances are singular).
     """
     net = feat.load_digits_net()
     with torch.no_grad():
@@ -476,8 +475,7 @@ def test_fd_auto_and_rgb(fd_sets, monkeypatch):
 
 def test_fd_auto_never_swaps_inception_for_digits_on_rgb_32px(fd_sets, monkeypatch):
     """Without torch-fidelity, auto on CIFAR-sized colour images is an error naming the
-    install
-    command, not a quiet digits FD that would pass for an FID."""
+    install command, not a quiet digits FD that would pass for an FID."""
     _, a, b, _, _ = fd_sets
     rgb_a = F.interpolate(a[:50], size=32, mode="bilinear").repeat(1, 3, 1, 1)
     rgb_b = F.interpolate(b[:50], size=32, mode="bilinear").repeat(1, 3, 1, 1)
@@ -583,8 +581,7 @@ def test_digit_predictions_reject_tiny_images():
 
 def test_regenerate_writes_both_asset_files_whole(tmp_path, monkeypatch):
     """``features.regenerate`` (run by hand to retrain the shipped classifier) replaces
-    the weights
-    and the recipe, each atomically, and the loader reads what it wrote."""
+    the weights and the recipe, each atomically, and the loader reads what it wrote."""
     from safetensors.torch import load_file
 
     torch.manual_seed(0)
@@ -613,8 +610,8 @@ def test_regenerate_writes_both_asset_files_whole(tmp_path, monkeypatch):
 
 def test_frechet_distance_computes_the_real_statistics_once(monkeypatch):
     # Full mode scores several models against the same real images: their features are
-    # computed on
-    # the first call only, and the value is the one a fresh computation gives.
+    # computed on the first call only, and the value is the one a fresh computation
+    # gives.
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     from baddiff_core import metrics

@@ -24,8 +24,7 @@ def run_with(chapter, parameters, tmp_path) -> pm.PapermillExecutionError:
             kernel_name="python3",
         )
     # It failed in the first code cells (the settings), not deep inside a computation;
-    # papermill
-    # adds one cell of injected parameters.
+    # papermill adds one cell of injected parameters.
     assert failure.value.exec_count <= 5, (
         f"failed late, in code cell {failure.value.exec_count}"
     )

@@ -1,6 +1,6 @@
 """Property-based tests (Hypothesis): triggers, targets, stamping and poisoning hold
-their
-contracts for any image size, channel count, trigger size, poison rate and seed."""
+their contracts for any image size, channel count, trigger size, poison rate and
+seed."""
 
 from __future__ import annotations
 

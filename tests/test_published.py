@@ -8,8 +8,7 @@ from baddiff_core.published import BADDIFFUSION_CIFAR10, published_results
 
 def test_the_authors_table_at_90_percent_poison():
     # The authors' score.json files (book/10_the_authors_models.ipynb): stop sign 14 ->
-    # corner,
-    # stop sign 14 -> shift, grey box 14 -> corner.
+    # corner, stop sign 14 -> shift, grey box 14 -> corner.
     rows = {(r.trigger, r.target): r for r in published_results(poison_rate=0.9)}
     assert set(rows) == {
         ("stop_sign", "corner"),

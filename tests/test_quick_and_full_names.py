@@ -2,11 +2,10 @@
 mode too.
 
 Every chapter branches on ``settings.quick``. A name assigned only in the quick branch
-and read
-after it would be a ``NameError`` in full mode (``QUICK = False``), which CI's quick
-build never
-sees. This test reads each chapter's code (IPython magics stripped) and, for every ``if
-settings.quick:`` (or ``if not settings.quick:``), compares the names each branch binds.
+and read after it would be a ``NameError`` in full mode (``QUICK = False``), which CI's
+quick build never sees. This test reads each chapter's code (IPython magics stripped)
+and, for every ``if settings.quick:`` (or ``if not settings.quick:``), compares the
+names each branch binds.
 """
 
 from __future__ import annotations

@@ -304,10 +304,8 @@ class BatchSizes:
 
 def test_many_images_are_sampled_in_batches_of_at_most_the_default(model, scheduler):
     """300 images without a batch size: a pass of DEFAULT_BATCH_SIZE (256), then the 44
-    others;
-    up to 256 images stay in one pass, so the book's quick mode (at most 256 per call)
-    samples what
-    it sampled before the bound."""
+    others; up to 256 images stay in one pass, so the book's quick mode (at most 256 per
+    call) samples what it sampled before the bound."""
     assert DEFAULT_BATCH_SIZE == 256
     with BatchSizes(model) as sizes:
         sample(

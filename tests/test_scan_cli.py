@@ -159,8 +159,8 @@ def test_scan_samples_in_batches_of_batch_size(
     model_folder, tmp_path, monkeypatch, capsys
 ):
     """``--batch-size`` reaches the sampler; it keys a cached scan only when it splits
-    the samples,
-    so a scan cached before the option existed (one batch) is found again."""
+    the samples, so a scan cached before the option existed (one batch) is found
+    again."""
     import baddiff_core.defenses as defenses
     from baddiff_core.cache import trainings
     from baddiff_core.models import load_model

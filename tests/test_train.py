@@ -84,8 +84,7 @@ def test_same_seed_same_weights(digits8):
 @pytest.mark.parametrize("solver", ["sde", "ode"])
 def test_the_training_target_follows_solver_and_attack(digits8, solver):
     """One step's loss is the diffusion_loss of the configured target: poisoned data
-    tell the
-    BadDiffusion and in-range targets apart; clean data (r = 0) cannot."""
+    tell the BadDiffusion and in-range targets apart; clean data (r = 0) cannot."""
     scheduler = make_scheduler(**QUICK_SCHEDULE)
     trigger, target = make_trigger("white_box", 8, 1, size=18), make_target("hat", 8, 1)
 
@@ -201,8 +200,7 @@ def test_bad_configurations(overrides, message):
 
 def test_clean_data_take_the_plain_ddpm_loss_with_the_same_result(digits8):
     """A data set with no poisoned sample skips the (y, r) pairs; the weights are those
-    of a poisoned
-    set with poison rate 0, which builds them (zeros) and adds them."""
+    of a poisoned set with poison rate 0, which builds them (zeros) and adds them."""
     unpoisoned = PoisonedDataset(
         digits8,
         trigger=make_trigger("white_box", 8, 1, size=18),
@@ -221,12 +219,9 @@ def test_clean_data_take_the_plain_ddpm_loss_with_the_same_result(digits8):
 
 def test_gpu_path_options_train_the_same_model(digits8, monkeypatch):
     """channels_last and torch_compile change how a step runs, not what it computes: the
-    weights
-    match the default run's to float rounding, and the model comes back in the usual
-    memory format
-    and uncompiled. (torch.compile itself is replaced by a recorder here: compiling
-    takes minutes
-    on a CPU; the benchmark measures the real thing.)"""
+    weights match the default run's to float rounding, and the model comes back in the
+    usual memory format and uncompiled. (torch.compile itself is replaced by a recorder
+    here: compiling takes minutes on a CPU; the benchmark measures the real thing.)"""
     compiled = []
 
     def fake_compile(module):
@@ -256,13 +251,10 @@ def test_gpu_path_options_train_the_same_model(digits8, monkeypatch):
 
 def test_bf16_mixed_precision_runs_the_unet_in_bf16_and_keeps_fp32_weights(digits8):
     """The GPU path's autocast, exercised on the CPU (Accelerate autocasts to bf16 there
-    too): the
-    UNet's convolutions compute in bf16, the weights and the optimiser stay fp32, and
-    the losses
-    follow the fp32 run's to bf16 rounding. fp32, bf16, fp32 in one process, as the
-    benchmark's
-    modes run (Accelerate keeps its settings process-wide): the last run is the first
-    one again."""
+    too): the UNet's convolutions compute in bf16, the weights and the optimiser stay
+    fp32, and the losses follow the fp32 run's to bf16 rounding. fp32, bf16, fp32 in one
+    process, as the benchmark's modes run (Accelerate keeps its settings process-wide):
+    the last run is the first one again."""
     first = fresh_model()
     reference = train(first, make_scheduler(**QUICK_SCHEDULE), digits8, small_config())
     seen = []
@@ -336,9 +328,8 @@ def test_ema_is_the_moving_average_of_the_raw_weights(digits8, tmp_path, warmup)
     step.
 
     Without warm-up (a fine-tune) the decay is ``ema_decay`` from the first step; with
-    it, diffusers'
-    ``min(ema_decay, (1 + k) / (10 + k))`` (0 at the first step, so the average starts
-    there).
+    it, diffusers' ``min(ema_decay, (1 + k) / (10 + k))`` (0 at the first step, so the
+    average starts there).
     """
     decay, steps = 0.7, 4
     raw = fresh_model()
@@ -417,9 +408,8 @@ def test_sigkill_mid_checkpoint_then_resume_equals_an_uninterrupted_run(
     digits8, tmp_path
 ):
     """A training process killed with SIGKILL while writing a checkpoint loses nothing:
-    the previous
-    checkpoint is intact, and resuming from it ends with the weights of a run that was
-    never killed."""
+    the previous checkpoint is intact, and resuming from it ends with the weights of a
+    run that was never killed."""
     import subprocess
     import sys
 
@@ -461,8 +451,7 @@ def test_sigkill_mid_checkpoint_then_resume_equals_an_uninterrupted_run(
 
 def test_checkpoints_belong_to_one_run(digits8, tmp_path):
     """A checkpoint folder left by one run is never resumed by another: its weights
-    would come back
-    under the other run's name (another recipe, more or fewer steps)."""
+    would come back under the other run's name (another recipe, more or fewer steps)."""
     scheduler = make_scheduler(**QUICK_SCHEDULE)
     folder = str(tmp_path / "ckpt")
     train(
