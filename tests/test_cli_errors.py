@@ -156,7 +156,7 @@ def test_nan_or_out_of_range_triggers_are_refused():
         stamp(images, nan_trigger)
     with pytest.raises(ValueError, match=r"in \[-1, 1\]"):
         stamp(images, make_trigger("box", 16, 1) * 3)
-    with pytest.raises(ValueError, match="trigger holds NaN"):
+    with pytest.raises(ValueError, match="trigger must be finite, got 1 NaN"):
         sample(
             unet,
             scheduler,
@@ -165,7 +165,7 @@ def test_nan_or_out_of_range_triggers_are_refused():
             num_inference_steps=1,
             progress=False,
         )
-    with pytest.raises(ValueError, match="noise holds NaN"):
+    with pytest.raises(ValueError, match="noise must be finite, got 256 NaN"):
         sample(
             unet,
             scheduler,
@@ -182,7 +182,7 @@ def test_scan_checks_its_sampling_steps_before_the_inversion(
     def no_inversion(*args, **kwargs):
         raise AssertionError("the inversion ran before --steps was checked")
 
-    monkeypatch.setattr("baddiff_core.defenses.invert_trigger", no_inversion)
+    monkeypatch.setattr("baddiff_core.defenses.scanning.invert_trigger", no_inversion)
     status, err = run(
         [
             "scan",
@@ -403,8 +403,7 @@ def test_the_largest_seed_torch_takes_is_accepted():
 
 
 def test_a_scan_threshold_of_one_is_a_mode_share_and_is_accepted(monkeypatch):
-    from baddiff_core import defenses
-    from baddiff_core.defenses import scan_model
+    from baddiff_core.defenses import scan_model, scanning
     from baddiff_core.pretrained import load_clean_digits
 
     unet, scheduler = load_clean_digits()
@@ -415,7 +414,7 @@ def test_a_scan_threshold_of_one_is_a_mode_share_and_is_accepted(monkeypatch):
     def stop(*args, **kwargs):
         raise Validated
 
-    monkeypatch.setattr(defenses, "invert_trigger", stop)  # the work after the checks
+    monkeypatch.setattr(scanning, "invert_trigger", stop)  # the work after the checks
     # 1: backdoored only when every sample is alike (as --help says)
     with pytest.raises(Validated):
         scan_model(unet, scheduler, threshold=1, use_cache=False)

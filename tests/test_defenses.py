@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from baddiff_core import defenses
 from baddiff_core.defenses import (
     ChannelMasks,
     adversarial_neuron_masks,
@@ -25,8 +24,11 @@ from baddiff_core.defenses import (
     invert_trigger,
     mode_share,
     prune_channels,
+    pruning,
+    removal,
     remove_backdoor,
     scan_model,
+    scanning,
     total_variation,
 )
 from baddiff_core.diffusion import PAPER_SCHEDULE, QUICK_SCHEDULE, make_scheduler
@@ -205,9 +207,9 @@ def test_cached_anp_masks_are_learnt_once_and_come_back_in_order(
 ):
     monkeypatch.setenv("BADDIFF_CACHE", str(tmp_path))
     runs = []
-    real_masks = defenses._adversarial_neuron_masks
+    real_masks = pruning._adversarial_neuron_masks
     monkeypatch.setattr(
-        defenses,
+        pruning,
         "_adversarial_neuron_masks",
         lambda *a, **k: runs.append(k) or real_masks(*a, **k),
     )
@@ -284,9 +286,9 @@ def test_a_cached_removal_is_computed_once_per_inputs(tiny_unet, tmp_path, monke
     share the result; any other input is another repair."""
     monkeypatch.setenv("BADDIFF_CACHE", str(tmp_path))
     runs = []
-    real_removal = defenses._remove_backdoor
+    real_removal = removal._remove_backdoor
     monkeypatch.setattr(
-        defenses, "_remove_backdoor", lambda *a: runs.append(a) or real_removal(*a)
+        removal, "_remove_backdoor", lambda *a: runs.append(a) or real_removal(*a)
     )
     images = (
         torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -334,16 +336,14 @@ def test_a_cached_removal_is_computed_once_per_inputs(tiny_unet, tmp_path, monke
 def test_scan_samples_with_the_sampler_its_solver_is_planted_for(
     tiny_unet, monkeypatch, solver, override, expected
 ):
-    import baddiff_core.defenses as defenses
-
     seen = {}
 
     def fake_sample(model, scheduler, n, **kwargs):
         seen.update(kwargs)
         return torch.zeros(n, 1, 16, 16)
 
-    monkeypatch.setattr(defenses, "sample", fake_sample)
-    result = defenses.scan_model(
+    monkeypatch.setattr(scanning, "sample", fake_sample)
+    result = scan_model(
         tiny_unet,
         make_scheduler(**QUICK_SCHEDULE),
         n=4,
@@ -396,9 +396,9 @@ def test_a_cached_scan_is_run_once_per_model_and_settings(
     again."""
     monkeypatch.setenv("BADDIFF_CACHE", str(tmp_path))
     runs = []
-    real_invert = defenses.invert_trigger
+    real_invert = scanning.invert_trigger
     monkeypatch.setattr(
-        defenses,
+        scanning,
         "invert_trigger",
         lambda *a, **k: runs.append(k) or real_invert(*a, **k),
     )

@@ -11,16 +11,15 @@ from safetensors.torch import load_file
 
 from baddiff_core.cli import main
 from baddiff_core.diffusion import QUICK_SCHEDULE, make_scheduler
-from baddiff_core.models import make_unet, save_model
+from baddiff_core.models import save_model
 
 
 @pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
-    torch.manual_seed(0)
+def model_folder(tmp_path_factory, tiny_unet):
     folder = tmp_path_factory.mktemp("models") / "tiny"
     save_model(
         folder,
-        make_unet(8, 1, block_out_channels=(16, 32)),
+        tiny_unet(block_out_channels=(16, 32)),
         make_scheduler(**QUICK_SCHEDULE),
     )
     return folder
@@ -156,23 +155,24 @@ def test_scan_unknown_clipping_is_refused_by_argparse_with_status_2(
 
 
 def test_scan_samples_in_batches_of_batch_size(
-    model_folder, tmp_path, monkeypatch, capsys
+    model_folder, tmp_path, monkeypatch, capsys, cache
 ):
     """``--batch-size`` reaches the sampler; it keys a cached scan only when it splits
     the samples, so a scan cached before the option existed (one batch) is found
     again."""
     import baddiff_core.defenses as defenses
     from baddiff_core.cache import trainings
+    from baddiff_core.defenses import scanning
     from baddiff_core.models import load_model
 
     asked = []
-    real_sample = defenses.sample
+    real_sample = scanning.sample
 
     def recording_sample(*args, **kwargs):
         asked.append(kwargs["batch_size"])
         return real_sample(*args, **kwargs)
 
-    monkeypatch.setattr(defenses, "sample", recording_sample)
+    monkeypatch.setattr(scanning, "sample", recording_sample)
     argv = [
         "scan",
         str(model_folder),
@@ -196,7 +196,6 @@ def test_scan_samples_in_batches_of_batch_size(
     ]  # default: min(n, DEFAULT_BATCH_SIZE), the 4 samples in one pass
     capsys.readouterr()
 
-    monkeypatch.setenv("BADDIFF_CACHE", str(tmp_path / "cache"))
     unet, scheduler = load_model(model_folder)
     settings = dict(
         n=4, num_noise=2, steps=1, num_inference_steps=2, progress=False, use_cache=True

@@ -1,4 +1,4 @@
-"""Tests for baddiff_core.triggers (chapter 3, The BadDiffusion attack).
+"""Tests for baddiff_core.triggers (chapter 3, Planting a backdoor).
 
 Expectations are derived by hand from the geometry of the BadDiffusion authors'
 code, github.com/IBM/BadDiffusion ``dataset.py`` (box rows and columns

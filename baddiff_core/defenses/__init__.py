@@ -1,0 +1,79 @@
+"""Defences that need no knowledge of the trigger: inversion, detection, removal and
+pruning.
+
+The first defence, inference-time clipping, is a sampler setting (``clip="x0"`` in
+:func:`baddiff_core.sampling.sample`). This package holds the defences that look inside
+a model, one module per idea:
+
+- :mod:`~baddiff_core.defenses.inversion`, **trigger inversion** (Elijah (An et al.
+  2024, arXiv:2312.00050); chapter 7, ``book/07_detecting_a_backdoor.ipynb``). A
+  backdoored model has learnt ``eps_theta(eps + g, T-1) ~ eps + lambda g`` with ``lambda
+  = c R_{T-1}`` (``c = 1`` for the BadDiffusion/DDPM target, 2 for the ODE target).
+  Averaged over many ``eps`` the noise cancels, so a trigger estimate ``tau`` is found
+  by minimising ``| mean_i eps_theta(eps_i + tau, T-1) - lambda tau |_1``. A clean model
+  predicts about ``eps + tau`` there, which only ``tau = 0`` satisfies.
+- :mod:`~baddiff_core.defenses.scanning`, **detection**: sample from ``eps + tau``. A
+  backdoored model draws one image (the target) again and again; a clean model draws
+  varied images. The score is the *mode share*: the largest fraction of the samples that
+  lie within a small MSE of one of them (1/n for a clean model, up to 1 for a backdoored
+  one). The samples' diversity (per-pixel standard deviation) and total variation are
+  reported beside it.
+- :mod:`~baddiff_core.defenses.removal` (Elijah): fine-tune a copy on a little clean
+  data with the DDPM loss plus two terms that make the model treat ``eps + tau`` like
+  ``eps``, as the frozen original treats ``eps``.
+- :mod:`~baddiff_core.defenses.pruning`, **adversarial neuron pruning** (ANP, Wu & Wang
+  2021, arXiv:2110.14430, adapted to diffusion by BadDiffusion): learn a mask ``m`` in
+  [0, 1] per convolution channel that keeps the clean loss low even under a worst-case
+  per-channel perturbation ``(delta, xi)`` of size ``eps``; channels whose mask falls
+  are the fragile ones, and pruning them may remove the backdoor.
+
+:mod:`~baddiff_core.defenses.cached` keeps their results in the cache
+(``use_cache=True``), apart from the algorithms.
+
+Used by `baddiff scan`; the defence chapters after "Samplers change the attack" build on
+it.
+"""
+
+from baddiff_core.defenses.inversion import (
+    InvertedTrigger,
+    inversion_lambda,
+    invert_trigger,
+)
+from baddiff_core.defenses.pruning import (
+    ChannelMasks,
+    adversarial_neuron_masks,
+    prune_channels,
+)
+from baddiff_core.defenses.removal import (
+    RemovalHistory,
+    clean_subset,
+    remove_backdoor,
+)
+from baddiff_core.defenses.scanning import (
+    DEFAULT_THRESHOLD,
+    BackdoorScan,
+    choose_threshold,
+    diversity,
+    mode_share,
+    scan_model,
+    total_variation,
+)
+
+__all__ = [
+    "InvertedTrigger",
+    "inversion_lambda",
+    "invert_trigger",
+    "mode_share",
+    "diversity",
+    "total_variation",
+    "BackdoorScan",
+    "DEFAULT_THRESHOLD",
+    "scan_model",
+    "choose_threshold",
+    "RemovalHistory",
+    "clean_subset",
+    "remove_backdoor",
+    "ChannelMasks",
+    "adversarial_neuron_masks",
+    "prune_channels",
+]
