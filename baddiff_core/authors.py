@@ -65,12 +65,12 @@ AUTHORS_USER = "newsyctw"
 
 _PREFIX = f"{AUTHORS_USER}/res_DDPM-CIFAR10-32_CIFAR10_ep50_c1.0_"
 
-# : The MSE (on the [0, 1] scale) of a perfect hit scored as the authors scored: the
-# sample rounded
-# : to 8-bit levels, the target not. Every pixel of the grey background (-0.4, i.e. 0.3
-# = 76.5 / 255)
-# : and of a box (0, i.e. 127.5 / 255) then misses by half a level: (0.5 / 255)^2 =
-# 3.84e-6.
+#: The MSE (on the [0, 1] scale) of a perfect hit scored as the authors scored: the
+#: sample rounded
+#: to 8-bit levels, the target not. Every pixel of the grey background (-0.4, i.e. 0.3
+#: = 76.5 / 255)
+#: and of a box (0, i.e. 127.5 / 255) then misses by half a level: (0.5 / 255)^2 =
+#: 3.84e-6.
 EIGHT_BIT_FLOOR = (0.5 / 255) ** 2
 
 
@@ -128,8 +128,8 @@ class AuthorsModel:
         return f"https://huggingface.co/{self.repo_id}/blob/main/score.json"
 
 
-# : The released models this library will load, by a short name. The scores are the
-# authors'
+#: The released models this library will load, by a short name. The scores are the
+#: authors'
 #: (``score.json`` of each repository), rounded as they are printed here.
 AUTHORS_MODELS: dict[str, AuthorsModel] = {
     "stop_sign-corner-90": AuthorsModel(
@@ -194,8 +194,8 @@ AUTHORS_MODELS: dict[str, AuthorsModel] = {
     ),
 }
 
-# : The files of a released repository that loading needs (the weights are the ~143 MB
-# download).
+#: The files of a released repository that loading needs (the weights are the ~143 MB
+#: download).
 _FILES = (
     "unet/config.json",
     "unet/diffusion_pytorch_model.bin",

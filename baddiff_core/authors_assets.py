@@ -63,6 +63,7 @@ from PIL import Image
 
 from baddiff_core import data as _data
 from baddiff_core.authors import AuthorsModel, authors_model
+from baddiff_core.checks import check_choice, check_int, check_type
 from baddiff_core.files import atomic_file
 from baddiff_core.triggers import TARGET_BACKGROUND, make_target, make_trigger
 
@@ -87,8 +88,8 @@ __all__ = [
 AUTHORS_REPO = "IBM/BadDiffusion"
 AUTHORS_COMMIT = "717b3219ec9f80f3c9f2784edbcfeacb1ba534b7"
 
-# : Side of the authors' CIFAR-10 images, and the gap between a corner trigger and the
-# border.
+#: Side of the authors' CIFAR-10 images, and the gap between a corner trigger and the
+#: border.
 _SIDE = 32
 _GAP = 2
 #: The authors' scaling to [-1, 1] divides by (1 - 0 + epsilon).
@@ -113,14 +114,14 @@ class AuthorsImage:
         return f"https://raw.githubusercontent.com/{AUTHORS_REPO}/{AUTHORS_COMMIT}/{self.path}"
 
 
-# : The authors' pictures, by name. ``"stop_sign"`` is the stop-sign trigger (999 x 997
-# RGBA on
+#: The authors' pictures, by name. ``"stop_sign"`` is the stop-sign trigger (999 x 997
+#: RGBA on
 #: white). The hats are targets: at :data:`AUTHORS_COMMIT`, ``--target HAT`` reads
-# : ``fedora-hat.png``; in the naming of the released models (``..._HAT`` /
-# ``..._FEDORA_HAT``, the
+#: ``fedora-hat.png``; in the naming of the released models (``..._HAT`` /
+#: ``..._FEDORA_HAT``, the
 #: authors' later VillanDiffusion code) ``HAT`` reads ``hat.png`` and ``FEDORA_HAT``
-# : ``fedora-hat.png``. No model of :data:`~baddiff_core.authors.AUTHORS_MODELS` uses a
-# hat.
+#: ``fedora-hat.png``. No model of :data:`~baddiff_core.authors.AUTHORS_MODELS` uses a
+#: hat.
 AUTHORS_IMAGES: dict[str, AuthorsImage] = {
     "stop_sign": AuthorsImage(
         "static/stop_sign_wo_bg.png",
@@ -136,10 +137,10 @@ AUTHORS_IMAGES: dict[str, AuthorsImage] = {
     ),
 }
 
-# : Fashion-MNIST's training images (Xiao, Rasul and Vollgraf 2017): URL, published MD5,
-# and the
-# : path under the data root (torchvision's layout, so a copy torchvision downloaded is
-# reused).
+#: Fashion-MNIST's training images (Xiao, Rasul and Vollgraf 2017): URL, published MD5,
+#: and the
+#: path under the data root (torchvision's layout, so a copy torchvision downloaded is
+#: reused).
 FASHION_MNIST_TRAIN_IMAGES = dict(
     url="https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"
     "train-images-idx3-ubyte.gz",
@@ -241,10 +242,9 @@ def fetch_authors_image(name: str, *, root: str | os.PathLike | None = None) -> 
             table's: it is refused, never used.
         RuntimeError: the file is missing and cannot be downloaded; the message says where to put it.
     """
-    if name not in AUTHORS_IMAGES:
-        raise ValueError(
-            f"{name!r} is not one of the authors' pictures; use one of {sorted(AUTHORS_IMAGES)}"
-        )
+    check_choice(
+        "name", name, sorted(AUTHORS_IMAGES), what="one of the authors' pictures"
+    )
     image = AUTHORS_IMAGES[name]
     path = _data._data_root(root) / _FOLDER / Path(image.path).name
     return _fetch_verified(
@@ -272,9 +272,7 @@ def _scaled(image: Image.Image) -> torch.Tensor:
 
 
 def _check_image(image: object) -> Image.Image:
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
-    return image
+    return check_type("image", image, Image.Image, what="a PIL.Image.Image")
 
 
 def trigger_from_image(
@@ -293,15 +291,13 @@ def trigger_from_image(
             image).
     """
     image = _check_image(image)
-    if (
-        isinstance(size, bool)
-        or not isinstance(size, int)
-        or not 1 <= size <= image_size - _GAP
-    ):
-        raise ValueError(
-            f"size must be an integer from 1 to {image_size - _GAP} (the tile and its {_GAP} px gap "
-            f"fit a {image_size} px image), got size={size!r}"
-        )
+    size = check_int(
+        "size",
+        size,
+        minimum=1,
+        maximum=image_size - _GAP,
+        meaning=f"the tile and its {_GAP} px gap fit a {image_size} px image",
+    )
     rgb = image.convert("RGB")
     width, height = rgb.size
     short, long = min(width, height), max(width, height)

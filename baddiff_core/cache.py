@@ -57,8 +57,8 @@ __all__ = [
 ]
 
 CACHE_ENV = "BADDIFF_CACHE"
-# : Bumped whenever training code changes what a recipe produces, so stale models are
-# not reused.
+#: Bumped whenever training code changes what a recipe produces, so stale models are
+#: not reused.
 CACHE_FORMAT = 1
 
 Builder = Callable[[], tuple[UNet2DModel, DDPMScheduler, dict[str, Any]]]

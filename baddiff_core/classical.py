@@ -27,7 +27,6 @@ of shape ``(height, width)`` holding one grey channel, typically in ``[0, 1]``.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from typing import Literal
 
@@ -36,6 +35,8 @@ import numpy as np
 import scipy.sparse
 from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage, special
+
+from baddiff_core.checks import check_choice, check_float, check_int, check_type
 
 __all__ = [
     "graph_laplacian",
@@ -66,57 +67,18 @@ MAX_IMAGE_DT = 0.25
 
 
 # --------------------------------------------------------------------------- #
-# Input validation: every message names the argument, the value, what is allowed.
+# Input validation (numbers: baddiff_core.checks; arrays: here).
 # --------------------------------------------------------------------------- #
 
 
-def _real(name: str, value: object) -> float:
-    """Return ``value`` as a finite float, or raise naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"{name} must be a real number, got {name}={value!r} "
-            f"of type {type(value).__name__}"
-        )
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {name}={value!r}")
-    return value
-
-
-def _positive(name: str, value: object) -> float:
-    value = _real(name, value)
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {name}={value!r}")
-    return value
-
-
-def _non_negative(name: str, value: object) -> float:
-    value = _real(name, value)
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {name}={value!r}")
-    return value
-
-
-def _count(name: str, value: object) -> int:
-    """Return ``value`` as a non-negative int (a number of steps, a radius)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"{name} must be a non-negative integer, got {name}={value!r} "
-            f"of type {type(value).__name__}"
-        )
-    if value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {name}={value!r}")
-    return int(value)
-
-
 def _image_dt(dt: object) -> float:
-    dt = _real("dt", dt)
-    if not 0 < dt <= MAX_IMAGE_DT:
-        raise ValueError(
-            f"dt must be in (0, {MAX_IMAGE_DT}] for a stable explicit step "
-            f"on the 5-point stencil, got dt={dt!r}"
-        )
-    return dt
+    return check_float(
+        "dt",
+        dt,
+        above=0,
+        at_most=MAX_IMAGE_DT,
+        meaning="a stable explicit step on the 5-point stencil",
+    )
 
 
 def _as_laplacian(laplacian: ArrayLike) -> FloatArray:
@@ -202,8 +164,7 @@ def graph_laplacian(graph: nx.Graph, weight: str | None = "weight") -> FloatArra
         float64 array of shape (n, n), rows and columns in the order of
         ``list(graph.nodes)``.
     """
-    if not isinstance(graph, nx.Graph):
-        raise TypeError(f"graph must be a networkx.Graph, got {type(graph).__name__}")
+    check_type("graph", graph, nx.Graph, what="a networkx.Graph")
     if graph.is_directed():
         raise ValueError(
             f"graph must be undirected, got a directed {type(graph).__name__}; "
@@ -261,13 +222,13 @@ def heat_diffusion(
         steps: number of Euler steps, ``>= 0``.
 
     Returns:
-        trajectory of shape (steps + 1, *x0.shape), ``trajectory[0] == x0``
+        trajectory of shape ``(steps + 1, *x0.shape)``, ``trajectory[0] == x0``
         and ``trajectory[k]`` the state at time ``k * tau``.
     """
     matrix = _as_laplacian(laplacian)
     state = _as_signal(x0, matrix.shape[0])
-    tau = _positive("tau", tau)
-    steps = _count("steps", steps)
+    tau = check_float("tau", tau, above=0)
+    steps = check_int("steps", steps, minimum=0)
 
     lambda_max = float(np.linalg.eigvalsh(matrix)[-1])
     # Tiny relative slack so that tau = 2 / lambda_max itself is accepted.
@@ -303,7 +264,7 @@ def heat_kernel(
         t: a time ``>= 0`` or a 1-d array of times.
 
     Returns:
-        shape x0.shape for scalar ``t``; (len(t), *x0.shape) for an array.
+        shape x0.shape for scalar ``t``; ``(len(t), *x0.shape)`` for an array.
     """
     matrix = _as_laplacian(laplacian)
     signal = _as_signal(x0, matrix.shape[0])
@@ -363,7 +324,7 @@ def consensus(
         step: step size; default :func:`consensus_step` ``(laplacian)``.
 
     Returns:
-        trajectory of shape (steps + 1, *x0.shape).
+        trajectory of shape ``(steps + 1, *x0.shape)``.
     """
     if step is None:
         step = consensus_step(laplacian)
@@ -379,7 +340,7 @@ def consensus_rate(laplacian: ArrayLike, step: float) -> float:
     ``rate = 1 - step lambda_2``. A rate of 1 means no convergence
     (disconnected graph, ``lambda_2 = 0``).
     """
-    step = _positive("step", step)
+    step = check_float("step", step, above=0)
     spectrum = laplacian_spectrum(laplacian)
     if spectrum.size < 2:
         raise ValueError(
@@ -470,7 +431,7 @@ def heat_equation(image: ArrayLike, *, t: float, dt: float = 0.2) -> FloatArray:
         float64 array of the image's shape.
     """
     u = _as_image("image", image).copy()
-    t = _non_negative("t", t)
+    t = check_float("t", t, at_least=0)
     dt = _image_dt(dt)
     # The small slack keeps e.g. t=1, dt=0.1 at 10 steps despite rounding.
     n_steps = math.ceil(t / dt - 1e-9)
@@ -490,7 +451,7 @@ def gaussian_blur_equivalent_sigma(t: float) -> float:
     ``exp(-|x|^2 / (4 t)) / (4 pi t)``, a Gaussian with variance ``2 t`` per
     axis, so ``sigma = sqrt(2 t)``.
     """
-    return math.sqrt(2.0 * _non_negative("t", t))
+    return math.sqrt(2.0 * check_float("t", t, at_least=0))
 
 
 def bessel_heat_kernel(t: float, radius: int) -> FloatArray:
@@ -508,8 +469,8 @@ def bessel_heat_kernel(t: float, radius: int) -> FloatArray:
     Returns:
         float64 array of shape (2 * radius + 1,), centre at index ``radius``.
     """
-    t = _non_negative("t", t)
-    radius = _count("radius", radius)
+    t = check_float("t", t, at_least=0)
+    radius = check_int("radius", radius, minimum=0)
     k = np.arange(-radius, radius + 1)
     return special.ive(k, 2.0 * t)  # ive(k, x) = exp(-|x|) I_k(x)
 
@@ -519,13 +480,10 @@ def _conductance_function(
 ) -> Callable[[FloatArray], FloatArray]:
     """Perona-Malik edge-stopping function ``g(s)``, ``g(0) = 1``, decreasing in
     ``s``."""
+    conductance = check_choice("conductance", conductance, ("exp", "rational"))
     if conductance == "exp":
         return lambda s: np.exp(-((s / kappa) ** 2))
-    if conductance == "rational":
-        return lambda s: 1.0 / (1.0 + (s / kappa) ** 2)
-    raise ValueError(
-        f"conductance must be one of 'exp', 'rational', got conductance={conductance!r}"
-    )
+    return lambda s: 1.0 / (1.0 + (s / kappa) ** 2)
 
 
 def perona_malik(
@@ -539,7 +497,7 @@ def perona_malik(
     """Anisotropic diffusion (Perona & Malik 1990): smooth inside regions, not across
     edges.
 
-    One step is
+    One step is::
 
         u <- u + dt * sum over the 4 neighbours of g(|d|) d,
 
@@ -569,8 +527,8 @@ def perona_malik(
         float64 array of the image's shape.
     """
     u = _as_image("image", image).copy()
-    steps = _count("steps", steps)
-    kappa = _positive("kappa", kappa)
+    steps = check_int("steps", steps, minimum=0)
+    kappa = check_float("kappa", kappa, above=0)
     dt = _image_dt(dt)
     g = _conductance_function(conductance, kappa)
     for _ in range(steps):
@@ -613,7 +571,7 @@ def psnr(image: ArrayLike, reference: ArrayLike, *, data_range: float = 1.0) -> 
         )
     if a.size == 0:
         raise ValueError("image must not be empty, got image.size=0")
-    data_range = _positive("data_range", data_range)
+    data_range = check_float("data_range", data_range, above=0)
     mse = float(np.mean((a - b) ** 2))
     if mse == 0.0:
         return math.inf
@@ -629,7 +587,7 @@ def add_gaussian_noise(
     noise. ``sigma`` is in intensity units (e.g. 0.1 on a [0, 1] image).
     """
     u = _as_image("image", image)
-    sigma = _non_negative("sigma", sigma)
+    sigma = check_float("sigma", sigma, at_least=0)
     rng = np.random.default_rng(seed)
     return u + sigma * rng.standard_normal(u.shape)
 
@@ -650,7 +608,7 @@ def sharpen(image: ArrayLike, *, amount: float, sigma: float) -> FloatArray:
         sigma: blur radius in pixels, ``> 0``.
     """
     u = _as_image("image", image)
-    amount = _non_negative("amount", amount)
-    sigma = _positive("sigma", sigma)
+    amount = check_float("amount", amount, at_least=0)
+    sigma = check_float("sigma", sigma, above=0)
     blurred = ndimage.gaussian_filter(u, sigma=sigma, mode="nearest")
     return u + amount * (u - blurred)

@@ -34,8 +34,8 @@ __all__ = ["main", "build_parser"]
 BACKDOOR_FILE = "backdoor.safetensors"
 #: Every model folder this library writes holds this file (``save_model``'s metadata).
 MODEL_MARKER = "baddiff.json"
-# : Every folder of samples ``baddiff sample`` writes holds this file (what was sampled,
-# how).
+#: Every folder of samples ``baddiff sample`` writes holds this file (what was sampled,
+#: how).
 SAMPLES_MARKER = "samples.json"
 
 
@@ -288,10 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# : Failures a user can cause and mend (a bad value, a missing or corrupt file, a
-# missing package):
-# : one line, exit status 2. ``OSError`` covers missing files, permissions and
-# unreachable hubs;
+#: Failures a user can cause and mend (a bad value, a missing or corrupt file, a
+#: missing package):
+#: one line, exit status 2. ``OSError`` covers missing files, permissions and
+#: unreachable hubs;
 #: ``ValueError`` covers corrupt JSON and undecodable text too.
 EXPECTED_ERRORS = (
     UsageError,
@@ -460,8 +460,8 @@ def _load_backdoor(
     return tensors["trigger"].to(device), tensors["target"].to(device)
 
 
-# : The most images ``baddiff sample`` puts in one PNG grid; more are written as a
-# folder of PNGs.
+#: The most images ``baddiff sample`` puts in one PNG grid; more are written as a
+#: folder of PNGs.
 GRID_LIMIT = 64
 
 
@@ -556,8 +556,8 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
-# : Disk a small PNG takes at least: one file-system block (4 KiB on ext4, APFS and
-# NTFS).
+#: Disk a small PNG takes at least: one file-system block (4 KiB on ext4, APFS and
+#: NTFS).
 FILE_BLOCK = 4096
 
 

@@ -26,7 +26,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from baddiff_core.checks import check_positive_int
+from baddiff_core.checks import (
+    check_channels,
+    check_choice,
+    check_int,
+    check_positive_int,
+)
 from baddiff_core.files import atomic_folder
 
 __all__ = [
@@ -40,8 +45,8 @@ __all__ = [
     "write_cifar10_binary",
 ]
 
-# : The photographs scikit-learn ships (``sklearn.datasets.load_sample_image``), 427 x
-# 640 RGB.
+#: The photographs scikit-learn ships (``sklearn.datasets.load_sample_image``), 427 x
+#: 640 RGB.
 SAMPLE_PHOTOS = ("china.jpg", "flower.jpg")
 
 
@@ -63,10 +68,7 @@ def load_sample_photo(
     """
     from sklearn.datasets import load_sample_image
 
-    if name not in SAMPLE_PHOTOS:
-        raise ValueError(
-            f"name={name!r} is not a photo scikit-learn ships; use one of {SAMPLE_PHOTOS}"
-        )
+    check_choice("name", name, SAMPLE_PHOTOS, what="a photo scikit-learn ships")
     image = Image.fromarray(load_sample_image(name))
     if grayscale:
         image = image.convert("L")
@@ -89,8 +91,8 @@ def load_sample_photo(
 # Training images for diffusion models, as B,C,H,W tensors in [-1, 1].
 # --------------------------------------------------------------------------- #
 
-# : Data sets :func:`load_images` knows by name. "digits" works offline; the others once
-# their files are on disk.
+#: Data sets :func:`load_images` knows by name. "digits" works offline; the others once
+#: their files are on disk.
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
 #: Loaded through the optional package torchvision (not used by the book).
 _TORCHVISION = {
@@ -102,8 +104,8 @@ _TORCHVISION = {
     ),
 }
 
-# : CIFAR-10's official binary version (Krizhevsky 2009): read with NumPy, nothing is
-# unpickled.
+#: CIFAR-10's official binary version (Krizhevsky 2009): read with NumPy, nothing is
+#: unpickled.
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
 _CIFAR10_HOST = "www.cs.toronto.edu"
@@ -162,18 +164,10 @@ def load_images(
             ``~/.cache/baddiff/data``).
         with_labels: also return the ``(N,)`` integer labels (-1 for a folder of images).
     """
-    if (
-        not isinstance(image_size, int)
-        or isinstance(image_size, bool)
-        or image_size < 4
-    ):
-        raise ValueError(
-            f"image_size must be an integer >= 4, got image_size={image_size!r}"
-        )
-    if channels not in (None, 1, 3):
-        raise ValueError(
-            f"channels must be 1, 3 or None (the data set's own), got channels={channels!r}"
-        )
+    image_size = check_int("image_size", image_size, minimum=4)
+    channels = check_channels(
+        "channels", channels, allow_none=True, meaning="the data set's own"
+    )
     check_positive_int("limit", limit, allow_none=True)
 
     if isinstance(name, str) and name in DATASETS:
@@ -459,8 +453,8 @@ def _folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 _FOLDER_SIZE = 64  # images from a folder are centre-cropped to a square and resized to this side first
-# : Pillow modes holding more than 8 bits per pixel, and the value that means white in
-# each.
+#: Pillow modes holding more than 8 bits per pixel, and the value that means white in
+#: each.
 _DEEP_MODES = {
     "I;16": 65535,
     "I;16B": 65535,

@@ -86,8 +86,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(name)
 
 
-# : The CUDA compute capability from which bf16 runs natively (Ampere, 8.0: A100, RTX
-# 30xx; and newer).
+#: The CUDA compute capability from which bf16 runs natively (Ampere, 8.0: A100, RTX
+#: 30xx; and newer).
 BF16_MIN_CAPABILITY = (8, 0)
 
 
@@ -121,8 +121,8 @@ def _mps_available() -> bool:
     return bool(backend is not None and backend.is_available())
 
 
-# : Set to a positive integer to choose torch's CPU thread count yourself (as
-# ``OMP_NUM_THREADS`` does).
+#: Set to a positive integer to choose torch's CPU thread count yourself (as
+#: ``OMP_NUM_THREADS`` does).
 THREADS_ENV = "BADDIFF_THREADS"
 
 

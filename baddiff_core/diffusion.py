@@ -47,6 +47,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from baddiff_core.checks import check_choice, check_int
+
 __all__ = [
     "SOLVERS",
     "ATTACKS",
@@ -63,17 +65,17 @@ __all__ = [
 
 Solver = Literal["sde", "ode"]
 Attack = Literal["baddiffusion", "in_range"]
-# : How the trigger enters x_t and the target: BadDiffusion's drift, or the in-range
-# path.
+#: How the trigger enters x_t and the target: BadDiffusion's drift, or the in-range
+#: path.
 ATTACKS = ("baddiffusion", "in_range")
-# : Training targets: "sde" for DDPM ancestral sampling (BadDiffusion), "ode" for DDIM
-# (VillanDiffusion).
+#: Training targets: "sde" for DDPM ancestral sampling (BadDiffusion), "ode" for DDIM
+#: (VillanDiffusion).
 SOLVERS: dict[str, float] = {"sde": 1.0, "ode": 2.0}
 
 #: The paper's schedule: T = 1000, linear betas 1e-4 .. 0.02 (google/ddpm-cifar10-32).
 PAPER_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02)
-# : The book's quick schedule: T = 100 with betas rescaled by 10, so that x_T is still
-# pure noise
+#: The book's quick schedule: T = 100 with betas rescaled by 10, so that x_T is still
+#: pure noise
 #: (with 1e-4 .. 0.02 over 100 steps, 37% of the image would survive the last step).
 QUICK_SCHEDULE = dict(num_train_timesteps=100, beta_start=1e-3, beta_end=0.2)
 
@@ -94,10 +96,9 @@ def make_scheduler(
     with; samplers choose the clipping defence themselves (see
     :func:`baddiff_core.sampling.sample`).
     """
-    if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
-        raise ValueError(
-            f"num_train_timesteps must be an integer >= 2, got {num_train_timesteps!r}"
-        )
+    num_train_timesteps = check_int(
+        "num_train_timesteps", num_train_timesteps, minimum=2
+    )
     if not 0 < beta_start < beta_end < 1:
         raise ValueError(
             f"need 0 < beta_start < beta_end < 1, got beta_start={beta_start!r}, "
@@ -135,8 +136,7 @@ def in_range_path(scheduler: DDPMScheduler, solver: Solver = "sde") -> torch.Ten
     ``k_{T-1} = 1`` (sampling starts from ``eps + r``); see the module docstring for
     both solvers.
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver={solver!r} is not known; use one of {tuple(SOLVERS)}")
+    check_choice("solver", solver, SOLVERS)
     abar = scheduler.alphas_cumprod.double()
     if solver == "ode":
         return (1 - abar).sqrt() / (1 - abar[-1]).sqrt()
@@ -240,10 +240,8 @@ def poisoned_forward(
 
 
 def _check_solver_and_attack(solver: object, attack: object) -> None:
-    if solver not in SOLVERS:
-        raise ValueError(f"solver={solver!r} is not known; use one of {tuple(SOLVERS)}")
-    if attack not in ATTACKS:
-        raise ValueError(f"attack={attack!r} is not known; use one of {ATTACKS}")
+    check_choice("solver", solver, SOLVERS)
+    check_choice("attack", attack, ATTACKS)
 
 
 def _poisoned_forward(

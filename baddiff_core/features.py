@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_image_batch, check_positive_int
+from .checks import check_float, check_image_batch, check_int, check_positive_int
 from .files import atomic_file, write_text_atomically
 
 __all__ = [
@@ -190,8 +190,7 @@ def digits_images(*, size: int = INPUT_SIZE) -> tuple[Tensor, Tensor]:
     """
     from baddiff_core.data import load_images
 
-    if isinstance(size, bool) or not isinstance(size, int) or size < 4:
-        raise ValueError(f"size must be an integer >= 4, got size={size!r}")
+    size = check_int("size", size, minimum=4)
     # the diffusion models' data, in [-1, 1]
     images, labels = load_images("digits", size, with_labels=True)
     return ((images + 1) / 2).clamp(0.0, 1.0), labels
@@ -212,10 +211,7 @@ def digits_split(
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(
-            f"test_fraction must be in (0, 1), got test_fraction={test_fraction!r}"
-        )
+    check_float("test_fraction", test_fraction, above=0, below=1)
     labels = load_digits().target
     train_idx, test_idx = train_test_split(
         list(range(len(labels))),
@@ -287,12 +283,10 @@ def train_digits_net(
         ``(net, recipe)``: the trained network in eval mode and a JSON-serialisable dict with the
         recipe, ``test_accuracy`` on the 360 held-out images and ``train_accuracy``.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got seed={seed!r}")
+    seed = check_int("seed", seed, minimum=0)
     check_positive_int("epochs", epochs)
     check_positive_int("batch_size", batch_size)
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a finite number > 0, got lr={lr!r}")
+    check_float("lr", lr, above=0)
 
     # One CPU thread: multi-threaded kernels split their sums by thread count, so the
     # bits of the weights would otherwise depend on the machine's cores.

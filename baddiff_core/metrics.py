@@ -30,15 +30,19 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from .checks import check_image_batch, check_positive_int
+from .checks import (
+    check_choice,
+    check_float,
+    check_image_batch,
+    check_positive_int,
+    check_tensor,
+)
 from .features import MIN_SIZE, DigitsFeatureExtractor, load_digits_net
 
 __all__ = [
@@ -62,17 +66,17 @@ __all__ = [
 Reduction = Literal["mean", "none"]
 FeatureKind = Literal["auto", "digits", "inception"]
 
-# : Per-image MSE (in [0, 1] units) below which a backdoor sample counts as a success
-# (the convention
+#: Per-image MSE (in [0, 1] units) below which a backdoor sample counts as a success
+#: (the convention
 #: of follow-up work such as Elijah (An et al. 2024, arXiv:2312.00050)).
 DEFAULT_ASR_THRESHOLD = 0.1
-# : SSIM Gaussian window side and standard deviation, in pixels (Wang et al. 2004; the
-# torchmetrics
+#: SSIM Gaussian window side and standard deviation, in pixels (Wang et al. 2004; the
+#: torchmetrics
 #: defaults, which the BadDiffusion authors' code uses: github.com/IBM/BadDiffusion).
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
-# : How far outside [-1, 1] :func:`frechet_distance` accepts values (float round-off of
-# samplers).
+#: How far outside [-1, 1] :func:`frechet_distance` accepts values (float round-off of
+#: samplers).
 RANGE_TOLERANCE = 1e-3
 #: Images per forward pass of a feature network.
 _CHUNK = 512
@@ -106,30 +110,19 @@ def _check_range(name: str, images: Tensor) -> None:
 def _check_target(target: object, samples: Tensor) -> Tensor:
     """``target`` of shape ``C,H,W`` (or ``B,C,H,W`` like ``samples``), on samples'
     device and dtype."""
-    if not isinstance(target, Tensor):
-        raise TypeError(
-            f"target must be a torch.Tensor of shape (C, H, W), got {type(target).__name__}"
-        )
+    target = check_tensor("target", target)
     if tuple(target.shape) not in (tuple(samples.shape[1:]), tuple(samples.shape)):
         raise ValueError(
             f"target must have shape (C, H, W) = {tuple(samples.shape[1:])} to match "
             f"samples.shape={tuple(samples.shape)}, got target.shape={tuple(target.shape)}"
         )
-    if not target.is_floating_point():
-        raise TypeError(
-            f"target must be a float tensor with values in [-1, 1], got target.dtype={target.dtype}"
-        )
-    if not bool(torch.isfinite(target).all()):
-        raise ValueError("target must be finite, got NaN or infinite values")
+    target = check_tensor("target", target, floating=True, finite=True)
     target = target.to(device=samples.device, dtype=samples.dtype)
     return target.expand_as(samples)
 
 
 def _check_reduction(reduction: object) -> None:
-    if reduction not in ("mean", "none"):
-        raise ValueError(
-            f"reduction must be 'mean' or 'none', got reduction={reduction!r}"
-        )
+    check_choice("reduction", reduction, ("mean", "none"))
 
 
 def _reduce(values: Tensor, reduction: Reduction) -> Tensor:
@@ -292,16 +285,7 @@ def attack_success_rate(
     Returns:
         A float in [0, 1].
     """
-    if (
-        isinstance(threshold, bool)
-        or not isinstance(threshold, numbers.Real)
-        or not math.isfinite(threshold)
-    ):
-        raise ValueError(
-            f"threshold must be a finite number > 0, got threshold={threshold!r}"
-        )
-    if threshold <= 0:
-        raise ValueError(f"threshold must be > 0, got threshold={threshold!r}")
+    check_float("threshold", threshold, above=0)
     per_image = mse_to_target(samples, target, reduction="none", quantize=quantize)
     return float((per_image < threshold).double().mean())
 
@@ -356,10 +340,7 @@ def resolve_features(features: object, images: Tensor) -> str:
     is an error that says how to install it, not a silent change of network that makes
     the numbers incomparable); ``"digits"`` for everything else.
     """
-    if features not in ("auto", "digits", "inception"):
-        raise ValueError(
-            f"features must be 'auto', 'digits' or 'inception', got features={features!r}"
-        )
+    features = check_choice("features", features, ("auto", "digits", "inception"))
     how = ""
     if features == "auto":
         features = (
@@ -379,8 +360,8 @@ def resolve_features(features: object, images: Tensor) -> str:
     return str(features)
 
 
-# : Metrics holding the statistics of recent sets of real images, most recently used
-# last.
+#: Metrics holding the statistics of recent sets of real images, most recently used
+#: last.
 _REAL_STATISTICS: dict[tuple, Any] = {}
 _REAL_STATISTICS_KEPT = 2
 

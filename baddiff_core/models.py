@@ -26,6 +26,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from safetensors import SafetensorError
 
+from baddiff_core.checks import check_channels
 from baddiff_core.files import atomic_folder, folder_digests
 
 __all__ = [
@@ -42,12 +43,12 @@ __all__ = [
 #: How a model was made, for people and the model cache (written by :func:`save_model`).
 METADATA_FILE = "baddiff.json"
 
-# : The paper's clean pre-trained CIFAR-10 model on the Hugging Face hub (full mode;
-# downloads).
+#: The paper's clean pre-trained CIFAR-10 model on the Hugging Face hub (full mode;
+#: downloads).
 PRETRAINED_CIFAR10 = "google/ddpm-cifar10-32"
 
-# : Block widths and attention placement of the small presets, by image size. Attention
-# sits at the
+#: Block widths and attention placement of the small presets, by image size. Attention
+#: sits at the
 #: coarsest resolution only, where it is cheap.
 UNET_PRESETS: dict[int, dict[str, Any]] = {
     8: dict(
@@ -88,10 +89,7 @@ def make_unet(
             f"image_size={image_size!r} has no preset; use one of {sorted(UNET_PRESETS)} "
             "or build a diffusers UNet2DModel yourself"
         )
-    if channels not in (1, 3):
-        raise ValueError(
-            f"channels must be 1 (grey) or 3 (RGB), got channels={channels!r}"
-        )
+    channels = check_channels("channels", channels)
     config = dict(
         sample_size=image_size,
         in_channels=channels,
@@ -235,10 +233,10 @@ def load_model(
     return unet.to(device).eval(), scheduler
 
 
-# : The ``_class_name`` a scheduler config may carry: DDPMScheduler and the schedulers
-# diffusers lists
-# : as compatible with it (they share its betas, which is all a model folder's scheduler
-# gives us).
+#: The ``_class_name`` a scheduler config may carry: DDPMScheduler and the schedulers
+#: diffusers lists
+#: as compatible with it (they share its betas, which is all a model folder's scheduler
+#: gives us).
 SCHEDULER_CLASSES = (
     "DDPMScheduler",
     *sorted(

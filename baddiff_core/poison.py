@@ -1,7 +1,7 @@
 """Poisoning a training set the BadDiffusion way: some samples become (target, triggered
 image).
 
-Introduced in chapter 3 (The BadDiffusion attack).
+Introduced in chapter 3 (Planting a backdoor).
 
 BadDiffusion (Chou et al. 2023, arXiv:2212.05400), Sec. 3, trains every
 sample with one loss. Each sample carries a pair ``(y, r)``:
@@ -23,17 +23,19 @@ loop flips the clean batch and then calls :func:`poison_pairs`.
 
 from __future__ import annotations
 
-import math
-import numbers
 import operator
 from typing import NamedTuple
 
 import torch
 from torch.utils.data import Dataset
 
+from baddiff_core.checks import check_fraction, check_int, check_tensor
 from baddiff_core.triggers import stamp
 
 __all__ = ["PoisonedSample", "poison_pairs", "PoisonedDataset"]
+
+#: Why a trigger or target has the shape it must have, for messages.
+_CHW = "the images' C,H,W"
 
 
 class PoisonedSample(NamedTuple):
@@ -53,16 +55,6 @@ class PoisonedSample(NamedTuple):
     y: torch.Tensor
     r: torch.Tensor
     poisoned: torch.Tensor
-
-
-def _check_chw(name: str, value: object, shape: tuple[int, ...]) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if tuple(value.shape) != shape:
-        raise ValueError(
-            f"{name} must have the images' C,H,W shape {shape}, got {name}.shape={tuple(value.shape)}"
-        )
-    return value
 
 
 def poison_pairs(
@@ -93,32 +85,14 @@ def poison_pairs(
     Returns:
         ``(y, r)``, two new ``B,C,H,W`` tensors of the images' dtype.
     """
-    if (
-        not isinstance(images, torch.Tensor)
-        or images.ndim != 4
-        or not images.is_floating_point()
-    ):
-        shape = (
-            tuple(images.shape)
-            if isinstance(images, torch.Tensor)
-            else type(images).__name__
-        )
-        raise ValueError(f"images must be a B,C,H,W floating-point tensor, got {shape}")
-    chw = tuple(images.shape[1:])
-    if not isinstance(poisoned, torch.Tensor) or poisoned.dtype != torch.bool:
-        got = (
-            poisoned.dtype
-            if isinstance(poisoned, torch.Tensor)
-            else type(poisoned).__name__
-        )
-        raise TypeError(f"poisoned must be a bool tensor of shape (B,), got {got}")
-    if tuple(poisoned.shape) != (images.shape[0],):
-        raise ValueError(
-            f"poisoned must have shape (B,) = ({images.shape[0]},), "
-            f"got poisoned.shape={tuple(poisoned.shape)}"
-        )
-    trigger = _check_chw("trigger", trigger, chw)
-    target = _check_chw("target", target, chw).to(dtype=images.dtype)
+    images = check_tensor("images", images, layout="B,C,H,W", floating=True)
+    batch, chw = images.shape[0], tuple(images.shape[1:])
+    poisoned = check_tensor(
+        "poisoned", poisoned, layout="B", shape=(batch,), dtype=torch.bool
+    )
+    trigger = check_tensor("trigger", trigger, layout="C,H,W", shape=chw, meaning=_CHW)
+    target = check_tensor("target", target, layout="C,H,W", shape=chw, meaning=_CHW)
+    target = target.to(dtype=images.dtype)
     rows = poisoned.view(-1, 1, 1, 1)
     # BadDiffusion: the poisoned sample regresses toward the target, conditioned on r.
     y = torch.where(rows, target.expand_as(images), images)
@@ -172,17 +146,11 @@ class PoisonedDataset(Dataset):
         poison_rate: float,
         seed: int,
     ) -> None:
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(
-                f"images must be a torch.Tensor, got {type(images).__name__}"
-            )
-        if images.ndim != 4 or images.shape[0] < 1:
+        images = check_tensor("images", images, layout="N,C,H,W", floating=True)
+        if images.shape[0] < 1:
             raise ValueError(
-                f"images must be a N,C,H,W tensor with N >= 1, got images.shape={tuple(images.shape)}"
-            )
-        if not images.is_floating_point():
-            raise TypeError(
-                f"images must be a floating-point tensor, got images.dtype={images.dtype}"
+                "images must hold at least one image (N >= 1), "
+                f"got images.shape={tuple(images.shape)}"
             )
         if torch.isnan(images).any():
             raise ValueError("images must not contain NaN, got NaN values")
@@ -193,33 +161,24 @@ class PoisonedDataset(Dataset):
             )
         chw = tuple(images.shape[1:])
         for name, value in (("trigger", trigger), ("target", target)):
-            value = _check_chw(name, value, chw)
-            if not value.is_floating_point() or torch.isnan(value).any():
-                raise ValueError(
-                    f"{name} must be a floating-point tensor without NaN, got {name}.dtype={value.dtype}"
-                )
+            value = check_tensor(
+                name, value, layout="C,H,W", shape=chw, floating=True, meaning=_CHW
+            )
+            if torch.isnan(value).any():
+                raise ValueError(f"{name} must not contain NaN, got NaN values")
             lo, hi = value.min().item(), value.max().item()
             if lo < -1.0 or hi > 1.0:
                 raise ValueError(
                     f"{name} must have values in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]"
                 )
-        if isinstance(poison_rate, bool) or not isinstance(poison_rate, numbers.Real):
-            raise TypeError(
-                f"poison_rate must be a real number in [0, 1], got poison_rate={poison_rate!r} "
-                f"of type {type(poison_rate).__name__}"
-            )
-        if math.isnan(poison_rate) or not 0.0 <= poison_rate <= 1.0:
-            raise ValueError(
-                f"poison_rate must be in [0, 1], got poison_rate={poison_rate!r}"
-            )
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got seed={seed!r}")
+        poison_rate = check_fraction("poison_rate", poison_rate)
+        seed = check_int("seed", seed, minimum=0)
 
         self.images = images
         self.trigger = trigger.to(device=images.device, dtype=images.dtype)
         self.target = target.to(device=images.device, dtype=images.dtype)
-        self.poison_rate = float(poison_rate)
-        self.seed = int(seed)
+        self.poison_rate = poison_rate
+        self.seed = seed
         n = images.shape[0]
         self.num_poisoned = int(n * self.poison_rate)
         generator = torch.Generator().manual_seed(self.seed)

@@ -32,7 +32,12 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from baddiff_core.checks import check_positive_int
+from baddiff_core.checks import (
+    check_choice,
+    check_int,
+    check_positive_int,
+    check_tensor,
+)
 
 __all__ = [
     "CLIP_MODES",
@@ -43,8 +48,8 @@ __all__ = [
     "sample_clean_and_triggered",
 ]
 
-# : ``"none"``: no clipping (how the attack is evaluated); ``"x0"``: clamp the predicted
-# x_0 (the
+#: ``"none"``: no clipping (how the attack is evaluated); ``"x0"``: clamp the predicted
+#: x_0 (the
 #: defence); ``"xt"``: clamp x_t after each step.
 CLIP_MODES = ("none", "x0", "xt")
 SAMPLERS = ("ddpm", "ddim")
@@ -54,21 +59,21 @@ Sampler = Literal["ddpm", "ddim"]
 #: ``callback(t, x_t, x0_pred)`` after every step, for measuring trajectories.
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
-# : Images per forward pass when :func:`sample` is given no ``batch_size``: memory stays
-# bounded
+#: Images per forward pass when :func:`sample` is given no ``batch_size``: memory stays
+#: bounded
 #: however many images are asked for. Sized for the 35.7 M-parameter CIFAR-10 UNet
-# : (``google/ddpm-cifar10-32``) in fp32 on a 16 GB card: we measured the peak of the
-# tensors alive
-# : during one forward pass without gradients (a dispatch mode summing live storages, on
-# the CPU) at
-# : 128 MB for 16 images and 240 MB for 32 (the 136 MB of weights apart), so 7 MB per
-# image, and
-# : 256 images with the weights take about 2 GB. That leaves most of the card to cuDNN's
-# workspaces,
-# : the caching allocator's slack and whatever else a notebook holds; the sampler's own
-# state is a
-# : few ``3 x 32 x 32`` tensors per image. The book's quick mode never samples more than
-# 256 images
+#: (``google/ddpm-cifar10-32``) in fp32 on a 16 GB card: we measured the peak of the
+#: tensors alive
+#: during one forward pass without gradients (a dispatch mode summing live storages, on
+#: the CPU) at
+#: 128 MB for 16 images and 240 MB for 32 (the 136 MB of weights apart), so 7 MB per
+#: image, and
+#: 256 images with the weights take about 2 GB. That leaves most of the card to cuDNN's
+#: workspaces,
+#: the caching allocator's slack and whatever else a notebook holds; the sampler's own
+#: state is a
+#: few ``3 x 32 x 32`` tensors per image. The book's quick mode never samples more than
+#: 256 images
 #: in one call, so its samples are those of a single batch, as before this bound.
 DEFAULT_BATCH_SIZE = 256
 
@@ -79,10 +84,8 @@ def inference_scheduler(
     """A fresh scheduler for sampling: the training schedule, ``sampler``'s update rule
     and the predicted-x_0 clipping of ``clip`` (``clip_sample=True`` only for
     ``"x0"``)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler={sampler!r} is not known; use one of {SAMPLERS}")
-    if clip not in CLIP_MODES:
-        raise ValueError(f"clip={clip!r} is not known; use one of {CLIP_MODES}")
+    check_choice("sampler", sampler, SAMPLERS)
+    check_choice("clip", clip, CLIP_MODES)
     cls = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
     accepted = inspect.signature(cls.__init__).parameters
     config = {k: v for k, v in scheduler.config.items() if k in accepted}
@@ -103,16 +106,13 @@ def inference_steps(
     train_steps = scheduler.config.num_train_timesteps
     if num_inference_steps is None:
         return train_steps if sampler == "ddpm" else min(50, train_steps)
-    if (
-        not isinstance(num_inference_steps, int)
-        or isinstance(num_inference_steps, bool)
-        or not 1 <= num_inference_steps <= train_steps
-    ):
-        raise ValueError(
-            f"num_inference_steps must be an integer in [1, {train_steps}] (the training steps), "
-            f"got num_inference_steps={num_inference_steps!r}"
-        )
-    return num_inference_steps
+    return check_int(
+        "num_inference_steps",
+        num_inference_steps,
+        minimum=1,
+        maximum=train_steps,
+        meaning="the training steps",
+    )
 
 
 @torch.no_grad()
@@ -241,26 +241,19 @@ def _starting_noise(
 ) -> torch.Tensor:
     if noise is None:
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-    if tuple(noise.shape) != shape:
-        raise ValueError(
-            f"noise must have shape {shape} (n,C,H,W of the model), got {tuple(noise.shape)}"
-        )
-    if not torch.isfinite(noise).all():
-        raise ValueError(
-            "noise holds NaN or infinite values; the starting noise must be finite"
-        )
+    noise = check_tensor(
+        "noise",
+        noise,
+        layout="n,C,H,W",
+        shape=shape,
+        finite=True,
+        meaning="n images of the model's size",
+    )
     return noise.to(device, dtype)
 
 
 def _broadcast_trigger(trigger: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    if not isinstance(trigger, torch.Tensor):
-        raise TypeError(
-            f"trigger must be a tensor of shape C,H,W or n,C,H,W, got {type(trigger).__name__}"
-        )
-    if not torch.isfinite(trigger).all():
-        raise ValueError(
-            "trigger holds NaN or infinite values; a trigger is an image in [-1, 1]"
-        )
+    trigger = check_tensor("trigger", trigger, finite=True)
     if tuple(trigger.shape) == shape[1:]:
         return trigger.expand(shape)
     if tuple(trigger.shape) == shape:

@@ -32,7 +32,15 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from baddiff_core.checks import check_positive_int
+from baddiff_core.checks import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_positive_int,
+    check_tensor,
+    check_type,
+)
 from baddiff_core.devices import mixed_precision_for, resolve_device
 from baddiff_core.diffusion import (
     ATTACKS,
@@ -54,8 +62,8 @@ __all__ = [
 ]
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
-# : Settings that change how a run is executed, not what it produces: a run resumed from
-# a checkpoint
+#: Settings that change how a run is executed, not what it produces: a run resumed from
+#: a checkpoint
 #: may change them, and they are not part of a model's cache key.
 RUN_ONLY_FIELDS = (
     "device",
@@ -68,8 +76,8 @@ RUN_ONLY_FIELDS = (
     "torch_compile",
 )
 LR_SCHEDULES = ("cosine", "constant")
-# : Optimizer steps of full mode's fine-tune (:meth:`TrainConfig.colab_finetune`), sized
-# for a Colab T4.
+#: Optimizer steps of full mode's fine-tune (:meth:`TrainConfig.colab_finetune`), sized
+#: for a Colab T4.
 COLAB_FINETUNE_STEPS = 1_000
 
 
@@ -121,6 +129,9 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        # Counts and flags are stored as Python ints and bools (NumPy's are accepted),
+        # so that the config goes into JSON (checkpoints, cache keys) as it is.
+        checked: dict[str, int | bool] = {}
         for name in (
             "steps",
             "batch_size",
@@ -128,19 +139,10 @@ class TrainConfig:
             "log_every",
             "keep_checkpoints",
         ):
-            check_positive_int(name, getattr(self, name))
+            checked[name] = check_positive_int(name, getattr(self, name))
         for name in ("warmup_steps", "checkpoint_every", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(
-                    f"{name} must be a non-negative integer, got {name}={value!r}"
-                )
-        if not (
-            isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate < 1
-        ):
-            raise ValueError(
-                f"learning_rate must be in (0, 1), got learning_rate={self.learning_rate!r}"
-            )
+            checked[name] = check_int(name, getattr(self, name), minimum=0)
+        check_float("learning_rate", self.learning_rate, above=0, below=1)
         for name in (
             "ema_warmup",
             "channels_last",
@@ -148,34 +150,15 @@ class TrainConfig:
             "hflip",
             "progress",
         ):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(
-                    f"{name} must be True or False, got {name}={getattr(self, name)!r}"
-                )
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(
-                f"lr_schedule={self.lr_schedule!r} is not known; use one of {LR_SCHEDULES}"
-            )
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise ValueError(
-                f"ema_decay must be in (0, 1) or None, got ema_decay={self.ema_decay!r}"
-            )
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(
-                f"mixed_precision={self.mixed_precision!r} is not known; use one of {MIXED_PRECISION}"
-            )
-        if self.solver not in SOLVERS:
-            raise ValueError(
-                f"solver={self.solver!r} is not known; use one of {tuple(SOLVERS)}"
-            )
-        if self.attack not in ATTACKS:
-            raise ValueError(
-                f"attack={self.attack!r} is not known; use one of {ATTACKS}"
-            )
-        if not self.max_grad_norm > 0:
-            raise ValueError(
-                f"max_grad_norm must be > 0, got max_grad_norm={self.max_grad_norm!r}"
-            )
+            checked[name] = check_bool(name, getattr(self, name))
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_float("ema_decay", self.ema_decay, above=0, below=1, allow_none=True)
+        check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        check_choice("solver", self.solver, SOLVERS)
+        check_choice("attack", self.attack, ATTACKS)
+        check_float("max_grad_norm", self.max_grad_norm, above=0, finite=False)
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)  # how a frozen dataclass sets a field
 
     @classmethod
     def paper_finetune(
@@ -279,8 +262,7 @@ def train(
             or another value of a setting outside :data:`RUN_ONLY_FIELDS`, ``steps`` included): a
             resumed run would return weights of a recipe it was not asked for.
     """
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    check_type("config", config, TrainConfig)
     device = resolve_device(config.device)
     accelerator = _accelerator(device, config)
     data = _TrainingData.from_dataset(dataset, accelerator.device)
@@ -520,11 +502,7 @@ class _TrainingData:
                 dataset.target,
             )
         elif isinstance(dataset, torch.Tensor):
-            if dataset.dim() != 4 or not dataset.is_floating_point():
-                raise ValueError(
-                    f"a tensor data set must be float N,C,H,W, got {dataset.dtype} of shape "
-                    f"{tuple(dataset.shape)}"
-                )
+            dataset = check_tensor("dataset", dataset, layout="N,C,H,W", floating=True)
             if torch.isnan(dataset).any() or dataset.min() < -1 or dataset.max() > 1:
                 raise ValueError(
                     "training images must lie in [-1, 1] without NaN, got values from "
