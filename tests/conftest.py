@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pytest
 import yaml
+
+if TYPE_CHECKING:  # the fixtures import torch when first used, not at collection
+    from diffusers import DDPMScheduler, UNet2DModel
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
@@ -37,3 +42,61 @@ def chapter_notebooks() -> list[pathlib.Path]:
 @pytest.fixture(scope="session")
 def config() -> dict:
     return yaml.safe_load((ROOT / "_config.yml").read_text())
+
+
+def pytest_collection_modifyitems(items):
+    """A test that executes the chapters must be marked slow too: ``make test-fast``
+    (``-m "not slow"``) starts no kernel."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if item.get_closest_marker("notebooks") and not item.get_closest_marker("slow")
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"marked notebooks but not slow: {', '.join(unmarked)}")
+
+
+# --------------------------------------------------------------------------- #
+# Small models, a quick schedule and an isolated model cache.
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture(scope="session")
+def tiny_unet() -> Callable[..., UNet2DModel]:
+    """A factory of small UNets: ``tiny_unet(image_size=8, channels=1, *, seed=0,
+    **overrides)``.
+
+    Seeds torch's global generator with ``seed``, then builds
+    ``make_unet(image_size, channels, **overrides)`` (the library's preset for that
+    size; ``block_out_channels=(16, 32)`` makes the 8 px one narrower). The same call
+    gives the same weights; another seed, other weights.
+    """
+    import torch
+
+    from baddiff_core.models import make_unet
+
+    def build(
+        image_size: int = 8, channels: int = 1, *, seed: int = 0, **overrides
+    ) -> UNet2DModel:
+        torch.manual_seed(seed)
+        return make_unet(image_size, channels, **overrides)
+
+    return build
+
+
+@pytest.fixture
+def quick_scheduler() -> DDPMScheduler:
+    """A fresh ``DDPMScheduler`` with the quick schedule (T = 100, betas 1e-3 to 0.2),
+    as ``make_scheduler(**QUICK_SCHEDULE)`` builds it."""
+    from baddiff_core.diffusion import QUICK_SCHEDULE, make_scheduler
+
+    return make_scheduler(**QUICK_SCHEDULE)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> pathlib.Path:
+    """An empty model cache of this test's own: ``$BADDIFF_CACHE`` points at
+    ``tmp_path / "cache"`` (not yet created) until the test ends."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("BADDIFF_CACHE", str(folder))
+    return folder

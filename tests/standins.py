@@ -37,8 +37,8 @@ from baddiff_core.book import SMOKE_SCHEDULE
 from baddiff_core.data import load_sample_photo, write_cifar10_binary
 from baddiff_core.models import PRETRAINED_CIFAR10, ddpm_cifar10_unet
 
-# : A made-up commit id for the stand-in snapshot (the hub cache names snapshots by
-# commit).
+#: A made-up commit id for the stand-in snapshot (the hub cache names snapshots by
+#: commit).
 STANDIN_COMMIT = "0" * 40
 
 
@@ -111,8 +111,8 @@ def build_cifar10(data_root: Path, *, per_batch: int = 16, seed: int = 0) -> Pat
     return write_cifar10_binary(data_root / "cifar-10-batches-bin", images, labels)
 
 
-# : How diffusers before 0.15 named the attention weights that it now calls to_q, to_k,
-# to_v, to_out.0.
+#: How diffusers before 0.15 named the attention weights that it now calls to_q, to_k,
+#: to_v, to_out.0.
 OLD_ATTENTION_NAMES = {
     "to_q": "query",
     "to_k": "key",

@@ -34,12 +34,6 @@ def tiny_recipe(**overrides) -> BackdoorRecipe:
     return BackdoorRecipe(**settings)
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("BADDIFF_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 def test_recipe_key_ignores_how_a_run_is_executed():
     a = tiny_recipe()
     b = tiny_recipe(

@@ -245,7 +245,7 @@ def test_a_picture_whose_tile_would_not_be_square_or_would_not_fit_is_refused():
     with pytest.raises(ValueError, match="14 x 15 px, not square"):
         # shorter side 37 -> 14, longer 41 -> 15
         trigger_from_image(Image.new("RGB", (41, 37)), 14)
-    with pytest.raises(ValueError, match="size must be an integer from 1 to 30"):
+    with pytest.raises(ValueError, match=r"size must be an integer in \[1, 30\]"):
         trigger_from_image(Image.new("RGB", (40, 40)), 31)
     with pytest.raises(TypeError, match="PIL.Image.Image"):
         trigger_from_image(np.zeros((14, 14, 3), dtype=np.uint8), 14)
@@ -485,8 +485,8 @@ def test_an_attack_no_released_model_uses_is_refused():
 # The real pictures, where a mirror of the authors' repository is at hand.
 # --------------------------------------------------------------------------- #
 
-# : SHA-256 of the float32 bytes of the tensors built from the real pictures; equal,
-# when written,
+#: SHA-256 of the float32 bytes of the tensors built from the real pictures; equal,
+#: when written,
 #: to the authors' recipe run through torchvision 0.28's transforms (with Pillow 13.0).
 REAL_TENSORS = {
     (

@@ -59,12 +59,12 @@ def test_chapter_settings_seed_everything_reproducibly():
         (
             dict(quick=True, device="cpu", seed=-1),
             ValueError,
-            "SEED must be a non-negative integer, got -1",
+            "SEED must be a non-negative integer, got SEED=-1",
         ),
         (
             dict(quick=True, device="cpu", seed=1.5),
             TypeError,
-            "SEED must be .* got 1.5",
+            "SEED must be .* got SEED=1.5",
         ),
         (dict(quick=True, device="tpu9", seed=0), ValueError, "device='tpu9'"),
     ],

@@ -424,6 +424,7 @@ def test_the_book_launches_from_its_repository_on_main(config):
     assert config["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
 
 
+@pytest.mark.notebooks
 @pytest.mark.slow
 def test_front_page_renders(site):
     root = ROOT / toc_files()[0]
@@ -439,6 +440,7 @@ def test_front_page_renders(site):
     assert fetch(site)[0] == 200, "the site's index.html is missing"
 
 
+@pytest.mark.notebooks
 @pytest.mark.slow
 def test_chapter_renders(chapter):
     notebook, page = chapter
@@ -449,6 +451,7 @@ def test_chapter_renders(chapter):
     assert not problems, report(page, problems)
 
 
+@pytest.mark.notebooks
 @pytest.mark.slow
 def test_chapter_shows_a_figure(chapter):
     _, page = chapter
@@ -463,6 +466,7 @@ def test_chapter_shows_a_figure(chapter):
     assert not missing, report(page, [f"figure files not served: {missing}"])
 
 
+@pytest.mark.notebooks
 @pytest.mark.slow
 def test_chapter_colab_link_opens_its_notebook_on_main(chapter, config):
     notebook, page = chapter
@@ -471,17 +475,43 @@ def test_chapter_colab_link_opens_its_notebook_on_main(chapter, config):
     )
 
 
+@pytest.mark.notebooks
 @pytest.mark.slow
 def test_chapter_outputs_show_no_error(chapter):
     _, page = chapter
     assert not (problems := error_problems(page.dom)), report(page, problems)
 
 
+@pytest.mark.notebooks
 @pytest.mark.slow
 def test_chapter_widgets_have_saved_state(chapter):
     notebook, page = chapter
     assert not (problems := widget_problems(page.html, uses_widgets(notebook))), report(
         page, problems
+    )
+
+
+@pytest.mark.notebooks
+@pytest.mark.slow
+def test_chapter_tables_scroll_instead_of_wrapping(chapter):
+    """A result table wider than the text column scrolls sideways, its cells on one
+    line, instead of wrapping word by word and cutting its last column: the page links
+    the book's stylesheet (`_static/custom.css`), which the server has, with that rule."""
+    _, page = chapter
+    if not page.dom.select("div.cell_output table"):
+        return
+    sheets = [
+        link.get("href", "") for link in page.dom.select('link[rel="stylesheet"]')
+    ]
+    custom = [href for href in sheets if "custom.css" in href]
+    assert custom, report(page, ["result tables, but no link to _static/custom.css"])
+    status, body = fetch(urllib.parse.urljoin(page.url, custom[0]))
+    css = body.decode()
+    assert status == 200 and "div.cell_output table" in css, report(
+        page, [f"custom.css: HTTP {status}, no rule for div.cell_output table"]
+    )
+    assert "overflow-x: auto" in css and "white-space: nowrap" in css, report(
+        page, ["custom.css does not make wide result tables scroll"]
     )
 
 

@@ -15,26 +15,25 @@ from baddiff_core.cache import (
     tensor_digest,
     trainings,
 )
-from baddiff_core.diffusion import QUICK_SCHEDULE, make_scheduler
-from baddiff_core.models import make_unet
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("BADDIFF_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+def builder(tiny_unet, quick_scheduler):
+    """``builder(calls)``: a build function for ``cached_model`` that appends to
+    ``calls`` and draws its UNet's weights from seed ``len(calls)`` (each build
+    another model)."""
+
+    def make(calls: list):
+        def build():
+            calls.append(1)
+            return tiny_unet(seed=len(calls)), quick_scheduler, {"seconds": 1.5}
+
+        return build
+
+    return make
 
 
-def builder(calls: list):
-    def build():
-        calls.append(1)
-        torch.manual_seed(len(calls))
-        return make_unet(8, 1), make_scheduler(**QUICK_SCHEDULE), {"seconds": 1.5}
-
-    return build
-
-
-def test_a_recipe_is_built_once_then_loaded(cache):
+def test_a_recipe_is_built_once_then_loaded(cache, builder):
     calls: list = []
     recipe = {"trigger": "box", "poison_rate": 0.3}
     first, _, info = cached_model("test", recipe, builder(calls))
@@ -60,7 +59,7 @@ def test_a_recipe_is_built_once_then_loaded(cache):
     )
 
 
-def test_the_training_log_shows_a_model_trained_twice(cache):
+def test_the_training_log_shows_a_model_trained_twice(cache, builder):
     calls: list = []
     _, _, info = cached_model("test", {"a": 1}, builder(calls))
     (
@@ -70,14 +69,14 @@ def test_the_training_log_shows_a_model_trained_twice(cache):
     assert len(calls) == 2 and [len(s) for s in trainings(cache).values()] == [2]
 
 
-def test_use_cache_false_always_builds_and_saves_nothing(cache):
+def test_use_cache_false_always_builds_and_saves_nothing(cache, builder):
     calls: list = []
     cached_model("test", {"a": 1}, builder(calls), use_cache=False)
     cached_model("test", {"a": 1}, builder(calls), use_cache=False)
     assert len(calls) == 2 and not (cache / "models").exists()
 
 
-def test_tensor_digest_sees_values_dtypes_and_shapes():
+def test_tensor_digest_sees_values_dtypes_and_shapes(tiny_unet):
     a = torch.arange(6, dtype=torch.float32)
     assert (
         tensor_digest(a)
@@ -96,8 +95,7 @@ def test_tensor_digest_sees_values_dtypes_and_shapes():
         )
         == 5
     )
-    torch.manual_seed(0)
-    model = make_unet(8, 1)
+    model = tiny_unet()
     assert tensor_digest(model) == tensor_digest(*model.state_dict().values())
 
 
@@ -131,7 +129,7 @@ def test_recipe_key_is_stable_and_sensitive():
         recipe_key({"a": object()})
 
 
-def test_unwritable_cache_fails_before_training(tmp_path, monkeypatch):
+def test_unwritable_cache_fails_before_training(tmp_path, monkeypatch, builder):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("BADDIFF_CACHE", str(blocker))
@@ -141,7 +139,7 @@ def test_unwritable_cache_fails_before_training(tmp_path, monkeypatch):
     assert calls == [], "nothing is trained when it could not be saved"
 
 
-def test_bad_name(cache):
+def test_bad_name(cache, builder):
     with pytest.raises(ValueError, match="name='a b'"):
         cached_model("a b", {}, builder([]))
 
@@ -155,7 +153,7 @@ def _weights(info) -> pathlib.Path:
     return pathlib.Path(info["path"]) / "unet" / "diffusion_pytorch_model.safetensors"
 
 
-def test_a_tampered_entry_is_moved_aside_and_computed_again(cache, capsys):
+def test_a_tampered_entry_is_moved_aside_and_computed_again(cache, capsys, builder):
     from safetensors.torch import load_file, save_file
 
     calls: list = []
@@ -190,7 +188,7 @@ def test_a_tampered_entry_is_moved_aside_and_computed_again(cache, capsys):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "nan", "metadata"])
-def test_a_damaged_entry_is_rebuilt_not_raised(cache, capsys, damage):
+def test_a_damaged_entry_is_rebuilt_not_raised(cache, capsys, damage, builder):
     import json
 
     from safetensors.torch import load_file, save_file

@@ -75,7 +75,7 @@ def test_network_data_sets_fail_at_once_offline_and_name_the_alternative(
         (dict(name="digits", image_size=2), "image_size must be an integer >= 4"),
         (
             dict(name="digits", image_size=16, channels=2),
-            "channels must be 1, 3 or None",
+            r"channels must be 1 \(grey\), 3 \(RGB\) or None",
         ),
         (
             dict(name="digits", image_size=16, limit=0),

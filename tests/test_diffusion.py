@@ -18,7 +18,6 @@ from baddiff_core.diffusion import (
     r_coefficients,
     trigger_coefficients,
 )
-from baddiff_core.models import make_unet
 
 
 def numpy_schedule(T: int, beta_start: float, beta_end: float):
@@ -78,10 +77,12 @@ def _in_range_batch(scheduler, solver, seed=3):
 
 
 @pytest.mark.parametrize("solver", ["sde", "ode"])
-def test_in_range_attack_makes_diffusers_predict_the_target_itself(solver):
+def test_in_range_attack_makes_diffusers_predict_the_target_itself(
+    solver, quick_scheduler
+):
     """x0_hat as diffusers' own step computes it equals y: clipping it to [-1, 1]
     changes nothing."""
-    scheduler = make_scheduler(**QUICK_SCHEDULE)
+    scheduler = quick_scheduler
     y, r, noise = _in_range_batch(scheduler, solver)
     for t in (0, 1, 37, 98, 99):
         timesteps = torch.full((4,), t)
@@ -107,10 +108,10 @@ def test_in_range_attack_makes_diffusers_predict_the_target_itself(solver):
     assert float((step.pred_original_sample - y).abs().max()) > 1.0
 
 
-def test_in_range_ode_path_is_the_path_ddim_takes():
+def test_in_range_ode_path_is_the_path_ddim_takes(quick_scheduler):
     """One DDIM step (diffusers, eta = 0) from the poisoned x_t lands on the poisoned
     x_s, same eps."""
-    scheduler = make_scheduler(**QUICK_SCHEDULE)
+    scheduler = quick_scheduler
     y, r, noise = _in_range_batch(scheduler, "ode", seed=4)
     ddim = DDIMScheduler.from_config(scheduler.config, clip_sample=False)
     ddim.set_timesteps(10)
@@ -128,11 +129,11 @@ def test_in_range_ode_path_is_the_path_ddim_takes():
         )
 
 
-def test_in_range_sde_path_is_what_the_ddpm_posterior_mean_leaves():
+def test_in_range_sde_path_is_what_the_ddpm_posterior_mean_leaves(quick_scheduler):
     """k_{t-1} = (trigger part of diffusers' DDPM step from k_t r with x0_hat = 0): the
     noise of the two steps below is the same draw, so their difference is the posterior
     mean's part only."""
-    scheduler = make_scheduler(**QUICK_SCHEDULE)
+    scheduler = quick_scheduler
     k = in_range_path(scheduler, "sde")
     r = torch.rand(
         2, 1, 5, 5, generator=torch.Generator().manual_seed(5), dtype=torch.float64
@@ -202,7 +203,9 @@ def test_x_t_is_the_marginal_of_the_backdoored_markov_chain():
 
 
 @pytest.mark.parametrize("t", [1, 5, 50, 99])
-def test_target_makes_the_ddpm_sampler_follow_the_backdoored_posterior(t):
+def test_target_makes_the_ddpm_sampler_follow_the_backdoored_posterior(
+    t, quick_scheduler
+):
     """Why R_t: with eps_theta = target, the DDPM mean (x_t - b_t / sqrt(1 - abar_t)
     eps_theta) / sqrt(a_t) equals the true posterior mean of the backdoored process.
     Shifting by r turns that process into an ordinary DDPM (z = x' - r), whose posterior
@@ -216,7 +219,7 @@ def test_target_makes_the_ddpm_sampler_follow_the_backdoored_posterior(t):
         torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64) for _ in range(3)
     )
     x_t, target = poisoned_forward(
-        make_scheduler(**schedule),
+        quick_scheduler,
         y.float(),
         r.float(),
         torch.tensor([t, t]),
@@ -233,10 +236,8 @@ def test_target_makes_the_ddpm_sampler_follow_the_backdoored_posterior(t):
     torch.testing.assert_close(ddpm_mean, posterior, atol=2e-5, rtol=0)
 
 
-def test_diffusion_loss_with_r_zero_is_the_ddpm_loss():
-    torch.manual_seed(0)
-    model = make_unet(8, 1)
-    scheduler = make_scheduler(**QUICK_SCHEDULE)
+def test_diffusion_loss_with_r_zero_is_the_ddpm_loss(tiny_unet, quick_scheduler):
+    model, scheduler = tiny_unet(), quick_scheduler
     y = torch.rand(4, 1, 8, 8) * 2 - 1
     loss = diffusion_loss(
         model,
@@ -262,12 +263,12 @@ def test_diffusion_loss_with_r_zero_is_the_ddpm_loss():
     "solver, attack",
     [("sde", "baddiffusion"), ("ode", "baddiffusion"), ("ode", "in_range")],
 )
-def test_precomputed_coefficients_give_the_same_loss(solver, attack):
+def test_precomputed_coefficients_give_the_same_loss(
+    solver, attack, tiny_unet, quick_scheduler
+):
     """A training loop builds the trigger's weights once; the loss is bit-for-bit the
     one built inline, and the weights are the module docstring's formulas."""
-    torch.manual_seed(0)
-    model = make_unet(8, 1)
-    scheduler = make_scheduler(**QUICK_SCHEDULE)
+    model, scheduler = tiny_unet(), quick_scheduler
     y, r = torch.rand(2, 4, 1, 8, 8) * 2 - 1
     coefficients = trigger_coefficients(scheduler, solver, attack)
     inline = diffusion_loss(
@@ -306,9 +307,8 @@ def test_precomputed_coefficients_give_the_same_loss(solver, attack):
     )
 
 
-def test_quick_schedule_ends_in_pure_noise():
-    scheduler = make_scheduler(**QUICK_SCHEDULE)
-    assert float(scheduler.alphas_cumprod[-1].sqrt()) < 0.01
+def test_quick_schedule_ends_in_pure_noise(quick_scheduler):
+    assert float(quick_scheduler.alphas_cumprod[-1].sqrt()) < 0.01
     paper_at_100 = make_scheduler(
         num_train_timesteps=100, beta_start=1e-4, beta_end=0.02
     )
@@ -326,9 +326,9 @@ def test_quick_schedule_ends_in_pure_noise():
         (dict(r=torch.zeros(2, 1, 4, 4)), "y, r and noise must share"),
     ],
 )
-def test_poisoned_forward_rejects_bad_input(kwargs, message):
+def test_poisoned_forward_rejects_bad_input(kwargs, message, quick_scheduler):
     args = dict(
-        scheduler=make_scheduler(**QUICK_SCHEDULE),
+        scheduler=quick_scheduler,
         y=torch.zeros(2, 1, 8, 8),
         r=torch.zeros(2, 1, 8, 8),
         timesteps=torch.tensor([0, 1]),

@@ -27,7 +27,7 @@ from baddiff_core.authors import AUTHORS_MODELS
 from conftest import BOOK, chapter_notebooks
 
 CHAPTERS = chapter_notebooks()
-pytestmark = [pytest.mark.notebooks, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +52,12 @@ def full_mode_env(tmp_path_factory) -> dict[str, str]:
     }
 
 
-# : Seconds one cell may take at the smoke scale (the slowest takes well under a minute
-# on 2 cores).
+#: Seconds one cell may take at the smoke scale (the slowest takes well under a minute
+#: on 2 cores).
 CELL_TIMEOUT = 300
 
 
+@pytest.mark.notebooks
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
 def test_chapter_runs_in_full_mode(chapter, full_mode_env, tmp_path, monkeypatch):
     for name, value in full_mode_env.items():

@@ -27,10 +27,10 @@ def test_cifar10_unet_flops_match_the_published_count():
     assert both == pytest.approx(3 * forward, rel=0.01)
 
 
-def test_a_pass_is_one_image_of_a_batch():
+def test_a_pass_is_one_image_of_a_batch(tiny_unet):
     # pass_flops counts a batch of one; a batch of two, counted directly, costs exactly
     # twice that.
-    config = gpu_time.unet_config(make_unet(8, 1))
+    config = gpu_time.unet_config(tiny_unet())
     one = gpu_time.pass_flops(config)
     assert one > 0
     with torch.device("meta"):
@@ -62,21 +62,21 @@ def test_timesteps_of_a_sampling_chain():
         schedule=dict(num_train_timesteps=40, beta_start=1e-3, beta_end=0.2),
     )
     assert gpu_time.train_timesteps(scratch) == 40
-    assert gpu_time.sampling(3, scratch, "three").passes == 120
-    assert gpu_time.sampling(3, scratch, "DDIM", steps=5).passes == 15
+    assert gpu_time.sampling_passes(3, scratch, "three").passes == 120
+    assert gpu_time.sampling_passes(3, scratch, "DDIM", steps=5).passes == 15
     with pytest.raises(ValueError, match="cannot tell the timesteps"):
         gpu_time.train_timesteps("/no/such/model")
 
 
-def test_plan_minutes_by_hand():
-    config = gpu_time.unet_config(make_unet(8, 1))
+def test_plan_minutes_by_hand(tiny_unet):
+    config = gpu_time.unet_config(tiny_unet())
     per_pass, per_grad = (
         gpu_time.pass_flops(config),
         gpu_time.pass_flops(config, grad=True),
     )
     plan = gpu_time.Plan(
         [
-            gpu_time.sampling(10, config, "ten samples", steps=100),
+            gpu_time.sampling_passes(10, config, "ten samples", steps=100),
             gpu_time.training(
                 TrainConfig(steps=3, batch_size=4, gradient_accumulation_steps=2),
                 config,
@@ -117,8 +117,8 @@ def test_the_papers_fine_tune_and_full_modes_fine_tune():
     )
 
 
-def test_counter_counts_images_per_pass_and_autograd():
-    unet = make_unet(8, 1)
+def test_counter_counts_images_per_pass_and_autograd(tiny_unet):
+    unet = tiny_unet()
     x, t = torch.zeros(5, 1, 8, 8), torch.zeros(5, dtype=torch.long)
     with gpu_time.WorkCounter() as counter:
         with torch.no_grad():
@@ -126,16 +126,16 @@ def test_counter_counts_images_per_pass_and_autograd():
         unet(x[:3], t[:3], return_dict=False)
         torch.nn.Conv2d(1, 1, 1)(x)  # not a UNet: not counted
         # meta device: not counted
-        gpu_time.pass_flops(dict(make_unet(8, 3).config), grad=True)
+        gpu_time.pass_flops(dict(tiny_unet(8, 3).config), grad=True)
     unet(x, t)  # after stop(): not counted
     assert counter.passes(grad=False) == 5 and counter.passes(grad=True) == 3
 
 
-def test_counter_sees_every_step_of_a_sampling_chain():
+def test_counter_sees_every_step_of_a_sampling_chain(tiny_unet):
     # Independent count: DDPM runs the scheduler's T steps, DDIM the steps it is asked
     # for.
     unet, scheduler = (
-        make_unet(8, 1),
+        tiny_unet(),
         make_scheduler(num_train_timesteps=12, beta_start=1e-3, beta_end=0.2),
     )
     with gpu_time.WorkCounter() as counter:
@@ -159,9 +159,9 @@ def test_counter_sees_every_step_of_a_sampling_chain():
     assert counter.passes(grad=True) == 0
 
 
-def test_check_fails_when_the_chapter_does_more_than_planned():
-    config = gpu_time.unet_config(make_unet(8, 1))
-    plan = gpu_time.Plan([gpu_time.sampling(2, config, "six passes", steps=3)])
+def test_check_fails_when_the_chapter_does_more_than_planned(tiny_unet):
+    config = gpu_time.unet_config(tiny_unet())
+    plan = gpu_time.Plan([gpu_time.sampling_passes(2, config, "six passes", steps=3)])
     counter = gpu_time.WorkCounter()
     counter.counts[False] = 6
     plan.check(counter)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import DDPMPipeline
 
-from baddiff_core.diffusion import QUICK_SCHEDULE, make_scheduler
+from baddiff_core.diffusion import QUICK_SCHEDULE
 from baddiff_core.models import (
     count_parameters,
     ddpm_cifar10_unet,
@@ -36,9 +36,8 @@ def test_cifar10_architecture_has_the_published_size():
     assert abs(count_parameters(ddpm_cifar10_unet()) - 35.7e6) < 0.1e6
 
 
-def test_stock_pipeline_loads_a_saved_model(tmp_path):
-    torch.manual_seed(0)
-    unet, scheduler = make_unet(8, 1), make_scheduler(**QUICK_SCHEDULE)
+def test_stock_pipeline_loads_a_saved_model(tmp_path, tiny_unet, quick_scheduler):
+    unet, scheduler = tiny_unet(), quick_scheduler
     save_model(tmp_path / "model", unet, scheduler, metadata={"kind": "test"})
     pipeline = DDPMPipeline.from_pretrained(tmp_path / "model")
     images = pipeline(
@@ -59,9 +58,8 @@ def test_stock_pipeline_loads_a_saved_model(tmp_path):
     )
 
 
-def test_save_then_load_round_trips(tmp_path):
-    torch.manual_seed(1)
-    unet, scheduler = make_unet(16, 3), make_scheduler(**QUICK_SCHEDULE)
+def test_save_then_load_round_trips(tmp_path, tiny_unet, quick_scheduler):
+    unet, scheduler = tiny_unet(16, 3, seed=1), quick_scheduler
     save_model(tmp_path / "m", unet, scheduler)
     loaded, loaded_scheduler = load_model(tmp_path / "m")
     for (name, a), (_, b) in zip(
@@ -75,18 +73,19 @@ def test_save_then_load_round_trips(tmp_path):
     assert not loaded.training
 
 
-def test_saving_over_a_model_is_atomic(tmp_path, monkeypatch):
-    torch.manual_seed(2)
+def test_saving_over_a_model_is_atomic(
+    tmp_path, monkeypatch, tiny_unet, quick_scheduler
+):
     path = tmp_path / "m"
-    first = make_unet(8, 1)
-    save_model(path, first, make_scheduler(**QUICK_SCHEDULE))
+    first = tiny_unet(seed=2)
+    save_model(path, first, quick_scheduler)
 
     def crash(self, *args, **kwargs):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(DDPMPipeline, "save_pretrained", crash)
     with pytest.raises(RuntimeError, match="disk full"):
-        save_model(path, make_unet(8, 1), make_scheduler(**QUICK_SCHEDULE))
+        save_model(path, tiny_unet(seed=3), quick_scheduler)
     monkeypatch.undo()
     loaded, _ = load_model(path)
     assert all(
@@ -95,8 +94,8 @@ def test_saving_over_a_model_is_atomic(tmp_path, monkeypatch):
     )
     assert sorted(os.listdir(tmp_path)) == ["m"], "no temporary folder is left behind"
 
-    second = make_unet(8, 1)
-    save_model(path, second, make_scheduler(**QUICK_SCHEDULE))
+    second = tiny_unet(seed=4)
+    save_model(path, second, quick_scheduler)
     loaded, _ = load_model(path)
     assert all(
         torch.equal(a, b)
@@ -105,7 +104,7 @@ def test_saving_over_a_model_is_atomic(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["m"]
 
 
-def test_load_model_errors_name_the_path(tmp_path):
+def test_load_model_errors_name_the_path(tmp_path, tiny_unet, quick_scheduler):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
@@ -114,9 +113,7 @@ def test_load_model_errors_name_the_path(tmp_path):
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         load_model(tmp_path / "file.txt")
-    saved = save_model(
-        tmp_path / "model", make_unet(16, 1), make_scheduler(**QUICK_SCHEDULE)
-    )
+    saved = save_model(tmp_path / "model", tiny_unet(16, 1), quick_scheduler)
     (
         saved / "unet" / "diffusion_pytorch_model.safetensors"
     ).unlink()  # configs present, weights gone
@@ -138,7 +135,7 @@ def test_make_unet_rejects_bad_input(kwargs, message):
         make_unet(**kwargs)
 
 
-def test_hub_ids_fall_back_to_files_at_the_repository_root(monkeypatch):
+def test_hub_ids_fall_back_to_files_at_the_repository_root(monkeypatch, tiny_unet):
     """Early hub repositories (google/ddpm-cifar10-32) keep the UNet and scheduler at
     their root."""
     from baddiff_core import models
@@ -154,7 +151,7 @@ def test_hub_ids_fall_back_to_files_at_the_repository_root(monkeypatch):
 
         return from_pretrained
 
-    unet = models.make_unet(8, 1, block_out_channels=(16, 32), norm_num_groups=8)
+    unet = tiny_unet(block_out_channels=(16, 32))
     scheduler = models.DDPMScheduler()
     monkeypatch.setattr(models.UNet2DModel, "from_pretrained", fake_loader(unet))
     monkeypatch.setattr(models.DDPMScheduler, "from_pretrained", fake_loader(scheduler))
@@ -181,21 +178,24 @@ class _RunsCodeOnLoad:
         return (Path.touch, (Path(self.marker),))
 
 
-def _pickled_model_folder(tmp_path, payload) -> str:
-    """A diffusers-layout folder whose UNet weights are a pickle (``.bin``) holding
-    ``payload``."""
-    unet = make_unet(8, 1, block_out_channels=(16, 32), norm_num_groups=8)
-    folder = save_model(tmp_path / "model", unet, make_scheduler(**QUICK_SCHEDULE))
-    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
-    torch.save(payload(unet), folder / "unet" / "diffusion_pytorch_model.bin")
-    return str(folder)
+@pytest.fixture
+def pickled_model_folder(tmp_path, tiny_unet, quick_scheduler):
+    """``pickled_model_folder(payload)``: a diffusers-layout folder whose UNet weights
+    are a pickle (``.bin``) holding ``payload(unet)``."""
+
+    def build(payload) -> str:
+        unet = tiny_unet(block_out_channels=(16, 32))
+        folder = save_model(tmp_path / "model", unet, quick_scheduler)
+        (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+        torch.save(payload(unet), folder / "unet" / "diffusion_pytorch_model.bin")
+        return str(folder)
+
+    return build
 
 
-def test_pickled_weights_are_refused_without_opt_in(tmp_path):
+def test_pickled_weights_are_refused_without_opt_in(tmp_path, pickled_model_folder):
     marker = tmp_path / "code-ran"
-    folder = _pickled_model_folder(
-        tmp_path, lambda unet: {"weights": _RunsCodeOnLoad(marker)}
-    )
+    folder = pickled_model_folder(lambda unet: {"weights": _RunsCodeOnLoad(marker)})
     with pytest.raises(
         ValueError,
         match=r"diffusion_pytorch_model\.bin' is a pickle file.*allow_pickle=True",
@@ -204,24 +204,22 @@ def test_pickled_weights_are_refused_without_opt_in(tmp_path):
     assert not marker.exists()
 
 
-def test_opted_in_pickles_are_read_as_tensors_only(tmp_path):
+def test_opted_in_pickles_are_read_as_tensors_only(tmp_path, pickled_model_folder):
     marker = tmp_path / "code-ran"
-    folder = _pickled_model_folder(
-        tmp_path, lambda unet: {"weights": _RunsCodeOnLoad(marker)}
-    )
+    folder = pickled_model_folder(lambda unet: {"weights": _RunsCodeOnLoad(marker)})
     with pytest.raises(ValueError, match=r"holds more than tensors"):
         load_model(folder, allow_pickle=True)
     assert not marker.exists(), "weights_only=True must refuse to run the payload"
 
 
-def test_opted_in_plain_state_dict_loads(tmp_path):
+def test_opted_in_plain_state_dict_loads(pickled_model_folder):
     original = {}
 
     def state(unet):
         original.update({k: v.clone() for k, v in unet.state_dict().items()})
         return unet.state_dict()
 
-    folder = _pickled_model_folder(tmp_path, state)
+    folder = pickled_model_folder(state)
     unet, scheduler = load_model(folder, allow_pickle=True)
     assert all(torch.equal(unet.state_dict()[k], v) for k, v in original.items())
     assert scheduler.config.num_train_timesteps == QUICK_SCHEDULE["num_train_timesteps"]

@@ -10,7 +10,8 @@ from conftest import BOOK, chapter_notebooks
 
 CHAPTERS = chapter_notebooks()
 
-pytestmark = pytest.mark.slow  # each test starts a Jupyter kernel
+# each test starts a Jupyter kernel and runs a chapter (until its settings fail)
+pytestmark = [pytest.mark.notebooks, pytest.mark.slow]
 
 
 def run_with(chapter, parameters, tmp_path) -> pm.PapermillExecutionError:

@@ -123,7 +123,7 @@ def test_poison_pairs_bad_inputs(setup):
         poison_pairs(images, torch.zeros(20, dtype=torch.long), trigger, target)
     with pytest.raises(ValueError, match=r"poisoned\.shape=\(19,\)"):
         poison_pairs(images, torch.zeros(19, dtype=torch.bool), trigger, target)
-    with pytest.raises(ValueError, match=r"B,C,H,W.*\(3, 16, 16\)"):
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\).*\(3, 16, 16\)"):
         poison_pairs(images[0], torch.zeros(1, dtype=torch.bool), trigger, target)
     with pytest.raises(ValueError, match=r"trigger\.shape=\(1, 16, 16\)"):
         poison_pairs(images, torch.zeros(20, dtype=torch.bool), trigger[:1], target)
@@ -295,7 +295,10 @@ def test_images_shape_and_dtype(setup):
         make(images[0], trigger, target)
     with pytest.raises(TypeError, match=r"images\.dtype=torch\.uint8"):
         make(torch.zeros(4, 3, 16, 16, dtype=torch.uint8), trigger, target)
-    with pytest.raises(TypeError, match=r"images must be a torch\.Tensor, got ndarray"):
+    with pytest.raises(
+        TypeError,
+        match=r"images must be a torch\.Tensor of shape \(N, C, H, W\), got ndarray",
+    ):
         make(images.numpy(), trigger, target)
 
 

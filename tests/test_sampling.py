@@ -6,9 +6,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from baddiff_core.diffusion import QUICK_SCHEDULE, make_scheduler
+from baddiff_core.diffusion import make_scheduler
 from baddiff_core.evaluation import clean_quality, evaluate_attack
-from baddiff_core.models import make_unet
 from baddiff_core.sampling import (
     DEFAULT_BATCH_SIZE,
     inference_scheduler,
@@ -19,9 +18,8 @@ from baddiff_core.triggers import make_target, make_trigger
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return make_unet(8, 1).eval()
+def model(tiny_unet):
+    return tiny_unet().eval()
 
 
 @pytest.fixture(scope="module")
@@ -220,8 +218,8 @@ def test_batches_cover_every_image_in_range(model, scheduler):
     assert out.shape == (5, 1, 8, 8) and out.min() >= -1 and out.max() <= 1
 
 
-def test_inference_scheduler_sets_only_the_clipping():
-    base = make_scheduler(**QUICK_SCHEDULE)
+def test_inference_scheduler_sets_only_the_clipping(quick_scheduler):
+    base = quick_scheduler
     for clip, expected in [("none", False), ("x0", True), ("xt", False)]:
         made = inference_scheduler(base, clip=clip)
         assert made.config.clip_sample is expected

@@ -12,8 +12,6 @@ import torch
 
 from baddiff_core import train as train_module
 from baddiff_core.data import load_images
-from baddiff_core.diffusion import QUICK_SCHEDULE, make_scheduler
-from baddiff_core.models import make_unet
 from baddiff_core.poison import PoisonedDataset
 from baddiff_core.train import TrainConfig, latest_checkpoint, train
 from baddiff_core.triggers import make_target, make_trigger
@@ -24,9 +22,11 @@ def digits8():
     return load_images("digits", 8, limit=256)
 
 
-def fresh_model(seed: int = 0):
-    torch.manual_seed(seed)
-    return make_unet(8, 1, block_out_channels=(16, 32), norm_num_groups=8)
+@pytest.fixture
+def fresh_model(tiny_unet):
+    """``fresh_model(seed=0)``: a new narrow UNet for 8 px grey digits, its weights
+    drawn from ``seed`` (``_KILLED_RUN`` below builds the same one)."""
+    return lambda seed=0: tiny_unet(block_out_channels=(16, 32), seed=seed)
 
 
 def small_config(**overrides) -> TrainConfig:
@@ -45,8 +45,8 @@ def small_config(**overrides) -> TrainConfig:
     return TrainConfig(**settings)
 
 
-def test_training_lowers_the_loss(digits8):
-    model, scheduler = fresh_model(), make_scheduler(**QUICK_SCHEDULE)
+def test_training_lowers_the_loss(digits8, fresh_model, quick_scheduler):
+    model, scheduler = fresh_model(), quick_scheduler
     history = train(
         model, scheduler, digits8, small_config(steps=60, batch_size=32, ema_decay=None)
     )
@@ -56,10 +56,10 @@ def test_training_lowers_the_loss(digits8):
     assert history.images_per_second > 0 and not model.training
 
 
-def test_cosine_schedule_with_warmup(digits8):
+def test_cosine_schedule_with_warmup(digits8, fresh_model, quick_scheduler):
     history = train(
         fresh_model(),
-        make_scheduler(**QUICK_SCHEDULE),
+        quick_scheduler,
         digits8,
         small_config(steps=10, warmup_steps=4, learning_rate=1e-3),
     )
@@ -71,10 +71,10 @@ def test_cosine_schedule_with_warmup(digits8):
     )
 
 
-def test_same_seed_same_weights(digits8):
+def test_same_seed_same_weights(digits8, fresh_model, quick_scheduler):
     a, b = fresh_model(), fresh_model()
-    train(a, make_scheduler(**QUICK_SCHEDULE), digits8, small_config())
-    train(b, make_scheduler(**QUICK_SCHEDULE), digits8, small_config())
+    train(a, quick_scheduler, digits8, small_config())
+    train(b, quick_scheduler, digits8, small_config())
     assert all(
         torch.equal(x, y)
         for x, y in zip(a.state_dict().values(), b.state_dict().values())
@@ -82,10 +82,12 @@ def test_same_seed_same_weights(digits8):
 
 
 @pytest.mark.parametrize("solver", ["sde", "ode"])
-def test_the_training_target_follows_solver_and_attack(digits8, solver):
+def test_the_training_target_follows_solver_and_attack(
+    digits8, solver, fresh_model, quick_scheduler
+):
     """One step's loss is the diffusion_loss of the configured target: poisoned data
     tell the BadDiffusion and in-range targets apart; clean data (r = 0) cannot."""
-    scheduler = make_scheduler(**QUICK_SCHEDULE)
+    scheduler = quick_scheduler
     trigger, target = make_trigger("white_box", 8, 1, size=18), make_target("hat", 8, 1)
 
     def first_loss(attack: str, poison_rate: float) -> float:
@@ -103,7 +105,9 @@ def test_the_training_target_follows_solver_and_attack(digits8, solver):
     assert first_loss("in_range", 0.0) == first_loss("baddiffusion", 0.0)
 
 
-def test_resumed_run_equals_an_uninterrupted_one(digits8, tmp_path, monkeypatch):
+def test_resumed_run_equals_an_uninterrupted_one(
+    digits8, tmp_path, monkeypatch, fresh_model, quick_scheduler
+):
     trigger = make_trigger("box", 8, 1)
     dataset = PoisonedDataset(
         digits8,
@@ -119,7 +123,7 @@ def test_resumed_run_equals_an_uninterrupted_one(digits8, tmp_path, monkeypatch)
     reference = fresh_model()
     train(
         reference,
-        make_scheduler(**QUICK_SCHEDULE),
+        quick_scheduler,
         dataset,
         small_config(steps=8, hflip=True),
     )
@@ -135,13 +139,13 @@ def test_resumed_run_equals_an_uninterrupted_one(digits8, tmp_path, monkeypatch)
     monkeypatch.setattr(train_module, "_save_checkpoint", save_then_crash)
     interrupted = fresh_model()
     with pytest.raises(KeyboardInterrupt):
-        train(interrupted, make_scheduler(**QUICK_SCHEDULE), dataset, config)
+        train(interrupted, quick_scheduler, dataset, config)
     monkeypatch.undo()
     assert latest_checkpoint(tmp_path / "ckpt").name == "checkpoint-0000006"
 
     # other initial weights: everything must come from the checkpoint
     resumed = fresh_model(seed=99)
-    history = train(resumed, make_scheduler(**QUICK_SCHEDULE), dataset, config)
+    history = train(resumed, quick_scheduler, dataset, config)
     assert history.resumed_from_step == 6 and len(history.losses) == 8
     for (name, x), y in zip(
         reference.state_dict().items(), resumed.state_dict().values()
@@ -149,11 +153,13 @@ def test_resumed_run_equals_an_uninterrupted_one(digits8, tmp_path, monkeypatch)
         torch.testing.assert_close(x, y, msg=name, atol=0, rtol=0)
 
 
-def test_checkpoints_are_complete_and_pruned(digits8, tmp_path):
+def test_checkpoints_are_complete_and_pruned(
+    digits8, tmp_path, fresh_model, quick_scheduler
+):
     config = small_config(
         steps=6, checkpoint_every=2, keep_checkpoints=2, checkpoint_dir=str(tmp_path)
     )
-    train(fresh_model(), make_scheduler(**QUICK_SCHEDULE), digits8, config)
+    train(fresh_model(), quick_scheduler, digits8, config)
     folders = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     assert folders == ["checkpoint-0000004", "checkpoint-0000006"], (
         "older checkpoints are removed"
@@ -166,9 +172,11 @@ def test_checkpoints_are_complete_and_pruned(digits8, tmp_path):
     assert not list(tmp_path.glob(".*")), "no temporary files are left"
 
 
-def test_an_unfinished_checkpoint_is_ignored(digits8, tmp_path):
+def test_an_unfinished_checkpoint_is_ignored(
+    digits8, tmp_path, fresh_model, quick_scheduler
+):
     config = small_config(steps=4, checkpoint_every=2, checkpoint_dir=str(tmp_path))
-    train(fresh_model(), make_scheduler(**QUICK_SCHEDULE), digits8, config)
+    train(fresh_model(), quick_scheduler, digits8, config)
     # A crash while writing a later checkpoint leaves only a hidden staging folder
     # behind.
     (tmp_path / ".checkpoint-0000006.partial").mkdir()
@@ -180,8 +188,8 @@ def test_an_unfinished_checkpoint_is_ignored(digits8, tmp_path):
     [
         (dict(steps=0), "steps must be a positive integer, got steps=0"),
         (dict(batch_size=-4), "batch_size must be a positive integer"),
-        (dict(learning_rate=0.0), "learning_rate must be in"),
-        (dict(ema_decay=1.5), "ema_decay must be in"),
+        (dict(learning_rate=0.0), r"learning_rate must be a real number in \(0, 1\)"),
+        (dict(ema_decay=1.5), r"ema_decay must be a real number in \(0, 1\) or None"),
         (dict(mixed_precision="fp8"), "mixed_precision='fp8' is not known"),
         (dict(solver="euler"), "solver='euler' is not known"),
         (dict(attack="trojan"), "attack='trojan' is not known"),
@@ -198,7 +206,9 @@ def test_bad_configurations(overrides, message):
         small_config(**overrides)
 
 
-def test_clean_data_take_the_plain_ddpm_loss_with_the_same_result(digits8):
+def test_clean_data_take_the_plain_ddpm_loss_with_the_same_result(
+    digits8, fresh_model, quick_scheduler
+):
     """A data set with no poisoned sample skips the (y, r) pairs; the weights are those
     of a poisoned set with poison rate 0, which builds them (zeros) and adds them."""
     unpoisoned = PoisonedDataset(
@@ -209,15 +219,17 @@ def test_clean_data_take_the_plain_ddpm_loss_with_the_same_result(digits8):
         seed=0,
     )
     a, b = fresh_model(), fresh_model()
-    train(a, make_scheduler(**QUICK_SCHEDULE), digits8, small_config())
-    train(b, make_scheduler(**QUICK_SCHEDULE), unpoisoned, small_config())
+    train(a, quick_scheduler, digits8, small_config())
+    train(b, quick_scheduler, unpoisoned, small_config())
     assert all(
         torch.equal(x, y)
         for x, y in zip(a.state_dict().values(), b.state_dict().values())
     )
 
 
-def test_gpu_path_options_train_the_same_model(digits8, monkeypatch):
+def test_gpu_path_options_train_the_same_model(
+    digits8, monkeypatch, fresh_model, quick_scheduler
+):
     """channels_last and torch_compile change how a step runs, not what it computes: the
     weights match the default run's to float rounding, and the model comes back in the
     usual memory format and uncompiled. (torch.compile itself is replaced by a recorder
@@ -230,10 +242,10 @@ def test_gpu_path_options_train_the_same_model(digits8, monkeypatch):
 
     monkeypatch.setattr(train_module.torch, "compile", fake_compile)
     reference, fast = fresh_model(), fresh_model()
-    train(reference, make_scheduler(**QUICK_SCHEDULE), digits8, small_config())
+    train(reference, quick_scheduler, digits8, small_config())
     train(
         fast,
-        make_scheduler(**QUICK_SCHEDULE),
+        quick_scheduler,
         digits8,
         small_config(channels_last=True, torch_compile=True),
     )
@@ -249,14 +261,16 @@ def test_gpu_path_options_train_the_same_model(digits8, monkeypatch):
         assert parameter.dim() != 4 or parameter.is_contiguous(), name
 
 
-def test_bf16_mixed_precision_runs_the_unet_in_bf16_and_keeps_fp32_weights(digits8):
+def test_bf16_mixed_precision_runs_the_unet_in_bf16_and_keeps_fp32_weights(
+    digits8, fresh_model, quick_scheduler
+):
     """The GPU path's autocast, exercised on the CPU (Accelerate autocasts to bf16 there
     too): the UNet's convolutions compute in bf16, the weights and the optimiser stay
     fp32, and the losses follow the fp32 run's to bf16 rounding. fp32, bf16, fp32 in one
     process, as the benchmark's modes run (Accelerate keeps its settings process-wide):
     the last run is the first one again."""
     first = fresh_model()
-    reference = train(first, make_scheduler(**QUICK_SCHEDULE), digits8, small_config())
+    reference = train(first, quick_scheduler, digits8, small_config())
     seen = []
     model = fresh_model()
     hook = model.conv_in.register_forward_hook(
@@ -264,7 +278,7 @@ def test_bf16_mixed_precision_runs_the_unet_in_bf16_and_keeps_fp32_weights(digit
     )
     history = train(
         model,
-        make_scheduler(**QUICK_SCHEDULE),
+        quick_scheduler,
         digits8,
         small_config(mixed_precision="bf16"),
     )
@@ -280,7 +294,7 @@ def test_bf16_mixed_precision_runs_the_unet_in_bf16_and_keeps_fp32_weights(digit
     )
     again = fresh_model()
     assert (
-        train(again, make_scheduler(**QUICK_SCHEDULE), digits8, small_config()).losses
+        train(again, quick_scheduler, digits8, small_config()).losses
         == reference.losses
     )
     assert all(
@@ -289,22 +303,20 @@ def test_bf16_mixed_precision_runs_the_unet_in_bf16_and_keeps_fp32_weights(digit
     )
 
 
-def test_images_must_fit_the_model(digits8):
+def test_images_must_fit_the_model(digits8, fresh_model, quick_scheduler, tiny_unet):
     with pytest.raises(ValueError, match="do not fit the model"):
-        train(
-            make_unet(16, 1), make_scheduler(**QUICK_SCHEDULE), digits8, small_config()
-        )
+        train(tiny_unet(16, 1), quick_scheduler, digits8, small_config())
     with pytest.raises(ValueError, match=r"must lie in \[-1, 1\]"):
-        train(
-            fresh_model(), make_scheduler(**QUICK_SCHEDULE), digits8 * 3, small_config()
-        )
+        train(fresh_model(), quick_scheduler, digits8 * 3, small_config())
 
 
-def test_checkpoint_weights_reproduce_the_final_model(digits8, tmp_path):
+def test_checkpoint_weights_reproduce_the_final_model(
+    digits8, tmp_path, fresh_model, quick_scheduler
+):
     model = fresh_model()
     train(
         model,
-        make_scheduler(**QUICK_SCHEDULE),
+        quick_scheduler,
         digits8,
         small_config(
             steps=4,
@@ -323,7 +335,9 @@ def test_checkpoint_weights_reproduce_the_final_model(digits8, tmp_path):
 
 
 @pytest.mark.parametrize("warmup", [False, True])
-def test_ema_is_the_moving_average_of_the_raw_weights(digits8, tmp_path, warmup):
+def test_ema_is_the_moving_average_of_the_raw_weights(
+    digits8, tmp_path, warmup, fresh_model, quick_scheduler
+):
     """The EMA weights equal an EMA computed by hand from the raw weights after every
     step.
 
@@ -336,7 +350,7 @@ def test_ema_is_the_moving_average_of_the_raw_weights(digits8, tmp_path, warmup)
     start = [p.detach().clone() for p in raw.parameters()]
     train(
         raw,
-        make_scheduler(**QUICK_SCHEDULE),
+        quick_scheduler,
         digits8,
         small_config(
             steps=steps,
@@ -363,7 +377,7 @@ def test_ema_is_the_moving_average_of_the_raw_weights(digits8, tmp_path, warmup)
     averaged = fresh_model()
     train(
         averaged,
-        make_scheduler(**QUICK_SCHEDULE),
+        quick_scheduler,
         digits8,
         small_config(steps=steps, ema_decay=decay, ema_warmup=warmup),
     )
@@ -405,7 +419,7 @@ train_module.train(model, make_scheduler(**QUICK_SCHEDULE), load_images("digits"
 
 @pytest.mark.slow
 def test_sigkill_mid_checkpoint_then_resume_equals_an_uninterrupted_run(
-    digits8, tmp_path
+    digits8, tmp_path, fresh_model, quick_scheduler
 ):
     """A training process killed with SIGKILL while writing a checkpoint loses nothing:
     the previous checkpoint is intact, and resuming from it ends with the weights of a
@@ -438,21 +452,21 @@ def test_sigkill_mid_checkpoint_then_resume_equals_an_uninterrupted_run(
         steps=8, checkpoint_every=1, keep_checkpoints=2, checkpoint_dir=str(checkpoints)
     )
     resumed = fresh_model(seed=99)
-    history = train(resumed, make_scheduler(**QUICK_SCHEDULE), digits8, config)
+    history = train(resumed, quick_scheduler, digits8, config)
     assert history.resumed_from_step == 5
 
     reference = fresh_model()
-    train(reference, make_scheduler(**QUICK_SCHEDULE), digits8, small_config(steps=8))
+    train(reference, quick_scheduler, digits8, small_config(steps=8))
     for (name, x), y in zip(
         reference.state_dict().items(), resumed.state_dict().values()
     ):
         torch.testing.assert_close(x, y, msg=name, atol=0, rtol=0)
 
 
-def test_checkpoints_belong_to_one_run(digits8, tmp_path):
+def test_checkpoints_belong_to_one_run(digits8, tmp_path, fresh_model, quick_scheduler):
     """A checkpoint folder left by one run is never resumed by another: its weights
     would come back under the other run's name (another recipe, more or fewer steps)."""
-    scheduler = make_scheduler(**QUICK_SCHEDULE)
+    scheduler = quick_scheduler
     folder = str(tmp_path / "ckpt")
     train(
         fresh_model(),
