@@ -39,6 +39,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from baddiff_core.cache import cached_model, checkpoint_folder, recipe_key
+from baddiff_core.checks import check_type
 from baddiff_core.data import load_images
 from baddiff_core.devices import resolve_device
 from baddiff_core.diffusion import QUICK_SCHEDULE, make_scheduler
@@ -56,8 +57,8 @@ __all__ = [
     "plant_backdoor",
 ]
 
-# : Quick mode's fine-tune of the shipped clean model (CPU, about a minute and a half on
-# 2 cores).
+#: Quick mode's fine-tune of the shipped clean model (CPU, about a minute and a half on
+#: 2 cores).
 QUICK_FINETUNE = TrainConfig(
     steps=800,
     batch_size=64,
@@ -68,8 +69,8 @@ QUICK_FINETUNE = TrainConfig(
     log_every=25,
 )
 
-# : The shorter fine-tune that chapters 4-9 share (300 steps, cosine decay): one cache
-# entry per recipe.
+#: The shorter fine-tune that chapters 4-9 share (300 steps, cosine decay): one cache
+#: entry per recipe.
 QUICK_SHORT_FINETUNE = dataclasses.replace(
     QUICK_FINETUNE, steps=300, warmup_steps=50, lr_schedule="cosine"
 )
@@ -118,10 +119,7 @@ class BackdoorRecipe:
                     f"base='shipped' is a {wanted[1]} px, {wanted[2]}-channel {wanted[0]} model, got "
                     f"dataset={self.dataset!r}, image_size={self.image_size}, channels={self.channels}"
                 )
-        if not isinstance(self.train, TrainConfig):
-            raise TypeError(
-                f"train must be a TrainConfig, got {type(self.train).__name__}"
-            )
+        check_type("train", self.train, TrainConfig)
         self.trigger_image()  # validates trigger, size and image size
         self.target_image()
 
@@ -151,6 +149,18 @@ class BackdoorRecipe:
         2.6 epochs, where the paper trains 50). The paper's exact recipe stays
         :meth:`paper`."""
         return cls.paper(**{"train": TrainConfig.colab_finetune(), **overrides})
+
+    def with_seed(self, seed: int) -> BackdoorRecipe:
+        """This recipe trained with another seed (``train.seed``): another model of
+        the same kind, under another cache key."""
+        return self.with_train(seed=seed)
+
+    def with_train(self, **changes: Any) -> BackdoorRecipe:
+        """This recipe with some of its training settings changed, e.g.
+        ``recipe.with_train(solver="ode", steps=100)``."""
+        return dataclasses.replace(
+            self, train=dataclasses.replace(self.train, **changes)
+        )
 
     def trigger_image(self) -> torch.Tensor:
         """The trigger, ``C,H,W`` in [-1, 1] (-1 = transparent)."""

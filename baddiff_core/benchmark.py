@@ -43,11 +43,11 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from baddiff_core.cache import trainings
-from baddiff_core.checks import check_positive_int
+from baddiff_core.checks import check_choice, check_int, check_positive_int
 from baddiff_core.devices import mixed_precision_for, resolve_device
 from baddiff_core.diffusion import PAPER_SCHEDULE, QUICK_SCHEDULE, make_scheduler
 from baddiff_core.files import write_text_atomically
-from baddiff_core.gpu_time import Plan, sampling, training
+from baddiff_core.gpu_time import Plan, sampling_passes, training
 from baddiff_core.models import ddpm_cifar10_unet, make_unet
 from baddiff_core.poison import PoisonedDataset
 from baddiff_core.sampling import DEFAULT_BATCH_SIZE, sample, sample_clean_and_triggered
@@ -117,8 +117,8 @@ class BenchmarkSize:
         )
 
 
-# : ``"small"`` runs in CI on a 2-core CPU; ``"full"`` is meant for a GPU; ``"smoke"``
-# is full's code at a few steps.
+#: ``"small"`` runs in CI on a 2-core CPU; ``"full"`` is meant for a GPU; ``"smoke"``
+#: is full's code at a few steps.
 SIZES: dict[str, BenchmarkSize] = {
     "small": BenchmarkSize(
         "small",
@@ -196,8 +196,8 @@ SIZES: dict[str, BenchmarkSize] = {
     ),
 }
 
-# : The issue's targets: ratios that must stay at or below these (None: reported, no
-# target).
+#: The issue's targets: ratios that must stay at or below these (None: reported, no
+#: target).
 TARGETS: dict[str, float | None] = {
     "train: poisoned / clean step": 1.03,
     "train: ours / minimal diffusers step": 1.05,
@@ -687,8 +687,8 @@ def training_flops(
     return int(counter.get_total_flops())
 
 
-# : The training modes the throughput section can measure. A size names its mixed modes
-# in bf16;
+#: The training modes the throughput section can measure. A size names its mixed modes
+#: in bf16;
 #: :func:`measured_modes` swaps in fp16 on a GPU older than Ampere.
 _MODES = {
     "fp32": dict(),
@@ -726,8 +726,7 @@ def measured_modes(
     precision = mixed_precision_for(device)
     chosen = []
     for mode in modes:
-        if mode not in _MODES:
-            raise ValueError(f"mode={mode!r} is not known; use one of {tuple(_MODES)}")
+        check_choice("mode", mode, _MODES)
         if mode == "fp32":
             chosen.append(mode)
         elif precision != "no":
@@ -746,12 +745,8 @@ def training_throughput(
     """Images/s of our training loop in ``mode`` (a key of the modes table: fp32; bf16
     or fp16, + channels last, + compile), from the steps after the first (warm-up,
     compilation): the slope of :attr:`~baddiff_core.train.TrainHistory.log_times`."""
-    if mode not in _MODES:
-        raise ValueError(f"mode={mode!r} is not known; use one of {tuple(_MODES)}")
-    if steps < 2:
-        raise ValueError(
-            f"steps must be at least 2 (the first is warm-up), got steps={steps!r}"
-        )
+    check_choice("mode", mode, _MODES)
+    check_int("steps", steps, minimum=2, meaning="the first is warm-up")
     batch = len(images)
     config = TrainConfig(
         steps=steps,
@@ -830,11 +825,7 @@ def fine_tune_cost(
     """
     from baddiff_core.attack import BackdoorRecipe
 
-    check_positive_int("steps", steps)
-    if steps < 2:
-        raise ValueError(
-            f"steps must be at least 2 (the first is warm-up), got steps={steps!r}"
-        )
+    check_int("steps", steps, minimum=2, meaning="the first is warm-up")
     device = resolve_device(device)
     recipe = BackdoorRecipe.paper()
     batch = batch_size or recipe.train.batch_size
@@ -1007,7 +998,7 @@ def gpu_plan(
     if "sampling" in sections:
         pairs = size.repeats + 1
         work.append(
-            sampling(
+            sampling_passes(
                 pairs * 2 * size.sample_n,
                 ratios_unet,
                 "clipping ratio",
@@ -1017,7 +1008,7 @@ def gpu_plan(
         # a pair: one batched call of 2n, two calls of n
         pairs = max(2, size.repeats // 4) + 1
         work.append(
-            sampling(
+            sampling_passes(
                 pairs * 4 * size.sample_n,
                 ratios_unet,
                 "batching ratio",
@@ -1025,7 +1016,9 @@ def gpu_plan(
             )
         )
         work.append(
-            sampling(size.long_n, ratios_unet, "DDIM-50 / DDPM-1000", steps=50 + 1000)
+            sampling_passes(
+                size.long_n, ratios_unet, "DDIM-50 / DDPM-1000", steps=50 + 1000
+            )
         )
     if "memory" in sections:
         work.append(
@@ -1036,7 +1029,9 @@ def gpu_plan(
             )
         )
         work.append(
-            sampling(size.sample_n, ratios_unet, "peak memory, sampling", steps=quick_t)
+            sampling_passes(
+                size.sample_n, ratios_unet, "peak memory, sampling", steps=quick_t
+            )
         )
     if "throughput" in sections:
         throughput = TrainConfig(
@@ -1045,7 +1040,7 @@ def gpu_plan(
         )
         work.append(training(throughput, cifar, "CIFAR-10 UNet throughput, every mode"))
     work.append(
-        sampling(2, ratios_unet, "clipping's torch calls", steps=clipping_steps)
+        sampling_passes(2, ratios_unet, "clipping's torch calls", steps=clipping_steps)
     )
     return Plan(work)
 
@@ -1067,8 +1062,7 @@ def run_benchmarks(
     that cache trained (:func:`~baddiff_core.cache.trainings`). ``log`` receives a line
     per section.
     """
-    if size not in SIZES:
-        raise ValueError(f"size={size!r} is not known; use one of {tuple(SIZES)}")
+    check_choice("size", size, SIZES)
     unknown = set(sections) - {"training", "sampling", "memory", "throughput"}
     if unknown:
         raise ValueError(

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import torch
 
+from baddiff_core.checks import check_bool, check_int
 from baddiff_core.devices import resolve_device, use_available_cpus
 
 if TYPE_CHECKING:
@@ -54,12 +55,12 @@ __all__ = [
 
 #: The three scales a chapter runs at (see the module docstring).
 SCALES = ("quick", "full", "smoke")
-# : The environment variable that turns full mode (``QUICK = False``) into the smoke
-# scale.
+#: The environment variable that turns full mode (``QUICK = False``) into the smoke
+#: scale.
 SCALE_ENV = "BADDIFF_SCALE"
-# : The noise schedule a full-mode model trained from scratch gets at the smoke scale: T
-# = 10, so
-# : that a DDPM chain is ten network calls (the paper's T = 1000 is
+#: The noise schedule a full-mode model trained from scratch gets at the smoke scale: T
+#: = 10, so
+#: that a DDPM chain is ten network calls (the paper's T = 1000 is
 # :data:`~baddiff_core.diffusion.PAPER_SCHEDULE`).
 SMOKE_SCHEDULE: dict[str, Any] = dict(
     num_train_timesteps=10, beta_start=1e-2, beta_end=0.5
@@ -70,8 +71,8 @@ _SMOKE_TRAIN = dict(
 )
 _SMOKE_IMAGES = 32
 
-# : What full mode fetches on first use (then cached), printed when a chapter starts in
-# full mode.
+#: What full mode fetches on first use (then cached), printed when a chapter starts in
+#: full mode.
 FULL_MODE_DOWNLOADS = (
     "Full mode downloads, on first use and once: the pre-trained google/ddpm-cifar10-32 (Hugging "
     "Face hub, 143 MB), CIFAR-10's binary release (162 MB, into $BADDIFF_DATA or "
@@ -211,15 +212,10 @@ def chapter_settings(*, quick: Any, device: Any, seed: Any) -> ChapterSettings:
         ValueError: ``device`` is unknown or absent on this machine, ``seed`` is negative, or
             ``BADDIFF_SCALE`` is set to something else than ``"full"`` or ``"smoke"``.
     """
-    if not isinstance(quick, (bool, np.bool_)):
-        raise TypeError(
-            f"QUICK must be True (small, CPU, minutes) or False (paper scale, GPU), "
-            f"got {quick!r} of type {type(quick).__name__}"
-        )
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"SEED must be a non-negative integer, got {seed!r}")
-    if seed < 0:
-        raise ValueError(f"SEED must be a non-negative integer, got {seed!r}")
+    quick = check_bool(
+        "QUICK", quick, meaning="True: small, CPU, minutes; False: paper scale, GPU"
+    )
+    seed = check_int("SEED", seed, minimum=0)
     requested = os.environ.get(SCALE_ENV, "").strip().lower() or "full"
     if requested not in ("full", "smoke"):
         raise ValueError(
@@ -228,7 +224,7 @@ def chapter_settings(*, quick: Any, device: Any, seed: Any) -> ChapterSettings:
         )
     scale = "quick" if quick else requested
     settings = ChapterSettings(
-        quick=bool(quick), device=resolve_device(device), seed=int(seed), scale=scale
+        quick=quick, device=resolve_device(device), seed=seed, scale=scale
     )
     seed_everything(settings.seed)
     use_available_cpus()  # a CPU quota or pinned cores: no more torch threads than CPUs to run them
@@ -308,3 +304,21 @@ def markdown_table(
         "| " + " | ".join(cell(c, row[c]) for c in columns) + " |" for row in rows
     ]
     return "\n".join(lines)
+
+
+def show_table(
+    rows: Sequence[Mapping[str, Any]],
+    formats: Mapping[str, str] | None = None,
+    *,
+    title: str | None = None,
+) -> None:
+    """Show ``rows`` as a table in the notebook (and so in the built book):
+    :func:`markdown_table` of ``rows`` and ``formats``, under a bold ``title`` if given.
+
+    The table scrolls sideways when it is wider than the page, instead of wrapping
+    its cells word by word.
+    """
+    from IPython.display import Markdown, display
+
+    table = markdown_table(rows, formats)
+    display(Markdown(f"**{title}**\n\n{table}" if title else table))

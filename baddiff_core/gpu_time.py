@@ -52,15 +52,15 @@ __all__ = [
     "train_timesteps",
     "training",
     "fine_tune",
-    "sampling",
+    "sampling_passes",
     "gradient_passes",
 ]
 
-# : Sustained FLOP/s assumed for a 32 px UNet in PyTorch with mixed precision (see the
-# module docstring).
+#: Sustained FLOP/s assumed for a 32 px UNet in PyTorch with mixed precision (see the
+#: module docstring).
 ASSUMED_RATES: dict[str, float] = {"T4": 7e12, "A100": 42e12}
-# : The GPU time a chapter's full mode may take: one sitting of Colab's free tier on a
-# T4.
+#: The GPU time a chapter's full mode may take: one sitting of Colab's free tier on a
+#: T4.
 COLAB_MINUTES = 30
 
 
@@ -177,7 +177,9 @@ def fine_tune(recipe: Any, what: str | None = None) -> Work:
     )
 
 
-def sampling(images: int, base: Any, what: str, *, steps: int | None = None) -> Work:
+def sampling_passes(
+    images: int, base: Any, what: str, *, steps: int | None = None
+) -> Work:
     """``images`` samples of ``steps`` denoising steps each: by default a DDPM chain of
     the model's T steps (:func:`train_timesteps`); 50 for DDIM-50."""
     steps = train_timesteps(base) if steps is None else steps

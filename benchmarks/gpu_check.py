@@ -36,8 +36,8 @@ from baddiff_core.benchmark import (
 )
 from baddiff_core.devices import resolve_device
 
-# : What a run may take on one modern GPU (the issue that asked for this check: 8
-# minutes).
+#: What a run may take on one modern GPU (the issue that asked for this check: 8
+#: minutes).
 BUDGET_SECONDS = 8 * 60
 
 

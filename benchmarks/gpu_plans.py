@@ -23,17 +23,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def chapter_plan(chapter: Path):
-    """The ``PLAN`` a chapter's setup cell builds with ``QUICK = False`` (at full scale
-    when the environment sets no ``BADDIFF_SCALE``)."""
+    """The ``PLAN`` a chapter builds with ``QUICK = False`` (at full scale when the
+    environment sets no ``BADDIFF_SCALE``): its parameters cell, then its code cells from
+    the setup cell (``chapter_settings(``) to the one that defines ``PLAN``."""
     cells = [
         c for c in nbformat.read(chapter, as_version=4).cells if c.cell_type == "code"
     ]
     parameters = next(c for c in cells if "parameters" in c.metadata.get("tags", []))
-    setup = next(c for c in cells if "chapter_settings(" in c.source)
+    first = next(i for i, c in enumerate(cells) if "chapter_settings(" in c.source)
+    last = next(i for i, c in enumerate(cells) if "PLAN = " in c.source)
     namespace: dict = {}
     exec(compile(parameters.source, f"{chapter.name}:parameters", "exec"), namespace)
     namespace.update(QUICK=False, DEVICE="cpu")
-    exec(compile(setup.source, f"{chapter.name}:setup", "exec"), namespace)
+    for index in range(first, last + 1):
+        source = cells[index].source
+        exec(compile(source, f"{chapter.name}:cell {index}", "exec"), namespace)
     namespace["WORK"].stop()
     return namespace["PLAN"]
 
