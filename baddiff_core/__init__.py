@@ -33,6 +33,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "make_scheduler",
         "poisoned_forward",
         "r_coefficients",
+        "sampler_for",
+        "solver_for",
     ),
     "models": (
         "PRETRAINED_CIFAR10",

@@ -70,6 +70,7 @@ def _seed(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from baddiff_core.diffusion import SOLVERS
     from baddiff_core.evaluation import ASR_THRESHOLDS
     from baddiff_core.sampling import CLIP_MODES, DEFAULT_BATCH_SIZE, SAMPLERS
     from baddiff_core.triggers import TARGET_KINDS, TRIGGER_KINDS
@@ -123,10 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     backdoor.add_argument("--batch-size", type=int)
     backdoor.add_argument("--learning-rate", type=float)
     backdoor.add_argument(
-        "--solver",
-        choices=("sde", "ode"),
-        help="'ode' trains for DDIM (VillanDiffusion)",
+        "--sampler",
+        choices=SAMPLERS,
+        help="the sampler the backdoor fires under: 'ddpm' (BadDiffusion, the default) "
+        "or 'ddim' (VillanDiffusion's ODE target)",
     )
+    # The training loss's own name for the same choice, kept as a hidden alias.
+    backdoor.add_argument("--solver", choices=SOLVERS, help=argparse.SUPPRESS)
     backdoor.add_argument("--seed", type=_seed)
     backdoor.add_argument("--checkpoint-dir", help="save resumable checkpoints here")
     backdoor.add_argument("--device", default="auto")
@@ -259,12 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="sampling steps (default: the training steps for DDPM, 50 for DDIM)",
     )
     scan.add_argument(
-        "--solver",
-        choices=("sde", "ode"),
-        default="sde",
-        help="the backdoor target looked for: 'sde' (BadDiffusion, DDPM samples) or 'ode' "
-        "(VillanDiffusion, DDIM samples)",
+        "--sampler",
+        choices=SAMPLERS,
+        help="the sampler a backdoor would fire under, and the one the scan samples "
+        "with: 'ddpm' (BadDiffusion, the default) or 'ddim' (VillanDiffusion's ODE "
+        "target)",
     )
+    scan.add_argument("--solver", choices=SOLVERS, help=argparse.SUPPRESS)
     scan.add_argument(
         "--clip",
         choices=("none", "x0", "xt"),
@@ -370,6 +375,21 @@ def _positive(name: str, value: int | None) -> None:
         raise UsageError(f"{name} must be a positive integer, got {value}")
 
 
+def _solver(args: argparse.Namespace) -> str | None:
+    """The training target asked for: ``--sampler``, or its alias ``--solver``."""
+    from baddiff_core.diffusion import sampler_for, solver_for
+
+    if args.sampler is None:
+        return args.solver
+    if args.solver is not None and args.solver != solver_for(args.sampler):
+        raise UsageError(
+            f"--sampler {args.sampler} and --solver {args.solver} disagree "
+            f"(--sampler {sampler_for(args.solver)} is --solver {args.solver}); "
+            "give one of them"
+        )
+    return solver_for(args.sampler)
+
+
 def _train_clean(args: argparse.Namespace) -> int:
     from baddiff_core.devices import resolve_device
     from baddiff_core.models import save_model
@@ -405,9 +425,11 @@ def _backdoor(args: argparse.Namespace) -> int:
     }
     train_changes = {
         k: getattr(args, k)
-        for k in ("steps", "batch_size", "learning_rate", "solver", "seed")
+        for k in ("steps", "batch_size", "learning_rate", "seed")
         if getattr(args, k) is not None
     }
+    if (solver := _solver(args)) is not None:
+        train_changes["solver"] = solver
     if args.checkpoint_dir:
         train_changes.update(
             checkpoint_dir=args.checkpoint_dir,
@@ -705,6 +727,7 @@ def _scan(args: argparse.Namespace) -> int:
 
     from baddiff_core.defenses import scan_model
     from baddiff_core.devices import resolve_device
+    from baddiff_core.diffusion import sampler_for
     from baddiff_core.models import load_model
     from baddiff_core.viz import show_images
 
@@ -718,6 +741,7 @@ def _scan(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--threshold must be a mode share in (0, 1], got {args.threshold}"
         )
+    solver = _solver(args) or "sde"
     output = args.output or Path(
         f"scan-{Path(str(args.model).rstrip('/')).name.replace('/', '-')}"
     )
@@ -730,7 +754,7 @@ def _scan(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         num_noise=args.noise_batch,
         steps=args.inversion_steps,
-        solver=args.solver,
+        solver=solver,
         num_inference_steps=args.steps,
         clip=args.clip,
         seed=args.seed,
@@ -741,7 +765,8 @@ def _scan(args: argparse.Namespace) -> int:
         model=str(args.model),
         verdict=result.verdict,
         mode_share=result.mode_share,
-        solver=args.solver,
+        sampler=sampler_for(solver),
+        solver=solver,
         clip=args.clip,
         threshold=result.threshold,
         alike=round(result.mode_share * args.n),

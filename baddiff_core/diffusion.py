@@ -51,6 +51,9 @@ from baddiff_core.checks import check_choice, check_int
 
 __all__ = [
     "SOLVERS",
+    "SAMPLER_SOLVERS",
+    "solver_for",
+    "sampler_for",
     "ATTACKS",
     "PAPER_SCHEDULE",
     "QUICK_SCHEDULE",
@@ -71,6 +74,35 @@ ATTACKS = ("baddiffusion", "in_range")
 #: Training targets: "sde" for DDPM ancestral sampling (BadDiffusion), "ode" for DDIM
 #: (VillanDiffusion).
 SOLVERS: dict[str, float] = {"sde": 1.0, "ode": 2.0}
+#: One name for one choice: each sampler of :mod:`baddiff_core.sampling` and the
+#: training target that plants a backdoor for it. DDPM's ancestral step solves the
+#: reverse SDE, DDIM's deterministic step the probability-flow ODE (VillanDiffusion,
+#: arXiv:2306.06874, Sec. 3).
+SAMPLER_SOLVERS: dict[str, Solver] = {"ddpm": "sde", "ddim": "ode"}
+
+
+def solver_for(sampler: str) -> Solver:
+    """The training target that plants a backdoor firing under ``sampler``.
+
+    ``"ddpm"`` gives ``"sde"`` (BadDiffusion's target, lambda = 1 in VillanDiffusion's
+    unified loss) and ``"ddim"`` gives ``"ode"`` (lambda = 2, the probability-flow ODE;
+    VillanDiffusion, arXiv:2306.06874, Sec. 3.2). Chapters and the CLI speak of
+    samplers; the training loss speaks of solvers, and this is the one place the two
+    names meet.
+    """
+    check_choice("sampler", sampler, SAMPLER_SOLVERS)
+    return SAMPLER_SOLVERS[sampler]
+
+
+def sampler_for(solver: str) -> str:
+    """The sampler a backdoor planted with ``solver`` is meant to fire under.
+
+    The inverse of :func:`solver_for`: ``"sde"`` gives ``"ddpm"``, ``"ode"`` gives
+    ``"ddim"``.
+    """
+    check_choice("solver", solver, SOLVERS)
+    return next(s for s, target in SAMPLER_SOLVERS.items() if target == solver)
+
 
 #: The paper's schedule: T = 1000, linear betas 1e-4 .. 0.02 (google/ddpm-cifar10-32).
 PAPER_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02)

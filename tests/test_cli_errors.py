@@ -494,3 +494,19 @@ def test_a_folder_of_pngs_that_cannot_fit_on_the_disk_is_refused_before_sampling
     )
     assert status == 2 and "--n 1000 PNGs need about" in err and "GiB free" in err
     assert not (tmp_path / "many").exists()
+
+
+@pytest.mark.parametrize("command", ["backdoor", "scan"])
+def test_a_sampler_and_a_solver_that_disagree_are_one_line(
+    model_folder, tmp_path, capsys, monkeypatch, command
+):
+    """``--solver`` is the hidden alias of ``--sampler``; a contradiction is refused
+    before any model is loaded or trained."""
+    monkeypatch.setattr(
+        "baddiff_core.models.load_model", lambda *a, **k: pytest.fail("loaded")
+    )
+    model = [str(model_folder)] if command == "scan" else []
+    argv = [command, *model, "--sampler", "ddim", "--solver", "sde"]
+    status, err = run([*argv, "--output", str(tmp_path / "o")], capsys)
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert "--sampler ddim and --solver sde disagree" in err

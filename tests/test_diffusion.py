@@ -349,3 +349,24 @@ def test_poisoned_forward_rejects_bad_input(kwargs, message, quick_scheduler):
 def test_make_scheduler_rejects_bad_schedules(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_scheduler(**kwargs)
+
+
+def test_each_sampler_names_the_training_target_that_fires_under_it(quick_scheduler):
+    """DDPM's ancestral step is stochastic (the reverse SDE, BadDiffusion's target);
+    DDIM with eta = 0 is deterministic (the probability-flow ODE, VillanDiffusion's
+    lambda = 2). Checked on the schedulers diffusers builds for each sampler."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from baddiff_core.diffusion import SOLVERS, sampler_for, solver_for
+    from baddiff_core.sampling import SAMPLERS, inference_scheduler
+
+    kinds = {"sde": DDPMScheduler, "ode": DDIMScheduler}
+    for sampler in SAMPLERS:
+        solver = solver_for(sampler)
+        assert sampler_for(solver) == sampler
+        used = inference_scheduler(quick_scheduler, sampler=sampler, clip="none")
+        assert type(used) is kinds[solver]
+    assert {solver_for(s) for s in SAMPLERS} == set(SOLVERS)
+    assert SOLVERS[solver_for("ddim")] == 2.0 * SOLVERS[solver_for("ddpm")]
+    with pytest.raises(ValueError, match="sampler"):
+        solver_for("sde")

@@ -71,8 +71,8 @@ def test_scan_for_ddim_backdoors_under_clipping_says_so(model_folder, tmp_path, 
             "2",
             "--steps",
             "2",
-            "--solver",
-            "ode",
+            "--sampler",
+            "ddim",
             "--clip",
             "x0",
             "--output",
@@ -81,7 +81,12 @@ def test_scan_for_ddim_backdoors_under_clipping_says_so(model_folder, tmp_path, 
         ]
     )
     report = json.loads(capsys.readouterr().out)
-    assert (report["solver"], report["clip"]) == ("ode", "x0") and status in (0, 1)
+    assert (report["sampler"], report["solver"], report["clip"]) == (
+        "ddim",
+        "ode",
+        "x0",
+    )
+    assert status in (0, 1)
 
 
 def test_scan_prints_one_line_verdict(model_folder, tmp_path, capsys):

@@ -23,6 +23,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from baddiff_core.checks import check_image_batch, check_positive_int
 from baddiff_core.defenses.cached import cached_scan
 from baddiff_core.defenses.inversion import InvertedTrigger, invert_trigger
+from baddiff_core.diffusion import sampler_for
 from baddiff_core.metrics import to_unit_range
 from baddiff_core.sampling import (
     DEFAULT_BATCH_SIZE,
@@ -172,7 +173,7 @@ def scan_model(
         raise ValueError(
             f"threshold must be a mode share in (0, 1], got threshold={threshold!r}"
         )
-    sampler = sampler or ("ddpm" if solver == "sde" else "ddim")
+    sampler = sampler or sampler_for(solver)
     # Unknown sampler, clip or step count fail now, not after the inversion.
     inference_scheduler(scheduler, sampler=sampler, clip=clip)
     inference_steps(scheduler, sampler, num_inference_steps)
