@@ -58,19 +58,23 @@ __all__ = [
 ]
 
 #: Quick mode's fine-tune of the shipped clean model (CPU, about a minute and a half on
-#: 2 cores).
-QUICK_FINETUNE = TrainConfig(
+#: 2 cores): the clean model's own training settings, with 800 steps at half its
+#: learning rate, held constant, and a shorter EMA.
+#:
+#: :meta hide-value:
+QUICK_FINETUNE = dataclasses.replace(
+    TrainConfig(**CLEAN_DIGITS_RECIPE["train"]),
     steps=800,
-    batch_size=64,
     learning_rate=5e-4,
     lr_schedule="constant",
-    warmup_steps=100,
     ema_decay=0.995,
     log_every=25,
 )
 
 #: The shorter fine-tune that chapters 4-9 share (300 steps, cosine decay): one cache
 #: entry per recipe.
+#:
+#: :meta hide-value:
 QUICK_SHORT_FINETUNE = dataclasses.replace(
     QUICK_FINETUNE, steps=300, warmup_steps=50, lr_schedule="cosine"
 )
@@ -83,12 +87,17 @@ class BackdoorRecipe:
     """Everything that determines a backdoored model (and so its cache key).
 
     Attributes:
-        trigger, trigger_size: the trigger kind and its side at 32 px (see ``baddiff_core.triggers``).
+        trigger: the trigger kind (see :mod:`baddiff_core.triggers`).
+        trigger_size: the trigger's side at 32 px.
         target: the target kind.
         poison_rate: fraction of the training set replaced by poisoned samples, in [0, 1].
         base: ``"shipped"`` (the package's clean digits model), ``"scratch"``, a model folder or a
             hub id such as ``"google/ddpm-cifar10-32"``.
-        dataset, image_size, channels, data_limit: the training images (``load_images``).
+        dataset: the training images' dataset
+            (:func:`~baddiff_core.data.load_images`).
+        image_size: their side in pixels.
+        channels: their channels (1 grey, 3 colour).
+        data_limit: at most this many training images (``None``: all).
         schedule: the noise schedule of a model trained from scratch (fine-tuning keeps the base's).
         train: the training configuration.
         init_seed: seeds the initial weights of a model trained from scratch.
@@ -216,7 +225,7 @@ def plant_backdoor(
     history, the step it resumed from) and whether the model came from the cache.
 
     A training that saves checkpoints (``recipe.train.checkpoint_every > 0``, as
-    :meth:`TrainConfig.paper_finetune` does every 2,000 steps) keeps them, when
+    :meth:`~baddiff_core.train.TrainConfig.paper_finetune` does every 2,000 steps) keeps them, when
     ``use_cache`` and ``recipe.train`` names no ``checkpoint_dir`` of its own, in the
     cache's :func:`~baddiff_core.cache.checkpoint_folder` of the recipe: after an
     interruption (a lost Colab session, a crash), calling ``plant_backdoor`` again with

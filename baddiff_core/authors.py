@@ -66,11 +66,9 @@ AUTHORS_USER = "newsyctw"
 _PREFIX = f"{AUTHORS_USER}/res_DDPM-CIFAR10-32_CIFAR10_ep50_c1.0_"
 
 #: The MSE (on the [0, 1] scale) of a perfect hit scored as the authors scored: the
-#: sample rounded
-#: to 8-bit levels, the target not. Every pixel of the grey background (-0.4, i.e. 0.3
-#: = 76.5 / 255)
-#: and of a box (0, i.e. 127.5 / 255) then misses by half a level: (0.5 / 255)^2 =
-#: 3.84e-6.
+#: sample rounded to 8-bit levels, the target not. Every pixel of the grey background
+#: (-0.4, i.e. 0.3 = 76.5 / 255) and of a box (0, i.e. 127.5 / 255) then misses by half
+#: a level: (0.5 / 255)^2 = 3.84e-6.
 EIGHT_BIT_FLOOR = (0.5 / 255) ** 2
 
 
@@ -86,8 +84,11 @@ class PublishedScores:
     Attributes:
         fid: FID of clean samples without clipping, over the authors' sample count (compare it
             only with FIDs over the same count).
-        mse, ssim: triggered samples against the target, without clipping.
-        mse_clip, ssim_clip: the same with clipping (diffusers' ``clip_sample``, the book's ``"x0"``).
+        mse: MSE of triggered samples against the target, without clipping.
+        ssim: SSIM of triggered samples against the target, without clipping.
+        mse_clip: the MSE with clipping (diffusers' ``clip_sample``, the book's
+            ``"x0"``).
+        ssim_clip: the SSIM with clipping.
     """
 
     fid: float
@@ -110,7 +111,10 @@ class AuthorsModel:
 
     Attributes:
         repo_id: the hub repository (``owner/name``).
-        trigger, trigger_size, target, poison_rate: the attack (trigger side at 32 px, rate in [0, 1]).
+        trigger: the attack's trigger, in the library's names.
+        trigger_size: the trigger's side at 32 px.
+        target: the attack's target, in the library's names.
+        poison_rate: the fraction of poisoned training images, in [0, 1].
         published: the authors' measurements (:class:`PublishedScores`, from :attr:`score_url`);
             ``None`` for an entry without them.
     """
@@ -129,8 +133,9 @@ class AuthorsModel:
 
 
 #: The released models this library will load, by a short name. The scores are the
-#: authors'
-#: (``score.json`` of each repository), rounded as they are printed here.
+#: authors' (``score.json`` of each repository), rounded as they are printed here.
+#:
+#: :meta hide-value:
 AUTHORS_MODELS: dict[str, AuthorsModel] = {
     "stop_sign-corner-90": AuthorsModel(
         f"{_PREFIX}p0.9_SM_STOP_SIGN-BOX_new-set-1",

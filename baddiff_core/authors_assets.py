@@ -84,8 +84,12 @@ __all__ = [
     "authors_downloads",
 ]
 
-#: The authors' repository on GitHub and the commit whose files are used.
+#: The authors' repository on GitHub: the code of BadDiffusion (Chou et al. 2023,
+#: arXiv:2212.05400).
 AUTHORS_REPO = "IBM/BadDiffusion"
+#: The commit of :data:`AUTHORS_REPO` whose files are used: the pictures of
+#: :data:`AUTHORS_IMAGES` are downloaded from it, and the recipes of this module were
+#: read in it.
 AUTHORS_COMMIT = "717b3219ec9f80f3c9f2784edbcfeacb1ba534b7"
 
 #: Side of the authors' CIFAR-10 images, and the gap between a corner trigger and the
@@ -115,13 +119,13 @@ class AuthorsImage:
 
 
 #: The authors' pictures, by name. ``"stop_sign"`` is the stop-sign trigger (999 x 997
-#: RGBA on
-#: white). The hats are targets: at :data:`AUTHORS_COMMIT`, ``--target HAT`` reads
-#: ``fedora-hat.png``; in the naming of the released models (``..._HAT`` /
-#: ``..._FEDORA_HAT``, the
-#: authors' later VillanDiffusion code) ``HAT`` reads ``hat.png`` and ``FEDORA_HAT``
-#: ``fedora-hat.png``. No model of :data:`~baddiff_core.authors.AUTHORS_MODELS` uses a
-#: hat.
+#: RGBA on white). The hats are targets: at :data:`AUTHORS_COMMIT`, ``--target HAT``
+#: reads ``fedora-hat.png``; in the naming of the released models (``..._HAT`` /
+#: ``..._FEDORA_HAT``, the authors' later VillanDiffusion code) ``HAT`` reads
+#: ``hat.png`` and ``FEDORA_HAT`` ``fedora-hat.png``. No model of
+#: :data:`~baddiff_core.authors.AUTHORS_MODELS` uses a hat.
+#:
+#: :meta hide-value:
 AUTHORS_IMAGES: dict[str, AuthorsImage] = {
     "stop_sign": AuthorsImage(
         "static/stop_sign_wo_bg.png",
@@ -138,9 +142,8 @@ AUTHORS_IMAGES: dict[str, AuthorsImage] = {
 }
 
 #: Fashion-MNIST's training images (Xiao, Rasul and Vollgraf 2017): URL, published MD5,
-#: and the
-#: path under the data root (torchvision's layout, so a copy torchvision downloaded is
-#: reused).
+#: and the path under the data root (torchvision's layout, so a copy torchvision
+#: downloaded is reused).
 FASHION_MNIST_TRAIN_IMAGES = dict(
     url="https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"
     "train-images-idx3-ubyte.gz",

@@ -119,6 +119,8 @@ class BenchmarkSize:
 
 #: ``"small"`` runs in CI on a 2-core CPU; ``"full"`` is meant for a GPU; ``"smoke"``
 #: is full's code at a few steps.
+#:
+#: :meta hide-value:
 SIZES: dict[str, BenchmarkSize] = {
     "small": BenchmarkSize(
         "small",
@@ -734,6 +736,21 @@ def measured_modes(
     return tuple(dict.fromkeys(chosen))
 
 
+def _timed_training(
+    model: torch.nn.Module, data: Any, config: TrainConfig
+) -> tuple[float, float]:
+    """Train ``model`` on ``data`` under the paper's schedule and return ``(seconds per
+    step after the first, seconds of the first step)``: the slope of
+    :attr:`~baddiff_core.train.TrainHistory.log_times` (``config.log_every`` must be
+    1), so that warm-up and compilation do not count."""
+    history = train(model, make_scheduler(**PAPER_SCHEDULE), data, config)
+    (first_step, first_time), (last_step, last_time) = (
+        history.log_times[0],
+        history.log_times[-1],
+    )
+    return (last_time - first_time) / (last_step - first_step), first_time
+
+
 def training_throughput(
     model: torch.nn.Module,
     images: torch.Tensor,
@@ -757,12 +774,7 @@ def training_throughput(
         device=str(device),
         **_MODES[mode],
     )
-    history = train(model, make_scheduler(**PAPER_SCHEDULE), images, config)
-    (first_step, first_time), (last_step, last_time) = (
-        history.log_times[0],
-        history.log_times[-1],
-    )
-    step_seconds = (last_time - first_time) / (last_step - first_step)
+    step_seconds, first_time = _timed_training(model, images, config)
     return dict(
         step_seconds=step_seconds,
         images_per_second=batch / step_seconds,
@@ -850,12 +862,7 @@ def fine_tune_cost(
         device=str(device),
         mixed_precision=mixed_precision_for(device),
     )
-    history = train(model, make_scheduler(**PAPER_SCHEDULE), dataset, config)
-    (first_step, first_time), (last_step, last_time) = (
-        history.log_times[0],
-        history.log_times[-1],
-    )
-    step_seconds = (last_time - first_time) / (last_step - first_step)
+    step_seconds, first_time = _timed_training(model, dataset, config)
     paper_steps = recipe.train.steps
     precision = {"no": "fp32"}.get(config.mixed_precision, config.mixed_precision)
     return dict(
@@ -996,25 +1003,21 @@ def gpu_plan(
             )
         )
     if "sampling" in sections:
-        pairs = size.repeats + 1
-        work.append(
-            sampling_passes(
-                pairs * 2 * size.sample_n,
-                ratios_unet,
-                "clipping ratio",
-                steps=size.sample_steps,
+        # (what, pairs of runs, images per pair in units of n): a clipping pair is a
+        # clipped and an unclipped call of n; a batching pair one batched call of 2n
+        # and two calls of n
+        for what, pairs, images in (
+            ("clipping ratio", size.repeats + 1, 2),
+            ("batching ratio", max(2, size.repeats // 4) + 1, 4),
+        ):
+            work.append(
+                sampling_passes(
+                    pairs * images * size.sample_n,
+                    ratios_unet,
+                    what,
+                    steps=size.sample_steps,
+                )
             )
-        )
-        # a pair: one batched call of 2n, two calls of n
-        pairs = max(2, size.repeats // 4) + 1
-        work.append(
-            sampling_passes(
-                pairs * 4 * size.sample_n,
-                ratios_unet,
-                "batching ratio",
-                steps=size.sample_steps,
-            )
-        )
         work.append(
             sampling_passes(
                 size.long_n, ratios_unet, "DDIM-50 / DDPM-1000", steps=50 + 1000

@@ -58,10 +58,9 @@ SCALES = ("quick", "full", "smoke")
 #: The environment variable that turns full mode (``QUICK = False``) into the smoke
 #: scale.
 SCALE_ENV = "BADDIFF_SCALE"
-#: The noise schedule a full-mode model trained from scratch gets at the smoke scale: T
-#: = 10, so
-#: that a DDPM chain is ten network calls (the paper's T = 1000 is
-# :data:`~baddiff_core.diffusion.PAPER_SCHEDULE`).
+#: The noise schedule a full-mode model trained from scratch gets at the smoke scale:
+#: T = 10, so that a DDPM chain is ten network calls (the paper's T = 1000 is
+#: :data:`~baddiff_core.diffusion.PAPER_SCHEDULE`).
 SMOKE_SCHEDULE: dict[str, Any] = dict(
     num_train_timesteps=10, beta_start=1e-2, beta_end=0.5
 )

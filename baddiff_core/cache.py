@@ -33,7 +33,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
@@ -56,6 +56,7 @@ __all__ = [
     "trainings",
 ]
 
+#: The environment variable that moves the cache (default ``~/.cache/baddiff``).
 CACHE_ENV = "BADDIFF_CACHE"
 #: Bumped whenever training code changes what a recipe produces, so stale models are
 #: not reused.
@@ -164,19 +165,9 @@ def cached_model(
             return _quarantine(folder, "its weights are not all finite")
         return unet, scheduler, dict(metadata, path=str(folder), from_cache=True)
 
-    if use_cache and (found := load()) is not None:
-        return found
-    if use_cache:
-        _check_writable(folder.parent)
-    with _computing(folder, use_cache):
-        # another process computed it meanwhile
-        if use_cache and (found := load()) is not None:
-            return found
-        began = time.perf_counter()
+    def make() -> tuple[UNet2DModel, DDPMScheduler, dict[str, Any]]:
         unet, scheduler, report = build()
-        metadata = dict(
-            name=name, recipe=dict(recipe), report=report, format=CACHE_FORMAT
-        )
+        metadata = _metadata(name, recipe, report)
         if use_cache:
             save_model(
                 folder,
@@ -185,12 +176,9 @@ def cached_model(
                 metadata=metadata,
                 record_digests=True,
             )
-            _log_training(folder, time.perf_counter() - began)
-    return (
-        unet.to(device).eval(),
-        scheduler,
-        dict(metadata, path=str(folder) if use_cache else None, from_cache=False),
-    )
+        return unet.to(device).eval(), scheduler, _built(metadata, folder, use_cache)
+
+    return _load_or_make(folder, load, make, use_cache)
 
 
 TensorBuilder = Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]]
@@ -229,21 +217,12 @@ def cached_tensors(
             return _quarantine(folder, "its tensors are not all finite")
         return tensors, dict(metadata, path=str(folder), from_cache=True)
 
-    if use_cache and (found := load()) is not None:
-        return found
-    if use_cache:
-        _check_writable(folder.parent)
-    with _computing(folder, use_cache):
-        if use_cache and (found := load()) is not None:
-            return found
-        began = time.perf_counter()
+    def make() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, report = build()
         tensors = {
             key: value.detach().cpu().contiguous() for key, value in tensors.items()
         }
-        metadata = dict(
-            name=name, recipe=dict(recipe), report=report, format=CACHE_FORMAT
-        )
+        metadata = _metadata(name, recipe, report)
         if use_cache:
             with atomic_folder(folder) as staging:
                 save_file(tensors, str(staging / "tensors.safetensors"))
@@ -251,10 +230,48 @@ def cached_tensors(
                 (staging / METADATA_FILE).write_text(
                     json.dumps(metadata, indent=2, sort_keys=True) + "\n"
                 )
+        return tensors, _built(metadata, folder, use_cache)
+
+    return _load_or_make(folder, load, make, use_cache)
+
+
+_T = TypeVar("_T")
+
+
+def _load_or_make(
+    folder: Path,
+    load: Callable[[], _T | None],
+    make: Callable[[], _T],
+    use_cache: bool,
+) -> _T:
+    """The cache's one protocol: the entry in ``folder`` if it is there and sound, else
+    ``make()`` (which saves it), under a lock so that two processes asking for the
+    same entry compute it once."""
+    if use_cache and (found := load()) is not None:
+        return found
+    if use_cache:
+        _check_writable(folder.parent)
+    with _computing(folder, use_cache):
+        # another process computed it meanwhile
+        if use_cache and (found := load()) is not None:
+            return found
+        began = time.perf_counter()
+        made = make()
+        if use_cache:
             _log_training(folder, time.perf_counter() - began)
-    return tensors, dict(
-        metadata, path=str(folder) if use_cache else None, from_cache=False
-    )
+    return made
+
+
+def _metadata(
+    name: str, recipe: Mapping[str, Any], report: dict[str, Any]
+) -> dict[str, Any]:
+    """What an entry's ``baddiff.json`` records."""
+    return dict(name=name, recipe=dict(recipe), report=report, format=CACHE_FORMAT)
+
+
+def _built(metadata: dict[str, Any], folder: Path, use_cache: bool) -> dict[str, Any]:
+    """The ``info`` of an entry just made: where it was saved, if it was."""
+    return dict(metadata, path=str(folder) if use_cache else None, from_cache=False)
 
 
 def _verified_metadata(folder: Path) -> dict[str, Any] | None:

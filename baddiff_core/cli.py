@@ -39,6 +39,7 @@ MODEL_MARKER = "baddiff.json"
 SAMPLES_MARKER = "samples.json"
 
 
+MODEL_FOLDER_HELP = "folder to write (diffusers layout)"
 OVERWRITE_HELP = (
     "replace --output even if it is a file or a folder that baddiff did not write (without it, "
     "such an output is refused before any work starts)"
@@ -69,10 +70,48 @@ def _seed(text: str) -> int:
     return value
 
 
+def _add_output(command: argparse.ArgumentParser, help: str) -> None:
+    """``--output`` and ``--overwrite``: every command that writes a model or images."""
+    command.add_argument("--output", type=Path, required=True, help=help)
+    command.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+
+def _add_sampler(
+    command: argparse.ArgumentParser,
+    steps_help: str,
+    sampler_help: str | None = None,
+    default: str | None = "ddpm",
+) -> None:
+    """``--sampler`` and ``--steps``: how a command samples (DDPM or DDIM)."""
+    from baddiff_core.sampling import SAMPLERS
+
+    command.add_argument(
+        "--sampler", choices=SAMPLERS, default=default, help=sampler_help
+    )
+    command.add_argument("--steps", type=int, help=steps_help)
+
+
+def _add_run(command: argparse.ArgumentParser, json_help: str | None = None) -> None:
+    """``--seed``, ``--batch-size``, ``--json`` and ``--device``: how a sampling
+    command runs."""
+    from baddiff_core.sampling import DEFAULT_BATCH_SIZE
+
+    command.add_argument("--seed", type=_seed, default=0)
+    command.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})",
+    )
+    if json_help:
+        command.add_argument("--json", action="store_true", help=json_help)
+    command.add_argument("--device", default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from baddiff_core.defenses import DEFAULT_THRESHOLD
     from baddiff_core.diffusion import SOLVERS
     from baddiff_core.evaluation import ASR_THRESHOLDS
-    from baddiff_core.sampling import CLIP_MODES, DEFAULT_BATCH_SIZE, SAMPLERS
+    from baddiff_core.sampling import CLIP_MODES, SAMPLERS
     from baddiff_core.triggers import TARGET_KINDS, TRIGGER_KINDS
 
     parser = argparse.ArgumentParser(
@@ -90,10 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the clean digits model the package ships",
         description="Train a clean 16 x 16 digits model with the shipped recipe.",
     )
-    clean.add_argument(
-        "--output", type=Path, required=True, help="folder to write (diffusers layout)"
-    )
-    clean.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    _add_output(clean, MODEL_FOLDER_HELP)
     clean.add_argument("--device", default="auto")
 
     backdoor = commands.add_parser(
@@ -101,10 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="plant a backdoor by fine-tuning or from scratch",
         description="Train a backdoored model (BadDiffusion) and save it.",
     )
-    backdoor.add_argument(
-        "--output", type=Path, required=True, help="folder to write (diffusers layout)"
-    )
-    backdoor.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    _add_output(backdoor, MODEL_FOLDER_HELP)
     backdoor.add_argument(
         "--paper",
         action="store_true",
@@ -148,25 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="start from noise + the model's trigger",
     )
     sample.add_argument("--clip", choices=CLIP_MODES, default="none")
-    sample.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
-    sample.add_argument(
-        "--steps", type=int, help="inference steps (default: all for DDPM, 50 for DDIM)"
+    _add_sampler(sample, "inference steps (default: all for DDPM, 50 for DDIM)")
+    _add_output(
+        sample,
+        "a .png file: one grid of at most 64 images; anything else: a folder of one PNG "
+        "per image, written batch by batch (any --n)",
     )
-    sample.add_argument("--seed", type=_seed, default=0)
-    sample.add_argument(
-        "--batch-size",
-        type=int,
-        help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})",
-    )
-    sample.add_argument(
-        "--output",
-        type=Path,
-        required=True,
-        help="a .png file: one grid of at most 64 images; anything else: a folder of one PNG per "
-        "image, written batch by batch (any --n)",
-    )
-    sample.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    sample.add_argument("--device", default="auto")
+    _add_run(sample)
 
     evaluate = commands.add_parser(
         "evaluate",
@@ -188,8 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="mode(s) to measure (default: all)",
     )
-    evaluate.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
-    evaluate.add_argument("--steps", type=int, help="inference steps")
+    _add_sampler(evaluate, "inference steps")
     evaluate.add_argument(
         "--threshold",
         type=float,
@@ -210,18 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         "downloads its weights once), 'digits' (the book's offline network), 'auto' (inception for "
         "colour images of 32 px or more, else digits)",
     )
-    evaluate.add_argument("--seed", type=_seed, default=0)
-    evaluate.add_argument(
-        "--batch-size",
-        type=int,
-        help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})",
-    )
-    evaluate.add_argument(
-        "--json", action="store_true", help="print the results as JSON"
-    )
-    evaluate.add_argument("--device", default="auto")
-
-    from baddiff_core.defenses import DEFAULT_THRESHOLD
+    _add_run(evaluate, json_help="print the results as JSON")
 
     scan = commands.add_parser(
         "scan",
@@ -257,22 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=100,
         help="noises averaged over by the inversion",
     )
-    scan.add_argument(
-        "--steps",
-        type=int,
-        help="sampling steps (default: the training steps for DDPM, 50 for DDIM)",
-    )
-    scan.add_argument(
-        "--sampler",
-        choices=SAMPLERS,
-        help="the sampler a backdoor would fire under, and the one the scan samples "
-        "with: 'ddpm' (BadDiffusion, the default) or 'ddim' (VillanDiffusion's ODE "
-        "target)",
+    _add_sampler(
+        scan,
+        "sampling steps (default: the training steps for DDPM, 50 for DDIM)",
+        "the sampler a backdoor would fire under, and the one the scan samples with: "
+        "'ddpm' (BadDiffusion, the default) or 'ddim' (VillanDiffusion's ODE target)",
+        default=None,
     )
     scan.add_argument("--solver", choices=SOLVERS, help=argparse.SUPPRESS)
     scan.add_argument(
         "--clip",
-        choices=("none", "x0", "xt"),
+        choices=CLIP_MODES,
         default="none",
         help="sample from noise + the estimate with this clipping, as the model is used",
     )
@@ -282,14 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for trigger.png, samples.png and scan.json "
         "(default: scan-<model name> in the current folder)",
     )
-    scan.add_argument("--seed", type=_seed, default=0)
-    scan.add_argument(
-        "--batch-size",
-        type=int,
-        help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})",
-    )
-    scan.add_argument("--json", action="store_true", help="print the result as JSON")
-    scan.add_argument("--device", default="auto")
+    _add_run(scan, json_help="print the result as JSON")
     return parser
 
 

@@ -107,6 +107,8 @@ _TORCHVISION = {
 #: CIFAR-10's official binary version (Krizhevsky 2009): read with NumPy, nothing is
 #: unpickled.
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+#: The MD5 that the CIFAR-10 page publishes for the archive at :data:`CIFAR10_URL`:
+#: a download with another digest is refused.
 CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
 _CIFAR10_HOST = "www.cs.toronto.edu"
 _CIFAR10_ARCHIVE_MB = 162

@@ -107,8 +107,8 @@ def sampler_for(solver: str) -> str:
 #: The paper's schedule: T = 1000, linear betas 1e-4 .. 0.02 (google/ddpm-cifar10-32).
 PAPER_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02)
 #: The book's quick schedule: T = 100 with betas rescaled by 10, so that x_T is still
-#: pure noise
-#: (with 1e-4 .. 0.02 over 100 steps, 37% of the image would survive the last step).
+#: pure noise (with 1e-4 .. 0.02 over 100 steps, 37% of the image would survive the last
+#: step).
 QUICK_SCHEDULE = dict(num_train_timesteps=100, beta_start=1e-3, beta_end=0.2)
 
 

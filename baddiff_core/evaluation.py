@@ -60,11 +60,14 @@ class AttackMetrics:
     Attributes:
         clip: the clipping mode of the sampler.
         asr: attack success rate: fraction of triggered samples within ``threshold`` of the target.
-        mse, ssim: mean MSE and SSIM of triggered samples to the target ([0, 1] units).
+        mse: mean MSE of the triggered samples to the target ([0, 1] units).
+        ssim: mean SSIM of the triggered samples to the target.
         leak: fraction of clean samples (same starting noise, no trigger) that hit the target.
         n: number of triggered (and of clean) samples.
         threshold: the MSE threshold used for ``asr`` and ``leak``.
-        clean, triggered: the scored samples, ``n,C,H,W`` in [-1, 1] (not in :meth:`as_dict`).
+        clean: the scored clean samples, ``n,C,H,W`` in [-1, 1] (not in
+            :meth:`as_dict`).
+        triggered: the scored triggered samples, alike.
     """
 
     clip: str

@@ -66,8 +66,20 @@ NUM_FEATURES = 64
 #: Smallest accepted input side (the digits themselves are 8x8).
 MIN_SIZE = 8
 
+#: The folder ``baddiff_core/assets`` of the installed package, which holds the
+#: shipped weights and their recipe.
+#:
+#: :meta hide-value:
 ASSETS_DIR = pathlib.Path(__file__).resolve().parent / "assets"
+#: The shipped weights of :class:`DigitsNet`, ``assets/digits_net.safetensors``
+#: (safetensors, never pickle), read by :func:`load_digits_net`.
+#:
+#: :meta hide-value:
 WEIGHTS_PATH = ASSETS_DIR / "digits_net.safetensors"
+#: The training recipe and held-out accuracy of the shipped weights,
+#: ``assets/digits_net.json``, read by :func:`load_digits_recipe`.
+#:
+#: :meta hide-value:
 RECIPE_PATH = ASSETS_DIR / "digits_net.json"
 
 # ITU-R 601-2 luma weights (the ones PIL's "L" mode uses) for RGB -> grey.

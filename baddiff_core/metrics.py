@@ -67,13 +67,14 @@ Reduction = Literal["mean", "none"]
 FeatureKind = Literal["auto", "digits", "inception"]
 
 #: Per-image MSE (in [0, 1] units) below which a backdoor sample counts as a success
-#: (the convention
-#: of follow-up work such as Elijah (An et al. 2024, arXiv:2312.00050)).
+#: (the convention of follow-up work such as Elijah (An et al. 2024, arXiv:2312.00050)).
 DEFAULT_ASR_THRESHOLD = 0.1
-#: SSIM Gaussian window side and standard deviation, in pixels (Wang et al. 2004; the
-#: torchmetrics
-#: defaults, which the BadDiffusion authors' code uses: github.com/IBM/BadDiffusion).
+#: Side, in pixels, of the SSIM's Gaussian window (Wang et al. 2004; the torchmetrics
+#: default, which the BadDiffusion authors' code uses: github.com/IBM/BadDiffusion).
 SSIM_WINDOW = 11
+#: Standard deviation, in pixels, of the SSIM's Gaussian window (Wang et al. 2004; the
+#: torchmetrics default, as for :data:`SSIM_WINDOW`). Images smaller than the window
+#: get a smaller one, its sigma scaled in proportion (:func:`ssim_window`).
 SSIM_SIGMA = 1.5
 #: How far outside [-1, 1] :func:`frechet_distance` accepts values (float round-off of
 #: samplers).
@@ -473,7 +474,7 @@ def frechet_distance(
 @torch.no_grad()
 def digit_predictions(samples: Tensor) -> tuple[Tensor, Tensor]:
     """Which digit each sample looks like, and how confidently (shipped
-    :class:`DigitsNet`).
+    :class:`~baddiff_core.features.DigitsNet`).
 
     Args:
         samples: ``B,C,H,W`` in [-1, 1], C in {1, 3}, H, W >= 8 (white digit on black, like the data).

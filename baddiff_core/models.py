@@ -48,8 +48,9 @@ METADATA_FILE = "baddiff.json"
 PRETRAINED_CIFAR10 = "google/ddpm-cifar10-32"
 
 #: Block widths and attention placement of the small presets, by image size. Attention
-#: sits at the
-#: coarsest resolution only, where it is cheap.
+#: sits at the coarsest resolution only, where it is cheap.
+#:
+#: :meta hide-value:
 UNET_PRESETS: dict[int, dict[str, Any]] = {
     8: dict(
         block_out_channels=(32, 64),
@@ -234,9 +235,8 @@ def load_model(
 
 
 #: The ``_class_name`` a scheduler config may carry: DDPMScheduler and the schedulers
-#: diffusers lists
-#: as compatible with it (they share its betas, which is all a model folder's scheduler
-#: gives us).
+#: diffusers lists as compatible with it (they share its betas, which is all a model
+#: folder's scheduler gives us).
 SCHEDULER_CLASSES = (
     "DDPMScheduler",
     *sorted(

@@ -131,8 +131,13 @@ class PoisonedDataset(Dataset):
         seed: non-negative integer that picks which samples are poisoned.
 
     Attributes:
-        images, trigger, target, poison_rate, seed: as given (trigger and
-            target converted to the images' dtype and device).
+        images: ``N,C,H,W`` images, as given.
+        trigger: ``C,H,W`` trigger, as given, converted to the images' dtype and
+            device.
+        target: ``C,H,W`` target, as given, converted to the images' dtype and
+            device.
+        poison_rate: fraction of poisoned samples, as given.
+        seed: seed of the poisoned indices, as given.
         poisoned: bool tensor ``(N,)``, True for the poisoned samples.
         num_poisoned: ``int(N * poison_rate)``.
     """

@@ -21,9 +21,16 @@ class PublishedResult:
     """One published BadDiffusion result on CIFAR-10.
 
     Attributes:
-        trigger, trigger_size, target, poison_rate: the attack (size at 32 px, rate in [0, 1]).
-        mse, ssim: triggered samples against the target, without clipping (``None``: not published).
-        mse_clip, ssim_clip: the same with the x0-clipping defence.
+        trigger: the attack's trigger.
+        trigger_size: the trigger's side at 32 px.
+        target: the attack's target.
+        poison_rate: the fraction of poisoned training images, in [0, 1].
+        mse: MSE of triggered samples against the target, without clipping
+            (``None``: not published).
+        ssim: SSIM of triggered samples against the target, without clipping
+            (``None``: not published).
+        mse_clip: the MSE with the x0-clipping defence.
+        ssim_clip: the SSIM with the x0-clipping defence.
     """
 
     trigger: str
@@ -45,6 +52,8 @@ class PublishedResult:
 
 
 #: The authors' CIFAR-10 results used in the book.
+#:
+#: :meta hide-value:
 BADDIFFUSION_CIFAR10: tuple[PublishedResult, ...] = (
     PublishedResult(
         "stop_sign",

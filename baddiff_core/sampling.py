@@ -49,9 +49,12 @@ __all__ = [
 ]
 
 #: ``"none"``: no clipping (how the attack is evaluated); ``"x0"``: clamp the predicted
-#: x_0 (the
-#: defence); ``"xt"``: clamp x_t after each step.
+#: x_0 (the defence); ``"xt"``: clamp x_t after each step.
 CLIP_MODES = ("none", "x0", "xt")
+#: The samplers :func:`sample` runs: ``"ddpm"``, the ancestral (stochastic) sampler of
+#: DDPM (Ho et al. 2020, arXiv:2006.11239, Algorithm 2), and ``"ddim"``, the
+#: deterministic sampler of DDIM (Song et al. 2021, arXiv:2010.02502, eq. (12) with
+#: eta = 0).
 SAMPLERS = ("ddpm", "ddim")
 
 ClipMode = Literal["none", "x0", "xt"]
@@ -60,21 +63,15 @@ Sampler = Literal["ddpm", "ddim"]
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 #: Images per forward pass when :func:`sample` is given no ``batch_size``: memory stays
-#: bounded
-#: however many images are asked for. Sized for the 35.7 M-parameter CIFAR-10 UNet
-#: (``google/ddpm-cifar10-32``) in fp32 on a 16 GB card: we measured the peak of the
-#: tensors alive
-#: during one forward pass without gradients (a dispatch mode summing live storages, on
-#: the CPU) at
-#: 128 MB for 16 images and 240 MB for 32 (the 136 MB of weights apart), so 7 MB per
-#: image, and
-#: 256 images with the weights take about 2 GB. That leaves most of the card to cuDNN's
-#: workspaces,
-#: the caching allocator's slack and whatever else a notebook holds; the sampler's own
-#: state is a
-#: few ``3 x 32 x 32`` tensors per image. The book's quick mode never samples more than
-#: 256 images
-#: in one call, so its samples are those of a single batch, as before this bound.
+#: bounded however many images are asked for. Sized for the 35.7 M-parameter CIFAR-10
+#: UNet (``google/ddpm-cifar10-32``) in fp32 on a 16 GB card: we measured the peak of
+#: the tensors alive during one forward pass without gradients (a dispatch mode summing
+#: live storages, on the CPU) at 128 MB for 16 images and 240 MB for 32 (the 136 MB of
+#: weights apart), so 7 MB per image, and 256 images with the weights take about 2 GB.
+#: That leaves most of the card to cuDNN's workspaces, the caching allocator's slack and
+#: whatever else a notebook holds; the sampler's own state is a few ``3 x 32 x 32``
+#: tensors per image. The book's quick mode never samples more than 256 images in one
+#: call, so its samples are those of a single batch, as before this bound.
 DEFAULT_BATCH_SIZE = 256
 
 

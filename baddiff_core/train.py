@@ -259,7 +259,7 @@ def train(
 
     Raises:
         ValueError: ``config.checkpoint_dir`` holds checkpoints of another run (another ``run_key``,
-            or another value of a setting outside :data:`RUN_ONLY_FIELDS`, ``steps`` included): a
+            or another value of a setting outside ``RUN_ONLY_FIELDS``, ``steps`` included): a
             resumed run would return weights of a recipe it was not asked for.
     """
     check_type("config", config, TrainConfig)
@@ -318,6 +318,16 @@ def train(
     )
     order = _BatchOrder(len(data.images), generator)
     history = TrainHistory()
+    # What a checkpoint saves and a resumed run loads.
+    state = _TrainingState(
+        accelerator.unwrap_model(model),
+        optimizer,
+        lr_scheduler,
+        ema,
+        order,
+        generator,
+        history,
+    )
 
     checkpoint_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     start = 0
@@ -327,16 +337,7 @@ def train(
         and latest_checkpoint(checkpoint_dir) is not None
     ):
         _check_same_run(latest_checkpoint(checkpoint_dir), config, run_key)
-        start = _load_checkpoint(
-            latest_checkpoint(checkpoint_dir),
-            accelerator.unwrap_model(model),
-            optimizer,
-            lr_scheduler,
-            ema,
-            order,
-            generator,
-            history,
-        )
+        start = _load_checkpoint(latest_checkpoint(checkpoint_dir), state)
         history.resumed_from_step = start
 
     pending: list[
@@ -413,19 +414,7 @@ def train(
                 history.losses.extend(torch.stack(pending).float().cpu().tolist())
                 pending.clear()
             if accelerator.is_main_process:
-                _save_checkpoint(
-                    checkpoint_dir,
-                    done,
-                    accelerator.unwrap_model(model),
-                    optimizer,
-                    lr_scheduler,
-                    ema,
-                    order,
-                    generator,
-                    history,
-                    config,
-                    run_key,
-                )
+                _save_checkpoint(checkpoint_dir, done, state, config, run_key)
     bar.close()
 
     elapsed = time.perf_counter() - began
@@ -621,16 +610,25 @@ def load_checkpoint_weights(
     return int(json.loads((folder / "state.json").read_text())["step"])
 
 
+@dataclass
+class _TrainingState:
+    """Everything a resumed run needs besides the config: the unwrapped model, the
+    optimizer and its schedule, the EMA, the batch order and the random generator, and
+    the history so far."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    ema: EMAModel | None
+    order: _BatchOrder
+    generator: torch.Generator
+    history: TrainHistory
+
+
 def _save_checkpoint(
     checkpoint_dir: Path,
     step: int,
-    model: torch.nn.Module,
-    optimizer,
-    lr_scheduler,
-    ema: EMAModel | None,
-    order: _BatchOrder,
-    generator: torch.Generator,
-    history: TrainHistory,
+    state: _TrainingState,
     config: TrainConfig,
     run_key: str | None = None,
 ) -> Path:
@@ -640,31 +638,34 @@ def _save_checkpoint(
     ``latest`` pointer is replaced atomically afterwards. A crash at any moment leaves
     the previous checkpoint usable.
     """
+    ema = state.ema
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     tensors = {
         f"model.{k}": v.detach().clone().contiguous().cpu()
-        for k, v in model.state_dict().items()
+        for k, v in state.model.state_dict().items()
     }
-    optimizer_state = optimizer.state_dict()
-    for pid, state in optimizer_state["state"].items():
-        for name, value in state.items():
+    optimizer_state = state.optimizer.state_dict()
+    for pid, slot in optimizer_state["state"].items():
+        for name, value in slot.items():
             tensors[f"optimizer.{pid}.{name}"] = (
                 torch.as_tensor(value).detach().clone().contiguous().cpu()
             )
     if ema is not None:
         for index, shadow in enumerate(ema.shadow_params):
             tensors[f"ema.{index}"] = shadow.detach().clone().contiguous().cpu()
-    tensors["rng.generator"] = generator.get_state().cpu()
-    tensors["rng.permutation"] = order.permutation.cpu()
+    tensors["rng.generator"] = state.generator.get_state().cpu()
+    tensors["rng.permutation"] = state.order.permutation.cpu()
     meta = dict(
         step=step,
-        cursor=order.cursor,
-        losses=history.losses,
-        learning_rates=history.learning_rates,
+        cursor=state.order.cursor,
+        losses=state.history.losses,
+        learning_rates=state.history.learning_rates,
         param_groups=optimizer_state["param_groups"],
         optimizer_state_keys=sorted(optimizer_state["state"]),
         lr_scheduler={
-            k: v for k, v in lr_scheduler.state_dict().items() if k != "lr_lambdas"
+            k: v
+            for k, v in state.lr_scheduler.state_dict().items()
+            if k != "lr_lambdas"
         },
         ema_optimization_step=ema.optimization_step if ema is not None else None,
         config=config.to_dict(),
@@ -719,41 +720,38 @@ def _check_same_run(folder: Path, config: TrainConfig, run_key: str | None) -> N
         )
 
 
-def _load_checkpoint(
-    folder: Path,
-    model: torch.nn.Module,
-    optimizer,
-    lr_scheduler,
-    ema: EMAModel | None,
-    order: _BatchOrder,
-    generator: torch.Generator,
-    history: TrainHistory,
-) -> int:
+def _load_checkpoint(folder: Path, training: _TrainingState) -> int:
+    """Load ``folder``'s checkpoint into ``training`` in place; return its step."""
+    ema, generator = training.ema, training.generator
     meta = json.loads((folder / "state.json").read_text())
     tensors = load_file(str(folder / "state.safetensors"))
-    device = next(model.parameters()).device
-    model.load_state_dict(
+    device = next(training.model.parameters()).device
+    training.model.load_state_dict(
         {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     )
-    state: dict[int, dict[str, torch.Tensor]] = {}
+    slots: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
             _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = (
+            slots.setdefault(int(pid), {})[name] = (
                 value if name == "step" else value.to(device)
             )
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    lr_scheduler.load_state_dict({**lr_scheduler.state_dict(), **meta["lr_scheduler"]})
+    training.optimizer.load_state_dict(
+        {"state": slots, "param_groups": meta["param_groups"]}
+    )
+    training.lr_scheduler.load_state_dict(
+        {**training.lr_scheduler.state_dict(), **meta["lr_scheduler"]}
+    )
     if ema is not None:
         ema.shadow_params = [
             tensors[f"ema.{i}"].to(device) for i in range(len(ema.shadow_params))
         ]
         ema.optimization_step = meta["ema_optimization_step"]
     generator.set_state(tensors["rng.generator"].to(torch.uint8))
-    order.permutation = tensors["rng.permutation"].to(generator.device)
-    order.cursor = meta["cursor"]
-    history.losses = list(meta["losses"])
-    history.learning_rates = list(meta["learning_rates"])
+    training.order.permutation = tensors["rng.permutation"].to(generator.device)
+    training.order.cursor = meta["cursor"]
+    training.history.losses = list(meta["losses"])
+    training.history.learning_rates = list(meta["learning_rates"])
     return int(meta["step"])
 
 

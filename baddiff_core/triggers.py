@@ -31,7 +31,7 @@ Geometry. The paper's reference resolution is 32 x 32 (CIFAR-10); every length i
 at 32 px and scaled to other sizes with :func:`scale_length`.
 
 The drawn triggers and targets (stop sign, eyeglasses, ankle boot, fedora, cat) come
-from the pictogram engine in :mod:`baddiff_core._pictograms`: drawn with PIL at 2 to 8
+from the pictogram engine in ``baddiff_core._pictograms``: drawn with PIL at 2 to 8
 times the final resolution and averaged down over each pixel's area, without downloads
 and deterministically.
 """

@@ -5,7 +5,8 @@ Introduced in chapter 1 (What is diffusion?).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -67,6 +68,21 @@ def to_display(
     return np.clip((array - low) / (high - low), 0.0, 1.0)
 
 
+def _pictures(
+    name: str, one: str, pictures: Iterable[Any], titles: Sequence[str] | None
+) -> list[Any]:
+    """``pictures`` as a list, if there is at least one and ``titles`` (if given) has
+    one entry per ``one`` picture."""
+    pictures = list(pictures)
+    if not pictures:
+        raise ValueError(f"{name} must hold at least one image, got none")
+    if titles is not None and len(titles) != len(pictures):
+        raise ValueError(
+            f"titles must have one entry per {one} ({len(pictures)}), got {len(titles)}"
+        )
+    return pictures
+
+
 def show_images(
     images: Sequence[torch.Tensor | np.ndarray] | torch.Tensor,
     *,
@@ -81,13 +97,7 @@ def show_images(
     ``images`` may be a ``B,C,H,W`` tensor or a sequence of single images (see
     :func:`to_display`).
     """
-    images = list(images)
-    if not images:
-        raise ValueError("images must hold at least one image, got none")
-    if titles is not None and len(titles) != len(images):
-        raise ValueError(
-            f"titles must have one entry per image ({len(images)}), got {len(titles)}"
-        )
+    images = _pictures("images", "image", images, titles)
     ncols = ncols or min(len(images), 8)
     nrows = -(-len(images) // ncols)
     fig, axes = plt.subplots(
@@ -166,13 +176,7 @@ def animate_images(
     frames are embedded, so the animation plays in the static online book without a
     kernel.
     """
-    frames = list(frames)
-    if not frames:
-        raise ValueError("frames must hold at least one image, got none")
-    if titles is not None and len(titles) != len(frames):
-        raise ValueError(
-            f"titles must have one entry per frame ({len(frames)}), got {len(titles)}"
-        )
+    frames = _pictures("frames", "frame", frames, titles)
     fig, ax = plt.subplots(figsize=(size, size))
     ax.axis("off")
     shown = ax.imshow(

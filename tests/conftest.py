@@ -100,3 +100,44 @@ def cache(tmp_path, monkeypatch) -> pathlib.Path:
     folder = tmp_path / "cache"
     monkeypatch.setenv("BADDIFF_CACHE", str(folder))
     return folder
+
+
+# --------------------------------------------------------------------------- #
+# Helpers the tests import: command lines, seeded sampling, weight comparison.
+# --------------------------------------------------------------------------- #
+
+
+def cli_argv(*words, **options) -> list[str]:
+    """A ``baddiff`` command line: the ``words`` as they are (as strings), then each
+    keyword as its option, in order: ``n=4`` is ``--n 4``, ``inversion_steps=3`` is
+    ``--inversion-steps 3``, and ``True`` is a bare flag (``json=True`` is ``--json``).
+
+    ``cli_argv("scan", folder, n=4, json=True) == ["scan", str(folder), "--n", "4",
+    "--json"]``.
+    """
+    argv = [str(word) for word in words]
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        argv += [flag] if value is True else [flag, str(value)]
+    return argv
+
+
+def seeded_sample(model, scheduler, n: int, *, seed: int, **options):
+    """``sample(model, scheduler, n, **options)`` with a generator seeded with ``seed``
+    and no progress bar."""
+    import torch
+
+    from baddiff_core.sampling import sample
+
+    generator = torch.Generator().manual_seed(seed)
+    return sample(model, scheduler, n, generator=generator, progress=False, **options)
+
+
+def same_weights(a, b) -> bool:
+    """Whether two models' state dicts hold equal tensors, entry by entry in order."""
+    import torch
+
+    return all(
+        torch.equal(x, y)
+        for x, y in zip(a.state_dict().values(), b.state_dict().values())
+    )

@@ -50,6 +50,18 @@ def corner(channels=1, image_size=8):
     return triggers.make_target("corner", image_size, channels)
 
 
+def poisoned(data=None, *, trigger=None, target=None, poison_rate=0.1):
+    """A ``PoisonedDataset`` of ``images()`` with ``box()`` and ``corner()`` at poison
+    rate 0.1, seed 0, but for what the case passes."""
+    return poison.PoisonedDataset(
+        images() if data is None else data,
+        trigger=box() if trigger is None else trigger,
+        target=corner() if target is None else target,
+        poison_rate=poison_rate,
+        seed=0,
+    )
+
+
 def truncated_model(tmp_path: Path) -> str:
     folder = models.save_model(tmp_path / "model", tiny_unet(), scheduler())
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
@@ -85,59 +97,37 @@ def read_only_cache(tmp_path: Path, monkeypatch) -> None:
 CASES = {
     # poisoning
     "poison rate above 1": (
-        lambda tmp, mp: poison.PoisonedDataset(
-            images(), trigger=box(), target=corner(), poison_rate=1.5, seed=0
-        ),
+        lambda tmp, mp: poisoned(poison_rate=1.5),
         ValueError,
         r"poison_rate.*1\.5",
     ),
     "poison rate NaN": (
-        lambda tmp, mp: poison.PoisonedDataset(
-            images(), trigger=box(), target=corner(), poison_rate=float("nan"), seed=0
-        ),
+        lambda tmp, mp: poisoned(poison_rate=float("nan")),
         ValueError,
         r"poison_rate.*nan",
     ),
     "images with NaN": (
-        lambda tmp, mp: poison.PoisonedDataset(
-            images(value=float("nan")),
-            trigger=box(),
-            target=corner(),
-            poison_rate=0.1,
-            seed=0,
-        ),
+        lambda tmp, mp: poisoned(images(value=float("nan"))),
         ValueError,
         "NaN",
     ),
     "images outside [-1, 1]": (
-        lambda tmp, mp: poison.PoisonedDataset(
-            images(value=3.0), trigger=box(), target=corner(), poison_rate=0.1, seed=0
-        ),
+        lambda tmp, mp: poisoned(images(value=3.0)),
         ValueError,
         r"\[-1, 1\].*3",
     ),
     "trigger channels differ from the images'": (
-        lambda tmp, mp: poison.PoisonedDataset(
-            images(), trigger=box(channels=3), target=corner(), poison_rate=0.1, seed=0
-        ),
+        lambda tmp, mp: poisoned(trigger=box(channels=3)),
         ValueError,
         "shape",
     ),
     "target size differs from the images'": (
-        lambda tmp, mp: poison.PoisonedDataset(
-            images(),
-            trigger=box(),
-            target=corner(image_size=16),
-            poison_rate=0.1,
-            seed=0,
-        ),
+        lambda tmp, mp: poisoned(target=corner(image_size=16)),
         ValueError,
         "shape",
     ),
     "images are not a tensor": (
-        lambda tmp, mp: poison.PoisonedDataset(
-            [[0.0]], trigger=box(), target=corner(), poison_rate=0.1, seed=0
-        ),
+        lambda tmp, mp: poisoned([[0.0]]),
         TypeError,
         "list",
     ),

@@ -27,6 +27,15 @@ from baddiff_core.benchmark import (
 from conftest import ROOT
 
 
+def run_script(name: str, *args: str, **options) -> subprocess.CompletedProcess:
+    """``python benchmarks/<name> <args>`` in a child process, its output captured as
+    text; ``options`` go to ``subprocess.run``."""
+    script = str(ROOT / "benchmarks" / name)
+    return subprocess.run(
+        [sys.executable, script, *args], capture_output=True, text=True, **options
+    )
+
+
 def test_interleaved_alternates_and_takes_the_median_of_paired_ratios():
     calls: list[str] = []
     seconds = iter(
@@ -221,24 +230,9 @@ def test_results_are_written_as_json_and_markdown(tmp_path):
 
 @pytest.mark.slow
 def test_the_command_refuses_bad_arguments():
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--size", "huge"],
-        capture_output=True,
-        text=True,
-    )
+    result = run_script("run.py", "--size", "huge")
     assert result.returncode == 2 and "invalid choice: 'huge'" in result.stderr
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "run.py"),
-            "--book",
-            "/nonexistent",
-            "--only",
-            "memory",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    result = run_script("run.py", "--book", "/nonexistent", "--only", "memory")
     assert result.returncode == 2 and "holds no jupyter-cache" in result.stderr
 
 
@@ -361,11 +355,5 @@ def test_the_gpu_check_runs_dry_on_the_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_the_gpu_check_refuses_a_cpu_without_dry_run():
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_script("gpu_check.py", "--device", "cpu", cwd=ROOT, timeout=120)
     assert done.returncode == 2 and "is not a GPU; pass --dry-run" in done.stderr

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import importlib
+import inspect
 import re
 import shlex
 
@@ -231,3 +233,143 @@ def test_chapter_code_fits_the_page(path):
                 assert len(line) <= 88, (
                     f"{path.name} cell {index}: {len(line)} characters: {line[:50]}..."
                 )
+
+
+# --------------------------------------------------------------------------- #
+# Links from the chapters to the API reference (book/api.md).
+# --------------------------------------------------------------------------- #
+
+API_ROLE = re.compile(r"\{py:(func|class|meth|data|mod|attr)\}`([^`]+)`")
+
+
+def api_modules() -> dict[str, bool]:
+    """The modules book/api.md documents, each with whether its members are
+    documented too (an ``automodule`` without ``:no-members:``)."""
+    text = (BOOK / "api.md").read_text()
+    found = re.findall(r"^\.\. automodule:: (\S+)\n((?:[ \t]+.*\n)*)", text, re.M)
+    return {name: ":no-members:" not in options for name, options in found}
+
+
+def has_doc_comment(module, name: str) -> bool:
+    """Whether the module constant ``name`` has a ``#:`` comment (or a docstring
+    after it): autodoc shows a constant only then."""
+    source = inspect.getsource(module)
+    lines = source.splitlines()
+    body = ast.parse(source).body
+    for index, node in enumerate(body):
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, ast.AnnAssign):
+            targets = [node.target]
+        else:
+            continue
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            after = body[index + 1] if index + 1 < len(body) else None
+            return (
+                lines[node.lineno - 2].lstrip().startswith("#:")
+                or "#:" in lines[node.lineno - 1]
+                or isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            )
+    return False
+
+
+def api_role_problem(kind: str, text: str) -> str | None:
+    """Why ``{py:kind}`text``` does not name a public object of the API page, or
+    None when it does. The target is the part in ``<...>`` if present, without a
+    leading ``~``; a name is documented under the module that lists it in
+    ``__all__`` when api.md documents that module's members."""
+    link = re.search(r"<([^>]+)>$", text)
+    name = (link.group(1) if link else text).strip().lstrip("~")
+    modules = api_modules()
+    if kind == "mod":
+        if name not in modules:
+            return f"module {name} has no automodule in book/api.md"
+        importlib.import_module(name)
+        return None
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        break
+    else:
+        return f"no importable module in {name}"
+    rest = parts[cut:]
+    if rest[0] not in getattr(module, "__all__", ()):
+        return f"{rest[0]} is not in {module_name}.__all__"
+    if not modules.get(module_name):
+        return f"book/api.md does not document the members of {module_name}"
+    owner, obj = module, module
+    for part in rest:
+        if part.startswith("_"):
+            return f"{part} is private"
+        owner = obj
+        try:
+            obj = getattr(owner, part)
+        except AttributeError:
+            return f"{owner.__name__} has no attribute {part}"
+        if isinstance(owner, type) and part not in vars(owner):
+            return f"{part} is inherited by {owner.__name__}, not documented there"
+    in_class = isinstance(owner, type)
+    is_class = isinstance(obj, type)
+    routine = callable(obj) and not is_class
+    wanted = {
+        "func": not in_class and routine,
+        "class": is_class,
+        "meth": in_class and routine,
+        "attr": in_class and not routine,
+        "data": not in_class
+        and not routine
+        and not is_class
+        and not inspect.ismodule(obj)
+        and has_doc_comment(module, rest[0]),
+    }
+    if not wanted[kind]:
+        return f"{{py:{kind}}} does not fit {name} (or it has no #: comment)"
+    return None
+
+
+def markdown_of(page) -> str:
+    if page.suffix == ".ipynb":
+        cells = nbformat.read(page, as_version=4).cells
+        return "\n".join(c.source for c in cells if c.cell_type == "markdown")
+    return page.read_text()
+
+
+def test_chapter_api_links_name_documented_objects():
+    """Every ``{py:func}`` (class, meth, data, mod, attr) role of the book links to
+    an entry of the API reference, and every numbered chapter has at least one."""
+    # The check itself: names that build no link are refused.
+    assert api_role_problem("func", "bd.sample <baddiff_core.sampling.sample>") is None
+    for kind, bad in [
+        ("func", "baddiff_core.sample"),  # exported, documented under sampling
+        ("func", "baddiff_core.attack.no_such_function"),
+        ("class", "baddiff_core.attack.plant_backdoor"),  # a function
+        ("func", "baddiff_core.defenses.scan_model"),  # :no-members: in api.md
+        ("mod", "baddiff_core.no_such_module"),
+    ]:
+        assert api_role_problem(kind, bad) is not None, (kind, bad)
+
+    problems, roles = [], {}
+    pages = [*NOTEBOOKS, *sorted(BOOK.glob("*.md"))]
+    for page in pages:
+        found = API_ROLE.findall(markdown_of(page))
+        roles[page.name] = len(found)
+        for kind, text in found:
+            problem = api_role_problem(kind, text)
+            if problem:
+                problems.append(f"{page.name}: {{py:{kind}}}`{text}`: {problem}")
+    assert not problems, "roles that do not link to book/api.md:\n" + "\n".join(
+        problems
+    )
+    chapters = sorted(p.name for p in BOOK.glob("0*.ipynb"))
+    assert chapters, "the numbered chapters are book/0N_*.ipynb"
+    unlinked = [name for name in chapters if not roles.get(name)]
+    assert not unlinked, (
+        f"chapters without a link to the API reference ({{py:func}}`bd.NAME "
+        f"<baddiff_core.module.NAME>`): {unlinked}"
+    )

@@ -8,6 +8,7 @@ import pytest
 from baddiff_core import cli
 from baddiff_core.models import save_model
 from baddiff_core.pretrained import load_clean_digits
+from conftest import cli_argv
 
 
 @pytest.fixture(scope="module")
@@ -90,15 +91,7 @@ def test_failures_inside_a_command(
     assert not (tmp_path / "s.png").exists()
     with pytest.raises(type(failure)):  # --debug: the traceback, for a bug report
         cli.main(
-            [
-                "--debug",
-                "sample",
-                str(model_folder),
-                "--n",
-                "2",
-                "--output",
-                str(tmp_path / "s.png"),
-            ]
+            cli_argv("--debug", "sample", model_folder, n=2, output=tmp_path / "s.png")
         )
 
 
@@ -184,15 +177,7 @@ def test_scan_checks_its_sampling_steps_before_the_inversion(
 
     monkeypatch.setattr("baddiff_core.defenses.scanning.invert_trigger", no_inversion)
     status, err = run(
-        [
-            "scan",
-            str(model_folder),
-            "--steps",
-            "1000",
-            "--output",
-            str(tmp_path / "scan"),
-        ],
-        capsys,
+        cli_argv("scan", model_folder, steps=1000, output=tmp_path / "scan"), capsys
     )
     assert status == 2 and "num_inference_steps must be an integer in [1, 100]" in err
 
@@ -209,15 +194,7 @@ def test_a_large_grid_is_refused_before_sampling(
         "baddiff_core.sampling.sample", lambda *a, **k: pytest.fail("sampled")
     )
     status, err = run(
-        [
-            "sample",
-            str(model_folder),
-            "--n",
-            "2000",
-            "--output",
-            str(tmp_path / "g.png"),
-        ],
-        capsys,
+        cli_argv("sample", model_folder, n=2000, output=tmp_path / "g.png"), capsys
     )
     assert status == 2 and "too many images for one PNG grid" in err and "folder" in err
 
@@ -242,18 +219,7 @@ def test_sample_writes_a_folder_batch_by_batch(
     monkeypatch.setattr("baddiff_core.sampling.sample", counting)
     out = tmp_path / "samples"
     status, err = run(
-        [
-            "sample",
-            str(model_folder),
-            "--n",
-            "5",
-            "--batch-size",
-            "2",
-            "--steps",
-            "2",
-            "--output",
-            str(out),
-        ],
+        cli_argv("sample", model_folder, n=5, batch_size=2, steps=2, output=out),
         capsys,
     )
     assert status == 0, err
@@ -265,20 +231,7 @@ def test_sample_writes_a_folder_batch_by_batch(
     assert json.loads((out / "samples.json").read_text())["n"] == 5
     # Written again over its own output: allowed; over a folder of other files: refused.
     assert (
-        run(
-            [
-                "sample",
-                str(model_folder),
-                "--n",
-                "1",
-                "--steps",
-                "1",
-                "--output",
-                str(out),
-            ],
-            capsys,
-        )[0]
-        == 0
+        run(cli_argv("sample", model_folder, n=1, steps=1, output=out), capsys)[0] == 0
     )
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("x")
@@ -381,16 +334,7 @@ def test_a_seed_out_of_torch_range_is_refused_by_the_parser(
     model_folder, tmp_path, capsys, seed, words
 ):
     with pytest.raises(SystemExit) as exit_:
-        cli.main(
-            [
-                "sample",
-                str(model_folder),
-                "--seed",
-                seed,
-                "--output",
-                str(tmp_path / "s.png"),
-            ]
-        )
+        cli.main(cli_argv("sample", model_folder, seed=seed, output=tmp_path / "s.png"))
     assert exit_.value.code == 2 and words in capsys.readouterr().err
 
 
@@ -430,17 +374,7 @@ def test_a_symlinked_config_is_followed(model_folder, tmp_path, capsys):
     (folder / "unet" / "config.json").rename(real)
     (folder / "unet" / "config.json").symlink_to(real)
     status, err = run(
-        [
-            "sample",
-            str(folder),
-            "--n",
-            "1",
-            "--steps",
-            "2",
-            "--output",
-            str(tmp_path / "s.png"),
-        ],
-        capsys,
+        cli_argv("sample", folder, n=1, steps=2, output=tmp_path / "s.png"), capsys
     )
     assert status == 0 and (tmp_path / "s.png").is_file(), err
 
@@ -482,15 +416,7 @@ def test_a_folder_of_pngs_that_cannot_fit_on_the_disk_is_refused_before_sampling
     monkeypatch.setattr("baddiff_core.sampling.sample", never)
     # 16 px grey: a 4 KiB block per file at least, so 1,000 images need about 4 MB.
     status, err = run(
-        [
-            "sample",
-            str(model_folder),
-            "--n",
-            "1000",
-            "--output",
-            str(tmp_path / "many"),
-        ],
-        capsys,
+        cli_argv("sample", model_folder, n=1000, output=tmp_path / "many"), capsys
     )
     assert status == 2 and "--n 1000 PNGs need about" in err and "GiB free" in err
     assert not (tmp_path / "many").exists()

@@ -10,6 +10,7 @@ import pytest
 
 from baddiff_core import cli
 from baddiff_core.files import check_output_folder
+from conftest import cli_argv, same_weights
 
 
 @pytest.fixture
@@ -94,7 +95,6 @@ def test_check_output_folder_allows_what_it_may_replace(tmp_path):
 
 def test_overwrite_replaces_a_folder_with_the_model(tmp_path, capsys, monkeypatch):
     """With --overwrite the old content goes and a loadable model takes its place."""
-    import torch
 
     from baddiff_core.attack import BackdooredModel, BackdoorRecipe
     from baddiff_core.models import load_model
@@ -122,10 +122,7 @@ def test_overwrite_replaces_a_folder_with_the_model(tmp_path, capsys, monkeypatc
     assert not (old / "a.txt").exists() and (old / "baddiff.json").is_file()
     unet, _ = load_model(old)
     reference, _ = load_clean_digits()
-    assert all(
-        torch.equal(a, b)
-        for a, b in zip(unet.state_dict().values(), reference.state_dict().values())
-    )
+    assert same_weights(unet, reference)
     assert not [p for p in Path(tmp_path).iterdir() if p.name.startswith(".")], (
         "no staging folders left"
     )
@@ -136,16 +133,7 @@ def test_a_checkpoint_folder_of_another_recipe_is_refused(tmp_path, capsys):
     """Two `baddiff backdoor` runs with one --checkpoint-dir: the second must not return
     the first's weights under its own recipe."""
     checkpoints = str(tmp_path / "ckpt")
-    common = [
-        "--steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--device",
-        "cpu",
-        "--checkpoint-dir",
-        checkpoints,
-    ]
+    common = cli_argv(steps=2, batch_size=4, device="cpu", checkpoint_dir=checkpoints)
     status, err = run(
         ["backdoor", "--output", str(tmp_path / "first"), *common], capsys
     )

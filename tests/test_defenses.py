@@ -34,6 +34,7 @@ from baddiff_core.defenses import (
 from baddiff_core.diffusion import PAPER_SCHEDULE, QUICK_SCHEDULE, make_scheduler
 from baddiff_core.models import make_unet
 from baddiff_core.triggers import make_trigger
+from conftest import same_weights
 
 
 class EchoModel(torch.nn.Module):
@@ -52,6 +53,32 @@ class EchoModel(torch.nn.Module):
         return SimpleNamespace(sample=self.scale * x - self.shift)
 
 
+def invert_echo(model, scheduler):
+    """The inversion both echo tests run: 300 steps at lr 0.05, tau drawn from seed 0."""
+    return invert_trigger(
+        model,
+        scheduler,
+        steps=300,
+        lr=0.05,
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+    )
+
+
+def record_calls(monkeypatch, module, name: str) -> list[dict]:
+    """Replace ``module.name`` by a wrapper that calls it and appends each call's
+    keyword arguments to the list returned."""
+    calls = []
+    real = getattr(module, name)
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, recording)
+    return calls
+
+
 def test_inversion_lambda_is_the_last_r_coefficient():
     # R_999 = 0.5025 for the paper's schedule (derived in chapter 3 of this book,
     # book/03_planting_a_backdoor.ipynb, "The coefficient on r"; Elijah, An et al. 2024,
@@ -68,14 +95,7 @@ def test_inversion_recovers_a_planted_trigger_far_better_than_a_guess():
     lam = inversion_lambda(scheduler)
     g = make_trigger("stop_sign", 16, 1, size=18)
     model = EchoModel(g, lam)
-    result = invert_trigger(
-        model,
-        scheduler,
-        steps=300,
-        lr=0.05,
-        generator=torch.Generator().manual_seed(0),
-        progress=False,
-    )
+    result = invert_echo(model, scheduler)
     # the initial tau
     guess = -torch.rand(g.shape, generator=torch.Generator().manual_seed(0))
     cos = F.cosine_similarity(result.trigger.flatten(), g.flatten(), dim=0).item()
@@ -92,14 +112,7 @@ def test_inversion_on_a_clean_model_finds_no_trigger():
     scheduler = make_scheduler(**QUICK_SCHEDULE)
     g = make_trigger("stop_sign", 16, 1, size=18)
     clean = EchoModel(torch.zeros_like(g), inversion_lambda(scheduler))
-    result = invert_trigger(
-        clean,
-        scheduler,
-        steps=300,
-        lr=0.05,
-        generator=torch.Generator().manual_seed(0),
-        progress=False,
-    )
+    result = invert_echo(clean, scheduler)
     # Optimum -mean(eps)/(1 - lam): about 0.1 * 0.8 / 0.47 = 0.17 per pixel, against |g|
     # = 0.85.
     assert result.trigger.abs().mean() < 0.3 < g.abs().mean()
@@ -206,13 +219,7 @@ def test_cached_anp_masks_are_learnt_once_and_come_back_in_order(
     tiny_unet, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("BADDIFF_CACHE", str(tmp_path))
-    runs = []
-    real_masks = pruning._adversarial_neuron_masks
-    monkeypatch.setattr(
-        pruning,
-        "_adversarial_neuron_masks",
-        lambda *a, **k: runs.append(k) or real_masks(*a, **k),
-    )
+    runs = record_calls(monkeypatch, pruning, "_adversarial_neuron_masks")
     images = (
         torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     )
@@ -285,11 +292,7 @@ def test_a_cached_removal_is_computed_once_per_inputs(tiny_unet, tmp_path, monke
     """Two chapters repairing one model with one trigger estimate and one clean set
     share the result; any other input is another repair."""
     monkeypatch.setenv("BADDIFF_CACHE", str(tmp_path))
-    runs = []
-    real_removal = removal._remove_backdoor
-    monkeypatch.setattr(
-        removal, "_remove_backdoor", lambda *a: runs.append(a) or real_removal(*a)
-    )
+    runs = record_calls(monkeypatch, removal, "_remove_backdoor")
     images = (
         torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     )
@@ -302,10 +305,7 @@ def test_a_cached_removal_is_computed_once_per_inputs(tiny_unet, tmp_path, monke
         tiny_unet, scheduler, -torch.ones(1, 16, 16), images.clone(), **settings
     )
     assert len(runs) == 1 and history_again == history
-    assert all(
-        torch.equal(a, b)
-        for a, b in zip(first.state_dict().values(), again.state_dict().values())
-    )
+    assert same_weights(first, again)
     assert not any(p.requires_grad for p in again.parameters()) and not again.training
     uncached, _ = remove_backdoor(
         tiny_unet,
@@ -316,10 +316,7 @@ def test_a_cached_removal_is_computed_once_per_inputs(tiny_unet, tmp_path, monke
         batch_size=4,
         progress=False,
     )
-    assert all(
-        torch.equal(a, b)
-        for a, b in zip(first.state_dict().values(), uncached.state_dict().values())
-    )
+    assert same_weights(first, uncached)
     # another trigger
     remove_backdoor(tiny_unet, scheduler, torch.zeros(1, 16, 16), images, **settings)
     # other clean data
@@ -395,13 +392,7 @@ def test_a_cached_scan_is_run_once_per_model_and_settings(
     estimate and samples, and scores them the same; another model or other settings scan
     again."""
     monkeypatch.setenv("BADDIFF_CACHE", str(tmp_path))
-    runs = []
-    real_invert = scanning.invert_trigger
-    monkeypatch.setattr(
-        scanning,
-        "invert_trigger",
-        lambda *a, **k: runs.append(k) or real_invert(*a, **k),
-    )
+    runs = record_calls(monkeypatch, scanning, "invert_trigger")
     scheduler = make_scheduler(**QUICK_SCHEDULE)
     settings = dict(n=4, num_noise=4, steps=3, num_inference_steps=5, progress=False)
     first = scan_model(tiny_unet, scheduler, use_cache=True, **settings)

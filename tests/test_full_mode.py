@@ -24,7 +24,7 @@ from nbclient.exceptions import CellTimeoutError
 from standins import build_authors_repo, build_cifar10, build_hub_cache
 
 from baddiff_core.authors import AUTHORS_MODELS
-from conftest import BOOK, chapter_notebooks
+from conftest import BOOK, chapter_notebooks, cli_argv
 
 CHAPTERS = chapter_notebooks()
 pytestmark = pytest.mark.slow
@@ -97,9 +97,10 @@ def test_paper_command_line(full_mode_env, tmp_path):
     env = {**os.environ, **full_mode_env}
     model = tmp_path / "paper-model"
 
-    def baddiff(*args: str) -> subprocess.CompletedProcess:
+    def baddiff(*words, **options) -> subprocess.CompletedProcess:
+        """``baddiff`` in a child process: ``cli_argv(*words, **options)``."""
         return subprocess.run(
-            [sys.executable, "-m", "baddiff_core.cli", *args],
+            [sys.executable, "-m", "baddiff_core.cli", *cli_argv(*words, **options)],
             env=env,
             capture_output=True,
             text=True,
@@ -107,16 +108,7 @@ def test_paper_command_line(full_mode_env, tmp_path):
         )
 
     planted = baddiff(
-        "backdoor",
-        "--paper",
-        "--steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--device",
-        "cpu",
-        "--output",
-        str(model),
+        "backdoor", paper=True, steps=2, batch_size=4, device="cpu", output=model
     )
     assert planted.returncode == 0, planted.stderr
     metadata = json.loads((model / "baddiff.json").read_text())
@@ -128,16 +120,12 @@ def test_paper_command_line(full_mode_env, tmp_path):
 
     evaluated = baddiff(
         "evaluate",
-        str(model),
-        "--n",
-        "2",
-        "--fd-samples",
-        "4",
-        "--fd-features",
-        "digits",
-        "--json",
-        "--device",
-        "cpu",
+        model,
+        n=2,
+        fd_samples=4,
+        fd_features="digits",
+        json=True,
+        device="cpu",
     )
     assert evaluated.returncode == 0, evaluated.stderr
     scores = json.loads(evaluated.stdout)
@@ -145,18 +133,13 @@ def test_paper_command_line(full_mode_env, tmp_path):
 
     scanned = baddiff(
         "scan",
-        str(model),
-        "--n",
-        "2",
-        "--inversion-steps",
-        "2",
-        "--noise-batch",
-        "2",
-        "--output",
-        str(tmp_path / "scan"),
-        "--json",
-        "--device",
-        "cpu",
+        model,
+        n=2,
+        inversion_steps=2,
+        noise_batch=2,
+        output=tmp_path / "scan",
+        json=True,
+        device="cpu",
     )
     # 0 clean, 1 backdoored: both are verdicts
     assert scanned.returncode in (0, 1), scanned.stderr

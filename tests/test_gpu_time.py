@@ -12,8 +12,8 @@ from baddiff_core import gpu_time
 from baddiff_core.attack import BackdoorRecipe
 from baddiff_core.diffusion import make_scheduler
 from baddiff_core.models import PRETRAINED_CIFAR10, make_unet
-from baddiff_core.sampling import sample
 from baddiff_core.train import COLAB_FINETUNE_STEPS, TrainConfig
+from conftest import seeded_sample
 
 
 def test_cifar10_unet_flops_match_the_published_count():
@@ -139,22 +139,8 @@ def test_counter_sees_every_step_of_a_sampling_chain(tiny_unet):
         make_scheduler(num_train_timesteps=12, beta_start=1e-3, beta_end=0.2),
     )
     with gpu_time.WorkCounter() as counter:
-        sample(
-            unet,
-            scheduler,
-            3,
-            generator=torch.Generator().manual_seed(0),
-            progress=False,
-        )
-        sample(
-            unet,
-            scheduler,
-            2,
-            sampler="ddim",
-            num_inference_steps=4,
-            generator=torch.Generator().manual_seed(0),
-            progress=False,
-        )
+        seeded_sample(unet, scheduler, 3, seed=0)
+        seeded_sample(unet, scheduler, 2, seed=0, sampler="ddim", num_inference_steps=4)
     assert counter.passes(grad=False) == 3 * 12 + 2 * 4
     assert counter.passes(grad=True) == 0
 

@@ -15,6 +15,7 @@ from baddiff_core.sampling import (
     sample_clean_and_triggered,
 )
 from baddiff_core.triggers import make_target, make_trigger
+from conftest import seeded_sample
 
 
 @pytest.fixture(scope="module")
@@ -53,41 +54,24 @@ def ddpm_config(scheduler, clip_sample):
 
 
 def test_no_clip_equals_a_hand_written_ddpm_loop(model, scheduler):
-    ours = sample(
-        model, scheduler, 4, generator=torch.Generator().manual_seed(3), progress=False
-    )
+    ours = seeded_sample(model, scheduler, 4, seed=3)
     theirs = hand_loop(model, DDPMScheduler, ddpm_config(scheduler, False), 4, 3, 20)
     torch.testing.assert_close(ours, theirs)
 
 
 def test_x0_clip_equals_diffusers_clip_sample(model, scheduler):
-    ours = sample(
-        model,
-        scheduler,
-        4,
-        clip="x0",
-        generator=torch.Generator().manual_seed(3),
-        progress=False,
-    )
+    ours = seeded_sample(model, scheduler, 4, seed=3, clip="x0")
     theirs = hand_loop(model, DDPMScheduler, ddpm_config(scheduler, True), 4, 3, 20)
     torch.testing.assert_close(ours, theirs)
-    unclipped = sample(
-        model, scheduler, 4, generator=torch.Generator().manual_seed(3), progress=False
-    )
+    unclipped = seeded_sample(model, scheduler, 4, seed=3)
     assert not torch.allclose(ours, unclipped), (
         "clipping the predicted x0 should change an untrained model's samples"
     )
 
 
 def test_ddim_equals_a_hand_written_ddim_loop(model, scheduler):
-    ours = sample(
-        model,
-        scheduler,
-        3,
-        sampler="ddim",
-        num_inference_steps=5,
-        generator=torch.Generator().manual_seed(4),
-        progress=False,
+    ours = seeded_sample(
+        model, scheduler, 3, seed=4, sampler="ddim", num_inference_steps=5
     )
     config = {
         k: v for k, v in ddpm_config(scheduler, False).items() if k != "variance_type"
@@ -100,15 +84,8 @@ def test_ddim_x0_clip_steps_from_the_clipped_image(model, scheduler):
     """Under DDIM, clip="x0" re-derives the noise from the clamped x0 (diffusers'
     use_clipped_model_output=True); the stock pipeline's raw-noise variant gives other
     samples."""
-    ours = sample(
-        model,
-        scheduler,
-        3,
-        sampler="ddim",
-        clip="x0",
-        num_inference_steps=5,
-        generator=torch.Generator().manual_seed(4),
-        progress=False,
+    ours = seeded_sample(
+        model, scheduler, 3, seed=4, sampler="ddim", clip="x0", num_inference_steps=5
     )
     config = {
         k: v for k, v in ddpm_config(scheduler, True).items() if k != "variance_type"
@@ -122,28 +99,23 @@ def test_ddim_x0_clip_steps_from_the_clipped_image(model, scheduler):
 
 
 def test_xt_clip_keeps_every_step_in_range(model, scheduler):
-    seen = []
-    out = sample(
-        model,
-        scheduler,
-        4,
-        clip="xt",
-        generator=torch.Generator().manual_seed(0),
-        progress=False,
-        trigger=torch.full((1, 8, 8), 3.0),
-        callback=lambda t, x, x0: seen.append(x.abs().max().item()),
-    )
+    def draw(**options):
+        """4 samples from a start shifted by 3, and the largest |x_t| of every step."""
+        seen = []
+        out = seeded_sample(
+            model,
+            scheduler,
+            4,
+            seed=0,
+            trigger=torch.full((1, 8, 8), 3.0),
+            callback=lambda t, x, x0: seen.append(x.abs().max().item()),
+            **options,
+        )
+        return out, seen
+
+    out, seen = draw(clip="xt")
     assert len(seen) == 20 and max(seen) <= 1.0 and out.abs().max() <= 1.0
-    free = []
-    sample(
-        model,
-        scheduler,
-        4,
-        generator=torch.Generator().manual_seed(0),
-        progress=False,
-        trigger=torch.full((1, 8, 8), 3.0),
-        callback=lambda t, x, x0: free.append(x.abs().max().item()),
-    )
+    _, free = draw()  # the default: no clipping
     assert max(free) > 1.0, "without clipping, a start shifted by 3 leaves [-1, 1]"
 
 
@@ -151,23 +123,8 @@ def test_trigger_is_added_raw_to_the_starting_noise(model, scheduler):
     eps = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(9))
     trigger = torch.full((1, 8, 8), -1.0)
     trigger[:, 5:7, 5:7] = 0.0
-    a = sample(
-        model,
-        scheduler,
-        2,
-        noise=eps,
-        trigger=trigger,
-        generator=torch.Generator().manual_seed(1),
-        progress=False,
-    )
-    b = sample(
-        model,
-        scheduler,
-        2,
-        noise=eps + trigger,
-        generator=torch.Generator().manual_seed(1),
-        progress=False,
-    )
+    a = seeded_sample(model, scheduler, 2, seed=1, noise=eps, trigger=trigger)
+    b = seeded_sample(model, scheduler, 2, seed=1, noise=eps + trigger)
     torch.testing.assert_close(a, b)
 
 
@@ -184,37 +141,27 @@ def test_clean_and_triggered_in_one_pass_share_their_noise(model, scheduler):
         progress=False,
     )
     eps = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
-    alone = sample(
-        model,
-        scheduler,
-        3,
-        noise=eps,
-        sampler="ddim",
-        num_inference_steps=4,
-        progress=False,
-    )
-    alone_triggered = sample(
-        model,
-        scheduler,
-        3,
-        noise=eps + trigger,
-        sampler="ddim",
-        num_inference_steps=4,
-        progress=False,
-    )
+
+    def ddim_from(noise):
+        """DDIM with 4 steps from this start, without a generator (DDIM draws no
+        noise after the start)."""
+        return sample(
+            model,
+            scheduler,
+            3,
+            noise=noise,
+            sampler="ddim",
+            num_inference_steps=4,
+            progress=False,
+        )
+
+    alone, alone_triggered = ddim_from(eps), ddim_from(eps + trigger)
     torch.testing.assert_close(clean, alone, atol=1e-5, rtol=0)
     torch.testing.assert_close(triggered, alone_triggered, atol=1e-5, rtol=0)
 
 
 def test_batches_cover_every_image_in_range(model, scheduler):
-    out = sample(
-        model,
-        scheduler,
-        5,
-        batch_size=2,
-        generator=torch.Generator().manual_seed(0),
-        progress=False,
-    )
+    out = seeded_sample(model, scheduler, 5, seed=0, batch_size=2)
     assert out.shape == (5, 1, 8, 8) and out.min() >= -1 and out.max() <= 1
 
 
@@ -261,16 +208,15 @@ def test_same_seed_same_samples_other_seed_other_samples(
     model, scheduler, sampler, clip
 ):
     def draw(seed):
-        return sample(
+        return seeded_sample(
             model,
             scheduler,
             3,
+            seed=seed,
             trigger=torch.zeros(1, 8, 8),
             sampler=sampler,
             clip=clip,
             num_inference_steps=10,
-            generator=torch.Generator().manual_seed(seed),
-            progress=False,
         )
 
     first, again, other = draw(7), draw(7), draw(8)
@@ -306,33 +252,13 @@ def test_many_images_are_sampled_in_batches_of_at_most_the_default(model, schedu
     call) samples what it sampled before the bound."""
     assert DEFAULT_BATCH_SIZE == 256
     with BatchSizes(model) as sizes:
-        sample(
-            model,
-            scheduler,
-            300,
-            num_inference_steps=1,
-            generator=torch.Generator().manual_seed(0),
-            progress=False,
-        )
+        seeded_sample(model, scheduler, 300, seed=0, num_inference_steps=1)
     assert sizes == [256, 44]
     with BatchSizes(model) as sizes:
-        one_pass = sample(
-            model,
-            scheduler,
-            256,
-            num_inference_steps=2,
-            generator=torch.Generator().manual_seed(0),
-            progress=False,
-        )
+        one_pass = seeded_sample(model, scheduler, 256, seed=0, num_inference_steps=2)
     assert sizes == [256, 256]  # two steps of one batch
-    explicit = sample(
-        model,
-        scheduler,
-        256,
-        num_inference_steps=2,
-        batch_size=256,
-        generator=torch.Generator().manual_seed(0),
-        progress=False,
+    explicit = seeded_sample(
+        model, scheduler, 256, seed=0, num_inference_steps=2, batch_size=256
     )
     assert torch.equal(one_pass, explicit)
 

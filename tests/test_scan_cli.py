@@ -12,6 +12,10 @@ from safetensors.torch import load_file
 from baddiff_core.cli import main
 from baddiff_core.diffusion import QUICK_SCHEDULE, make_scheduler
 from baddiff_core.models import save_model
+from conftest import cli_argv
+
+#: The smallest scan the tests run: 2 samples, 1 inversion step, 2 DDPM steps.
+SMALL_SCAN = dict(n=2, inversion_steps=1, noise_batch=2, steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -28,21 +32,16 @@ def model_folder(tmp_path_factory, tiny_unet):
 def test_scan_writes_a_verdict_images_and_a_report(model_folder, tmp_path, capsys):
     out = tmp_path / "scan"
     status = main(
-        [
+        cli_argv(
             "scan",
-            str(model_folder),
-            "--n",
-            "4",
-            "--inversion-steps",
-            "3",
-            "--noise-batch",
-            "4",
-            "--steps",
-            "3",
-            "--output",
-            str(out),
-            "--json",
-        ]
+            model_folder,
+            n=4,
+            inversion_steps=3,
+            noise_batch=4,
+            steps=3,
+            output=out,
+            json=True,
+        )
     )
     report = json.loads(capsys.readouterr().out)
     assert status == (1 if report["verdict"] == "BACKDOORED" else 0)
@@ -60,25 +59,15 @@ def test_scan_writes_a_verdict_images_and_a_report(model_folder, tmp_path, capsy
 
 def test_scan_for_ddim_backdoors_under_clipping_says_so(model_folder, tmp_path, capsys):
     status = main(
-        [
+        cli_argv(
             "scan",
-            str(model_folder),
-            "--n",
-            "2",
-            "--inversion-steps",
-            "1",
-            "--noise-batch",
-            "2",
-            "--steps",
-            "2",
-            "--sampler",
-            "ddim",
-            "--clip",
-            "x0",
-            "--output",
-            str(tmp_path / "s"),
-            "--json",
-        ]
+            model_folder,
+            **SMALL_SCAN,
+            sampler="ddim",
+            clip="x0",
+            output=tmp_path / "s",
+            json=True,
+        )
     )
     report = json.loads(capsys.readouterr().out)
     assert (report["sampler"], report["solver"], report["clip"]) == (
@@ -90,22 +79,7 @@ def test_scan_for_ddim_backdoors_under_clipping_says_so(model_folder, tmp_path, 
 
 
 def test_scan_prints_one_line_verdict(model_folder, tmp_path, capsys):
-    main(
-        [
-            "scan",
-            str(model_folder),
-            "--n",
-            "2",
-            "--inversion-steps",
-            "1",
-            "--noise-batch",
-            "2",
-            "--steps",
-            "2",
-            "--output",
-            str(tmp_path / "s"),
-        ]
-    )
+    main(cli_argv("scan", model_folder, **SMALL_SCAN, output=tmp_path / "s"))
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert (
         line.startswith(("clean:", "BACKDOORED:"))
@@ -143,16 +117,7 @@ def test_scan_unknown_clipping_is_refused_by_argparse_with_status_2(
     model_folder, tmp_path, capsys
 ):
     with pytest.raises(SystemExit) as exit_info:
-        main(
-            [
-                "scan",
-                str(model_folder),
-                "--clip",
-                "yes",
-                "--output",
-                str(tmp_path / "out"),
-            ]
-        )
+        main(cli_argv("scan", model_folder, clip="yes", output=tmp_path / "out"))
     assert (
         exit_info.value.code == 2 and "invalid choice: 'yes'" in capsys.readouterr().err
     )
@@ -178,21 +143,16 @@ def test_scan_samples_in_batches_of_batch_size(
         return real_sample(*args, **kwargs)
 
     monkeypatch.setattr(scanning, "sample", recording_sample)
-    argv = [
+    argv = cli_argv(
         "scan",
-        str(model_folder),
-        "--n",
-        "4",
-        "--inversion-steps",
-        "1",
-        "--noise-batch",
-        "2",
-        "--steps",
-        "2",
-        "--output",
-        str(tmp_path / "s"),
-        "--json",
-    ]
+        model_folder,
+        n=4,
+        inversion_steps=1,
+        noise_batch=2,
+        steps=2,
+        output=tmp_path / "s",
+        json=True,
+    )
     main(argv + ["--batch-size", "3"])
     main(argv)
     assert asked == [

@@ -15,6 +15,7 @@ from baddiff_core.data import load_images
 from baddiff_core.poison import PoisonedDataset
 from baddiff_core.train import TrainConfig, latest_checkpoint, train
 from baddiff_core.triggers import make_target, make_trigger
+from conftest import same_weights
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +76,7 @@ def test_same_seed_same_weights(digits8, fresh_model, quick_scheduler):
     a, b = fresh_model(), fresh_model()
     train(a, quick_scheduler, digits8, small_config())
     train(b, quick_scheduler, digits8, small_config())
-    assert all(
-        torch.equal(x, y)
-        for x, y in zip(a.state_dict().values(), b.state_dict().values())
-    )
+    assert same_weights(a, b)
 
 
 @pytest.mark.parametrize("solver", ["sde", "ode"])
@@ -221,10 +219,7 @@ def test_clean_data_take_the_plain_ddpm_loss_with_the_same_result(
     a, b = fresh_model(), fresh_model()
     train(a, quick_scheduler, digits8, small_config())
     train(b, quick_scheduler, unpoisoned, small_config())
-    assert all(
-        torch.equal(x, y)
-        for x, y in zip(a.state_dict().values(), b.state_dict().values())
-    )
+    assert same_weights(a, b)
 
 
 def test_gpu_path_options_train_the_same_model(
@@ -297,10 +292,7 @@ def test_bf16_mixed_precision_runs_the_unet_in_bf16_and_keeps_fp32_weights(
         train(again, quick_scheduler, digits8, small_config()).losses
         == reference.losses
     )
-    assert all(
-        torch.equal(a, b)
-        for a, b in zip(first.state_dict().values(), again.state_dict().values())
-    )
+    assert same_weights(first, again)
 
 
 def test_images_must_fit_the_model(digits8, fresh_model, quick_scheduler, tiny_unet):

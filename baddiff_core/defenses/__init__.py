@@ -30,50 +30,20 @@ a model, one module per idea:
 :mod:`~baddiff_core.defenses.cached` keeps their results in the cache
 (``use_cache=True``), apart from the algorithms.
 
-Used by `baddiff scan`; the defence chapters after "Samplers change the attack" build on
+Used by ``baddiff scan``; the defence chapters after "Samplers change the attack" build on
 it.
 """
 
-from baddiff_core.defenses.inversion import (
-    InvertedTrigger,
-    inversion_lambda,
-    invert_trigger,
-)
-from baddiff_core.defenses.pruning import (
-    ChannelMasks,
-    adversarial_neuron_masks,
-    prune_channels,
-)
-from baddiff_core.defenses.removal import (
-    RemovalHistory,
-    clean_subset,
-    remove_backdoor,
-)
-from baddiff_core.defenses.scanning import (
-    DEFAULT_THRESHOLD,
-    BackdoorScan,
-    choose_threshold,
-    diversity,
-    mode_share,
-    scan_model,
-    total_variation,
-)
+# Each module's ``__all__`` is the package's: a name is defined, and listed, once.
+from baddiff_core.defenses import inversion, pruning, removal, scanning
+from baddiff_core.defenses.inversion import *  # noqa: F403
+from baddiff_core.defenses.pruning import *  # noqa: F403
+from baddiff_core.defenses.removal import *  # noqa: F403
+from baddiff_core.defenses.scanning import *  # noqa: F403
 
 __all__ = [
-    "InvertedTrigger",
-    "inversion_lambda",
-    "invert_trigger",
-    "mode_share",
-    "diversity",
-    "total_variation",
-    "BackdoorScan",
-    "DEFAULT_THRESHOLD",
-    "scan_model",
-    "choose_threshold",
-    "RemovalHistory",
-    "clean_subset",
-    "remove_backdoor",
-    "ChannelMasks",
-    "adversarial_neuron_masks",
-    "prune_channels",
+    *inversion.__all__,
+    *scanning.__all__,
+    *removal.__all__,
+    *pruning.__all__,
 ]

@@ -52,36 +52,19 @@ def cached_scan(
     scheduler: DDPMScheduler,
     run: Callable[[], tuple[InvertedTrigger, torch.Tensor, float]],
     *,
-    n: int,
-    num_noise: int,
-    steps: int,
-    lr: float,
-    solver: str,
-    num_inference_steps: int | None,
-    sampler: str,
-    clip: str,
-    seed: int,
     per_pass: int,
+    **settings: object,
 ) -> tuple[InvertedTrigger, torch.Tensor, float]:
     """``run()``'s trigger estimate, samples and seconds, stored as tensors under the
-    scan's settings, on ``unet``'s device.
+    scan's ``settings`` (``n``, ``num_noise``, ``steps``, ``lr``, ``solver``,
+    ``num_inference_steps``, ``sampler``, ``clip``, ``seed``), on ``unet``'s device.
 
     ``per_pass`` (samples per forward pass) joins the key only when it splits the ``n``
     samples into several batches, the one case where it changes them (DDPM draws its
     step noise batch by batch), so that scans cached before it existed keep their keys.
     """
-    settings = dict(
-        n=n,
-        num_noise=num_noise,
-        steps=steps,
-        lr=lr,
-        solver=solver,
-        num_inference_steps=num_inference_steps,
-        sampler=sampler,
-        clip=clip,
-        seed=seed,
-    )
-    if per_pass < n:  # one batch: the samples of every earlier scan, under the same key
+    settings = dict(settings)
+    if per_pass < settings["n"]:  # one batch: the samples of earlier scans, same key
         settings["batch_size"] = per_pass
 
     def build() -> tuple[dict[str, torch.Tensor], dict]:
@@ -112,29 +95,20 @@ def cached_removal(
     trigger: torch.Tensor,
     images: torch.Tensor,
     *,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
     progress: bool,
+    **settings: object,
 ) -> tuple[UNet2DModel, RemovalHistory]:
     """:func:`~baddiff_core.defenses.removal.remove_backdoor`'s repaired copy and loss
     history, kept in the model cache (the history with the seconds the first run
-    took)."""
+    took), keyed by the removal's ``settings`` (``steps``, ``batch_size``, ``lr``,
+    ``seed``) and digests of the model, the trigger and the clean images."""
     recipe = defence_recipe(
-        unet,
-        scheduler,
-        images,
-        trigger=tensor_digest(trigger),
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
+        unet, scheduler, images, trigger=tensor_digest(trigger), **settings
     )
 
     def build() -> tuple[UNet2DModel, DDPMScheduler, dict]:
         repaired, history = removal._remove_backdoor(
-            unet, scheduler, trigger, images, steps, batch_size, lr, seed, progress
+            unet, scheduler, trigger, images, progress=progress, **settings
         )
         return repaired, scheduler, dataclasses.asdict(history)
 

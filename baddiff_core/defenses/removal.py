@@ -115,24 +115,15 @@ def remove_backdoor(
     check_positive_int("steps", steps)
     check_positive_int("batch_size", batch_size)
     images = check_clean_images(unet, clean_images)
+    settings = dict(
+        steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress
+    )
     if use_cache:
         # Imported here: the cache layer sits above this module and imports it.
         from baddiff_core.defenses.cached import cached_removal
 
-        return cached_removal(
-            unet,
-            scheduler,
-            trigger,
-            images,
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed,
-            progress=progress,
-        )
-    return _remove_backdoor(
-        unet, scheduler, trigger, images, steps, batch_size, lr, seed, progress
-    )
+        return cached_removal(unet, scheduler, trigger, images, **settings)
+    return _remove_backdoor(unet, scheduler, trigger, images, **settings)
 
 
 def _remove_backdoor(
@@ -140,6 +131,7 @@ def _remove_backdoor(
     scheduler: DDPMScheduler,
     trigger: torch.Tensor,
     images: torch.Tensor,
+    *,
     steps: int,
     batch_size: int,
     lr: float,

@@ -206,10 +206,7 @@ def scan_model(
         return inversion, samples, time.perf_counter() - began
 
     if use_cache:
-        inversion, samples, seconds = cached_scan(
-            unet,
-            scheduler,
-            run,
+        settings = dict(
             n=n,
             num_noise=num_noise,
             steps=steps,
@@ -219,7 +216,9 @@ def scan_model(
             sampler=sampler,
             clip=clip,
             seed=seed,
-            per_pass=per_pass,
+        )
+        inversion, samples, seconds = cached_scan(
+            unet, scheduler, run, per_pass=per_pass, **settings
         )
     else:
         inversion, samples, seconds = run()
