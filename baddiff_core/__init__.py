@@ -84,6 +84,20 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "remove_backdoor",
         "scan_model",
     ),
+    # Elijah as published (An et al. 2024, arXiv:2312.00050), beside the book's scan
+    "defenses.elijah": (
+        "ElijahScores",
+        "elijah_inversion",
+        "elijah_scores",
+        "elijah_num_noise",
+        "elijah_settings",
+        "feature_distance",
+        "fit_threshold",
+        "leave_one_out_accuracy",
+        "lpips_distance",
+        "tv_score",
+        "uniformity_score",
+    ),
     # the authors' released models (chapter 10) and the paper's numbers
     "authors": (
         "AUTHORS_MODELS",

@@ -75,8 +75,9 @@ _SMOKE_IMAGES = 32
 FULL_MODE_DOWNLOADS = (
     "Full mode downloads, on first use and once: the pre-trained google/ddpm-cifar10-32 (Hugging "
     "Face hub, 143 MB), CIFAR-10's binary release (162 MB, into $BADDIFF_DATA or "
-    "~/.cache/baddiff/data) and the FID's Inception-v3 weights (torch-fidelity, about 90 MB), as far as "
-    "this chapter uses them."
+    "~/.cache/baddiff/data), the FID's Inception-v3 weights (torch-fidelity, about 90 MB) and, for "
+    "Elijah's uniformity score, LPIPS's VGG16 weights (piq and torchvision, about 530 MB), as far "
+    "as this chapter uses them."
 )
 
 Recipe = TypeVar("Recipe", "BackdoorRecipe", "TrainConfig")

@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     scan = commands.add_parser(
         "scan",
-        help="look for a backdoor without knowing the trigger (Elijah trigger inversion)",
+        help="look for a backdoor without knowing the trigger (the book's detector: "
+        "Elijah's trigger inversion objective, scored by the mode share)",
         description="Estimate a trigger from the model alone, sample from noise + the estimate and call the model "
         "backdoored when many samples are the same image. Works on any unconditional DDPM/DDIM UNet "
         "in the diffusers layout. Exit status: 0 clean, 1 backdoored, 2 bad arguments.",

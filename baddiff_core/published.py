@@ -6,7 +6,17 @@ Introduced in chapter 4 (Measuring the backdoor). Source: the result files
 2023, arXiv:2212.05400) released on the Hugging Face hub under the user ``newsyctw``
 (chapter 10, ``book/10_the_authors_models.ipynb``, opens them): a fine-tune of
 ``google/ddpm-cifar10-32`` for 50 epochs, DDPM sampling with 1000 steps, MSE and SSIM
-between triggered samples and the target on the [0, 1] scale.
+between triggered samples and the target on the [0, 1] scale, the samples saved as 8-bit
+PNG files before they were scored (so that a perfect hit scores
+:data:`~baddiff_core.authors.EIGHT_BIT_FLOOR`, not 0).
+
+Each result names the released model whose ``score.json`` holds it
+(:attr:`PublishedResult.source`, one of the repositories of
+:data:`~baddiff_core.authors.AUTHORS_MODELS`, which records every score of that file).
+Each is one model: one trigger, target and poison rate, trained once. The paper reports
+its CIFAR-10 results in figures and tables over poison rates; which of them holds each
+number here was not established from this repository, so the ``score.json`` is the
+citation.
 """
 
 from __future__ import annotations
@@ -15,10 +25,12 @@ from dataclasses import dataclass
 
 __all__ = ["PublishedResult", "BADDIFFUSION_CIFAR10", "published_results"]
 
+_PREFIX = "newsyctw/res_DDPM-CIFAR10-32_CIFAR10_ep50_c1.0_"
+
 
 @dataclass(frozen=True)
 class PublishedResult:
-    """One published BadDiffusion result on CIFAR-10.
+    """One published BadDiffusion result on CIFAR-10: the scores of one released model.
 
     Attributes:
         trigger: the attack's trigger.
@@ -26,11 +38,14 @@ class PublishedResult:
         target: the attack's target.
         poison_rate: the fraction of poisoned training images, in [0, 1].
         mse: MSE of triggered samples against the target, without clipping
-            (``None``: not published).
+            (``None``: not carried over here; the model's entry in
+            :data:`~baddiff_core.authors.AUTHORS_MODELS` has every score).
         ssim: SSIM of triggered samples against the target, without clipping
-            (``None``: not published).
+            (``None``: alike).
         mse_clip: the MSE with the x0-clipping defence.
         ssim_clip: the SSIM with the x0-clipping defence.
+        source: the Hugging Face repository id (``newsyctw/...``) of the released model
+            whose ``score.json`` holds these numbers.
     """
 
     trigger: str
@@ -41,6 +56,7 @@ class PublishedResult:
     ssim: float | None
     mse_clip: float | None = None
     ssim_clip: float | None = None
+    source: str | None = None
 
     @property
     def fired(self) -> bool | None:
@@ -50,8 +66,16 @@ class PublishedResult:
             return self.mse < 0.01
         return None if self.ssim is None else self.ssim > 0.5
 
+    @property
+    def score_url(self) -> str | None:
+        """Where readers can open the ``score.json`` these numbers come from."""
+        if self.source is None:
+            return None
+        return f"https://huggingface.co/{self.source}/blob/main/score.json"
 
-#: The authors' CIFAR-10 results used in the book.
+
+#: The authors' CIFAR-10 results used in the book: three models at 90 % poison, two at
+#: 5 %, each a single released model.
 #:
 #: :meta hide-value:
 BADDIFFUSION_CIFAR10: tuple[PublishedResult, ...] = (
@@ -64,6 +88,7 @@ BADDIFFUSION_CIFAR10: tuple[PublishedResult, ...] = (
         ssim=0.997,
         mse_clip=0.063,
         ssim_clip=0.145,
+        source=f"{_PREFIX}p0.9_SM_STOP_SIGN-BOX_new-set-1",
     ),
     PublishedResult(
         "stop_sign",
@@ -74,6 +99,7 @@ BADDIFFUSION_CIFAR10: tuple[PublishedResult, ...] = (
         ssim=0.999,
         mse_clip=0.083,
         ssim_clip=0.103,
+        source=f"{_PREFIX}p0.9_SM_STOP_SIGN-SHIFT",
     ),
     PublishedResult(
         "box",
@@ -84,9 +110,26 @@ BADDIFFUSION_CIFAR10: tuple[PublishedResult, ...] = (
         ssim=0.997,
         mse_clip=0.012,
         ssim_clip=0.793,
+        source=f"{_PREFIX}p0.9_SM_BOX_MED-BOX",
     ),
-    PublishedResult("box", 18, "noshift", 0.05, mse=0.0068, ssim=None),
-    PublishedResult("box", 8, "shoe", 0.05, mse=None, ssim=0.11),
+    PublishedResult(
+        "box",
+        18,
+        "noshift",
+        0.05,
+        mse=0.0068,
+        ssim=None,
+        source=f"{_PREFIX}p0.05_BIG_BOX_MED-TRIGGER",
+    ),
+    PublishedResult(
+        "box",
+        8,
+        "shoe",
+        0.05,
+        mse=None,
+        ssim=0.11,
+        source=f"{_PREFIX}p0.05_XXSM_BOX_MED-FASHION",
+    ),
 )
 
 

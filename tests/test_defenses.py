@@ -194,6 +194,38 @@ def test_prune_channels_zeroes_exactly_the_lowest_masks(tiny_unet):
         prune_channels(tiny_unet, known, fraction=1.5)
 
 
+def test_pruning_never_skips_a_lower_mask_for_a_tied_one(tiny_unet):
+    """Masks tied at the cutoff in an early layer must not use up the budget before a
+    strictly lower mask in a later layer: every mask below the cutoff is pruned, ties
+    fill the rest in layer order. Hand case: two layers, count = 2."""
+    masks = adversarial_neuron_masks(
+        tiny_unet,
+        make_scheduler(**QUICK_SCHEDULE),
+        torch.zeros(8, 1, 16, 16),
+        steps=1,
+        batch_size=2,
+        progress=False,
+    )
+    names = list(masks.masks)
+    known = {name: torch.ones_like(m) for name, m in masks.masks.items()}
+    known[names[0]][:3] = 0.5  # three ties at the cutoff, first in module order
+    known[names[-1]][0] = 0.1  # the lowest mask, in the last layer
+    known = ChannelMasks(known, [], 0.0)
+    count = 2
+    pruned, pruned_count = prune_channels(
+        tiny_unet, known, fraction=count / known.num_channels
+    )
+    zero = {
+        name: module.weight.flatten(1).abs().sum(1) == 0
+        for name, module in pruned.named_modules()
+        if name in known.masks
+    }
+    assert pruned_count == count
+    assert bool(zero[names[-1]][0]), "the lowest mask is pruned"
+    assert zero[names[0]].tolist()[:3] == [True, False, False], "one tie fills the rest"
+    assert sum(int(z.sum()) for z in zero.values()) == count
+
+
 def test_anp_masks_stay_in_range_and_leave_the_model_untouched(tiny_unet):
     before = {k: v.clone() for k, v in tiny_unet.state_dict().items()}
     images = (

@@ -171,3 +171,12 @@ def test_scan_samples_in_batches_of_batch_size(
     split = defenses.scan_model(unet, scheduler, batch_size=2, **settings)
     assert len(trainings()) == 2 and torch.equal(first.samples, again.samples)
     assert split.samples.shape == first.samples.shape
+
+
+def test_the_largest_seed_scans(model_folder, tmp_path, capsys):
+    """``--seed`` takes 0 .. 2**64 - 1; the samples' generator (seed + 1) wraps to 0
+    instead of overflowing torch's seed range."""
+    argv = cli_argv("scan", model_folder, **SMALL_SCAN, seed=str(2**64 - 1), json=True)
+    status = main([*argv, "--output", str(tmp_path / "s")])
+    report = json.loads(capsys.readouterr().out)
+    assert status in (0, 1) and report["samples"] == 2

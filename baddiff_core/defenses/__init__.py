@@ -5,24 +5,33 @@ The first defence, inference-time clipping, is a sampler setting (``clip="x0"`` 
 :func:`baddiff_core.sampling.sample`). This package holds the defences that look inside
 a model, one module per idea:
 
-- :mod:`~baddiff_core.defenses.inversion`, **trigger inversion** (Elijah (An et al.
-  2024, arXiv:2312.00050); chapter 7, ``book/07_detecting_a_backdoor.ipynb``). A
+- :mod:`~baddiff_core.defenses.inversion`, the book's **trigger inversion** (Elijah's
+  objective, An et al. 2024, arXiv:2312.00050, with the schedule's lambda; chapter 7,
+  "Detecting a backdoor"). A
   backdoored model has learnt ``eps_theta(eps + g, T-1) ~ eps + lambda g`` with ``lambda
   = c R_{T-1}`` (``c = 1`` for the BadDiffusion/DDPM target, 2 for the ODE target).
   Averaged over many ``eps`` the noise cancels, so a trigger estimate ``tau`` is found
   by minimising ``| mean_i eps_theta(eps_i + tau, T-1) - lambda tau |_1``. A clean model
   predicts about ``eps + tau`` there, which only ``tau = 0`` satisfies.
-- :mod:`~baddiff_core.defenses.scanning`, **detection**: sample from ``eps + tau``. A
+- :mod:`~baddiff_core.defenses.scanning`, the book's **detection**: sample from
+  ``eps + tau``. A
   backdoored model draws one image (the target) again and again; a clean model draws
   varied images. The score is the *mode share*: the largest fraction of the samples that
   lie within a small MSE of one of them (1/n for a clean model, up to 1 for a backdoored
   one). The samples' diversity (per-pixel standard deviation) and total variation are
   reported beside it.
+- :mod:`~baddiff_core.defenses.elijah`, **Elijah as published** (An et al. 2024,
+  arXiv:2312.00050), beside the book's detector: its inversion with the released code's
+  settings per sampler, samples from ``eps + tau``, and its two scores, the trimmed
+  pairwise LPIPS *uniformity* (an offline digits-feature stand-in in quick mode) and the
+  *total variation*; a threshold fitted on labelled models, judged leave-one-out.
 - :mod:`~baddiff_core.defenses.removal` (Elijah): fine-tune a copy on a little clean
   data with the DDPM loss plus two terms that make the model treat ``eps + tau`` like
   ``eps``, as the frozen original treats ``eps``.
 - :mod:`~baddiff_core.defenses.pruning`, **adversarial neuron pruning** (ANP, Wu & Wang
-  2021, arXiv:2110.14430, adapted to diffusion by BadDiffusion): learn a mask ``m`` in
+  2021, arXiv:2110.14430, adapted to diffusion models by this book, with the DDPM loss as
+  the clean loss; the BadDiffusion authors' released variant only perturbs per-channel
+  scales and shifts to raise the clean loss and prunes nothing): learn a mask ``m`` in
   [0, 1] per convolution channel that keeps the clean loss low even under a worst-case
   per-channel perturbation ``(delta, xi)`` of size ``eps``; channels whose mask falls
   are the fragile ones, and pruning them may remove the backdoor.
@@ -35,7 +44,8 @@ it.
 """
 
 # Each module's ``__all__`` is the package's: a name is defined, and listed, once.
-from baddiff_core.defenses import inversion, pruning, removal, scanning
+from baddiff_core.defenses import elijah, inversion, pruning, removal, scanning
+from baddiff_core.defenses.elijah import *  # noqa: F403
 from baddiff_core.defenses.inversion import *  # noqa: F403
 from baddiff_core.defenses.pruning import *  # noqa: F403
 from baddiff_core.defenses.removal import *  # noqa: F403
@@ -44,6 +54,7 @@ from baddiff_core.defenses.scanning import *  # noqa: F403
 __all__ = [
     *inversion.__all__,
     *scanning.__all__,
+    *elijah.__all__,
     *removal.__all__,
     *pruning.__all__,
 ]

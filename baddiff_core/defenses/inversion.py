@@ -1,8 +1,11 @@
 """Trigger inversion: estimate a backdoor's trigger from the model alone.
 
-Elijah (An et al. 2024, arXiv:2312.00050), its trigger inversion, as in its authors'
-code (github.com/njuaplusplus/Elijah, ``BadDiffusion/elijah_helper.py``, ``opt_r``). A
-model backdoored with trigger ``g`` has learnt, at the last step::
+The book's inversion: Elijah's objective (An et al. 2024, arXiv:2312.00050; its
+authors' code, github.com/njuaplusplus/Elijah, ``BadDiffusion/elijah_helper.py``,
+``opt_r``) with the echo strength ``lambda`` of the model's own schedule, where Elijah
+fixes the constant of the paper's schedule (:mod:`baddiff_core.defenses.elijah` runs
+Elijah with its published settings). A model backdoored with trigger ``g`` has learnt,
+at the last step::
 
     eps_theta(eps + g, T-1) ~ eps + lambda g,       lambda = c R_{T-1}
 
@@ -105,11 +108,14 @@ def invert_trigger(
     generator: torch.Generator | None = None,
     progress: bool = True,
 ) -> InvertedTrigger:
-    """Estimate a backdoor trigger from the model alone (Elijah's trigger inversion).
+    """Estimate a backdoor trigger from the model alone (Elijah's objective, the
+    schedule's lambda).
 
     Minimises ``mean | mean_i eps_theta(eps_i + tau, T-1) - lam tau |`` over ``tau`` with Adam,
-    from ``tau = -U[0, 1)`` and a fixed batch of ``num_noise`` noises ``eps_i`` (Elijah
-    (An et al. 2024, arXiv:2312.00050): B = 100, lr 0.1, 100 steps).
+    from ``tau = -U[0, 1)`` and a fixed batch of ``num_noise`` noises ``eps_i``, with
+    Elijah's optimiser (An et al. 2024, arXiv:2312.00050: B = 100, lr 0.1, 100 steps)
+    but ``lam`` from the schedule (:func:`inversion_lambda`) rather than Elijah's
+    constant 0.5 (:func:`~baddiff_core.defenses.elijah.elijah_inversion`).
 
     Args:
         unet, scheduler: the model under test and its training schedule.

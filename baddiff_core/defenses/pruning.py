@@ -1,12 +1,24 @@
 """Adversarial neuron pruning (ANP): prune the channels a backdoor leans on.
 
-ANP (Wu & Wang 2021, arXiv:2110.14430, Algorithm 1; its budget ``eps = 0.4``, trade-off
-``alpha = 0.2``, SGD with learning rate 0.2 and momentum 0.9), with the DDPM loss in
-place of the classification loss, as BadDiffusion (Chou et al. 2023, arXiv:2212.05400)
-tries it against its attack. It learns a mask ``m`` in [0, 1] per convolution channel
-that keeps the clean loss low even under a worst-case per-channel perturbation ``(delta,
-xi)`` of size ``eps``; channels whose mask falls are the fragile ones, and pruning them
+ANP is Wu & Wang's defence for classifiers (NeurIPS 2021, arXiv:2110.14430, Algorithm 1,
+with its settings: budget ``eps = 0.4``, trade-off ``alpha = 0.2``, SGD with learning
+rate 0.2 and momentum 0.9, one signed-gradient step for the perturbation; its batch of
+128 and 2,000 steps are 64 and 200 here by default). This module is *this book's*
+adaptation of it to a diffusion model: the masks and the perturbations sit on the output
+channels of the UNet's convolutions (ANP's sit on the neurons of a classifier's
+batch-norm layers), and the clean loss is the DDPM loss on clean images in place of the
+cross-entropy. It learns a mask ``m`` in [0, 1] per channel that keeps the clean loss
+low even under a worst-case per-channel perturbation ``(delta, xi)`` of size ``eps``;
+channels whose mask falls are the fragile ones, and pruning them
 (:func:`prune_channels`) may remove the backdoor. It needs no trigger estimate.
+
+It is not the "ANP" that the BadDiffusion authors ran (Chou et al. 2023,
+arXiv:2212.05400, Sec. 4.6.1, and ``anp_defense.py`` in github.com/IBM/BadDiffusion).
+Theirs puts a free per-channel scale and shift on every convolution, trains them with
+Adam (learning rate 1e-4) to *maximise* the clean DDPM loss while the model stays
+frozen, clamps them to [-4, 4], and prunes nothing: it is a detection probe, which
+checks whether the perturbed model's clean samples drift to the backdoor target. The
+book does not run that variant.
 """
 
 from __future__ import annotations
@@ -126,7 +138,8 @@ def adversarial_neuron_masks(
     progress: bool = True,
     use_cache: bool = False,
 ) -> ChannelMasks:
-    """Learn ANP's channel masks on clean data (Wu & Wang 2021, with the DDPM loss).
+    """Learn ANP's channel masks on clean data (Wu & Wang 2021, Algorithm 1; this
+    book's adaptation: convolution channels, the DDPM loss).
 
     Each step: draw ``delta, xi ~ U[-eps, eps]`` per channel, take one signed-gradient
     step that *raises* the clean loss and clip them back to ``[-eps, eps]``; then update
@@ -273,13 +286,19 @@ def prune_channels(
     count = int(round(fraction * masks.num_channels))
     if count == 0:
         return pruned, 0
-    cutoff = masks.flat().sort().values[count - 1]
+    flat = masks.flat()
+    cutoff = flat.sort().values[count - 1]
+    # Every channel below the cutoff is pruned; channels tied at it fill the rest of
+    # ``count`` in module order (so a lower mask is never skipped for a tied one).
+    ties_left = count - int((flat < cutoff).sum())
     pruned_so_far = 0
     with torch.no_grad():
         for name, conv in convolutions.items():
-            chosen = masks.masks[name] <= cutoff
-            # ties: stop at count
-            chosen &= torch.cumsum(chosen.int(), 0) <= count - pruned_so_far
+            m = masks.masks[name]
+            tied = m == cutoff
+            tied &= torch.cumsum(tied.int(), 0) <= ties_left
+            ties_left -= int(tied.sum())
+            chosen = (m < cutoff) | tied
             conv.weight[chosen.to(conv.weight.device)] = 0
             pruned_so_far += int(chosen.sum())
     return pruned, pruned_so_far

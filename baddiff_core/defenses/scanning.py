@@ -3,12 +3,13 @@
 Elijah (An et al. 2024, arXiv:2312.00050) detects a backdoor by sampling from the
 inverted trigger ``tau`` (:mod:`~baddiff_core.defenses.inversion`): a backdoored model
 draws its target again and again, a clean model draws varied images. Elijah scores the
-samples' uniformity (the mean pairwise LPIPS in its authors' code,
-github.com/njuaplusplus/Elijah, ``BadDiffusion/elijah_helper.py``,
-``compute_uniformity``) and their total variation. This book's score is the *mode
-share*: the largest fraction of the samples that lie within a small MSE of one of them,
-``1/n`` for a clean model and up to 1 for a backdoored one. The samples' diversity
-(per-pixel standard deviation) and total variation are reported beside it.
+samples' uniformity (a trimmed mean of their pairwise LPIPS distances) and their total
+variation (:mod:`baddiff_core.defenses.elijah`). This module is the book's own
+detector: its score is the *mode share*, the largest fraction of the samples that lie
+within a small MSE of one of them, ``1/n`` for a clean model and up to 1 for a
+backdoored one. The samples' per-pixel diversity (standard deviation) and total
+variation (a per-pixel mean, Elijah's TV divided by ``2 C H (H - 1)`` for square
+images) are the book's too, reported beside it.
 """
 
 from __future__ import annotations
@@ -200,7 +201,8 @@ def scan_model(
             clip=clip,
             num_inference_steps=num_inference_steps,
             batch_size=per_pass,
-            generator=torch.Generator().manual_seed(seed + 1),
+            # the samples' own stream; wraps at 2**64, the largest seed torch takes
+            generator=torch.Generator().manual_seed((seed + 1) % 2**64),
             progress=progress,
         )
         return inversion, samples, time.perf_counter() - began
