@@ -8,11 +8,10 @@ backdoored model is scanned in ``test_end_to_end.py``.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn.functional as F
+from toy_models import EchoModel
 
 from baddiff_core.defenses import (
     ChannelMasks,
@@ -35,22 +34,6 @@ from baddiff_core.diffusion import PAPER_SCHEDULE, QUICK_SCHEDULE, make_schedule
 from baddiff_core.models import make_unet
 from baddiff_core.triggers import make_trigger
 from conftest import same_weights
-
-
-class EchoModel(torch.nn.Module):
-    """``eps_theta(x, t) = x - (1 - lam) g``: a model whose mean answer to ``eps + g``
-    is exactly ``lam g`` (a perfect backdoor echo); ``g = 0`` is a clean model that
-    answers ``x``."""
-
-    def __init__(self, g: torch.Tensor, lam: float) -> None:
-        super().__init__()
-        self.scale = torch.nn.Parameter(torch.ones(()))
-        self.register_buffer("shift", (1 - lam) * g)
-        channels, size, _ = g.shape
-        self.config = SimpleNamespace(in_channels=channels, sample_size=size)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> SimpleNamespace:
-        return SimpleNamespace(sample=self.scale * x - self.shift)
 
 
 def invert_echo(model, scheduler):
@@ -159,15 +142,21 @@ def tiny_unet():
     return make_unet(16, 1).eval()
 
 
-def test_prune_channels_zeroes_exactly_the_lowest_masks(tiny_unet):
-    masks = adversarial_neuron_masks(
-        tiny_unet,
+def one_step_masks(unet):
+    """ANP masks after one step on blank images: only their layout (which layers,
+    how many channels) matters to the pruning tests, which then set their values."""
+    return adversarial_neuron_masks(
+        unet,
         make_scheduler(**QUICK_SCHEDULE),
         torch.zeros(8, 1, 16, 16),
         steps=1,
         batch_size=2,
         progress=False,
     )
+
+
+def test_prune_channels_zeroes_exactly_the_lowest_masks(tiny_unet):
+    masks = one_step_masks(tiny_unet)
     # Replace the learnt masks by known ones: channel k of every layer gets a distinct
     # value.
     generator = torch.Generator().manual_seed(1)
@@ -198,14 +187,7 @@ def test_pruning_never_skips_a_lower_mask_for_a_tied_one(tiny_unet):
     """Masks tied at the cutoff in an early layer must not use up the budget before a
     strictly lower mask in a later layer: every mask below the cutoff is pruned, ties
     fill the rest in layer order. Hand case: two layers, count = 2."""
-    masks = adversarial_neuron_masks(
-        tiny_unet,
-        make_scheduler(**QUICK_SCHEDULE),
-        torch.zeros(8, 1, 16, 16),
-        steps=1,
-        batch_size=2,
-        progress=False,
-    )
+    masks = one_step_masks(tiny_unet)
     names = list(masks.masks)
     known = {name: torch.ones_like(m) for name, m in masks.masks.items()}
     known[names[0]][:3] = 0.5  # three ties at the cutoff, first in module order

@@ -7,10 +7,11 @@ the pipeline on a small UNet, and the fitted rule judged leave-one-out.
 from __future__ import annotations
 
 import sys
-from types import ModuleType, SimpleNamespace
+from types import ModuleType
 
 import pytest
 import torch
+from toy_models import EchoModel
 
 from baddiff_core.defenses import elijah, scanning
 from baddiff_core.defenses.elijah import (
@@ -35,27 +36,6 @@ from baddiff_core.defenses.inversion import inversion_lambda
 from baddiff_core.diffusion import PAPER_SCHEDULE, QUICK_SCHEDULE, make_scheduler
 from baddiff_core.metrics import MissingDependencyError
 from baddiff_core.models import make_unet
-
-
-class EchoModel(torch.nn.Module):
-    """``eps_theta(x, t) = x - (1 - lam) g``: its mean answer to ``eps_i + tau`` is
-    ``m + tau - (1 - lam) g`` (``m`` the noises' mean), so Elijah's loss is ``mean |
-    m + (1 - lam)(tau - g)|``, zero exactly at ``tau* = g - m / (1 - lam)``: the
-    planted ``g`` up to the noises' mean. Records every input and timestep."""
-
-    def __init__(self, g: torch.Tensor, lam: float) -> None:
-        super().__init__()
-        self.scale = torch.nn.Parameter(torch.ones(()))
-        self.register_buffer("shift", (1 - lam) * g)
-        channels, size, _ = g.shape
-        self.config = SimpleNamespace(in_channels=channels, sample_size=size)
-        self.inputs: list[torch.Tensor] = []
-        self.timesteps: list[torch.Tensor] = []
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> SimpleNamespace:
-        self.inputs.append(x.detach().clone())
-        self.timesteps.append(torch.as_tensor(t).clone())
-        return SimpleNamespace(sample=self.scale * x - self.shift)
 
 
 def first_draws(num_noise: int, shape: tuple[int, ...], seed: int = 0):
@@ -441,7 +421,7 @@ def test_elijah_scores_sample_as_the_released_code(monkeypatch, small_unet):
         calls.append(dict(kwargs, n=n))
         return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
-    monkeypatch.setattr(elijah, "sample", fake_sample)
+    monkeypatch.setattr(scanning, "sample", fake_sample)  # where it is looked up
     inversions = record(monkeypatch, "elijah_inversion")
     scheduler = make_scheduler(**QUICK_SCHEDULE)
     settings = dict(distance=feature_distance, num_noise=4, steps=2, progress=False)

@@ -39,7 +39,6 @@ from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
-from tqdm.auto import tqdm
 
 from baddiff_core.checks import (
     WrongTypeError,
@@ -51,16 +50,14 @@ from baddiff_core.checks import (
     check_positive_int,
     check_tensor,
 )
-from baddiff_core.defenses.cached import cached_scan
 from baddiff_core.defenses.inversion import (
     InvertedTrigger,
-    frozen,
+    descend_echo_loss,
     image_shape,
-    last_timestep,
 )
-from baddiff_core.defenses.scanning import choose_threshold
+from baddiff_core.defenses.scanning import choose_threshold, invert_and_sample
 from baddiff_core.metrics import MissingDependencyError, to_unit_range
-from baddiff_core.sampling import DEFAULT_BATCH_SIZE, SAMPLERS, sample
+from baddiff_core.sampling import DEFAULT_BATCH_SIZE, SAMPLERS
 
 __all__ = [
     "ELIJAH_DDPM_LAMBDA",
@@ -252,27 +249,17 @@ def elijah_inversion(
     device, dtype = parameter.device, parameter.dtype
     noise = torch.randn((num_noise, *shape), generator=generator).to(device, dtype)
     tau = _initial_trigger(sampler, shape, generator).to(device, dtype)
-    tau.requires_grad_(True)
-    optimizer = torch.optim.Adam([tau], lr=lr)
-    timesteps = last_timestep(scheduler, num_noise, device)
-
-    losses = []
-    began = time.perf_counter()
-    with frozen(unet):
-        for _ in tqdm(
-            range(steps),
-            desc=f"Elijah inversion ({sampler})",
-            disable=not progress,
-            leave=False,
-        ):
-            output = unet(noise + tau, timesteps).sample.mean(dim=0)
-            loss = torch.nn.functional.l1_loss(lam * tau, output)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.detach())
-    losses = torch.stack(losses).float().cpu().tolist()
-    return InvertedTrigger(tau.detach(), lam, losses, time.perf_counter() - began)
+    return descend_echo_loss(
+        unet,
+        scheduler,
+        noise,
+        tau,
+        lam=lam,
+        lr=lr,
+        steps=steps,
+        progress=progress,
+        desc=f"Elijah inversion ({sampler})",
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -552,9 +539,10 @@ def elijah_scores(
     sampling_steps = min(settings.sampling_steps or train_steps, train_steps)
     per_pass = min(n, DEFAULT_BATCH_SIZE)
 
-    def run() -> tuple[InvertedTrigger, torch.Tensor, float]:
-        began = time.perf_counter()
-        inversion = elijah_inversion(
+    inversion, samples, seconds = invert_and_sample(
+        unet,
+        scheduler,
+        lambda generator: elijah_inversion(
             unet,
             scheduler,
             sampler=sampler,
@@ -562,41 +550,22 @@ def elijah_scores(
             steps=steps,
             lr=lr,
             lam=lam,
-            generator=torch.Generator().manual_seed(seed),
+            generator=generator,
             progress=progress,
+        ),
+        n=n,
+        sampler=sampler,
+        clip="none",
+        num_inference_steps=sampling_steps,
+        per_pass=per_pass,
+        seed=seed,
+        progress=progress,
+        cache_key=dict(
+            method="elijah", num_noise=num_noise, steps=steps, lr=lr, lam=lam
         )
-        samples = sample(
-            unet,
-            scheduler,
-            n,
-            trigger=inversion.trigger,
-            sampler=sampler,
-            clip="none",
-            num_inference_steps=sampling_steps,
-            batch_size=per_pass,
-            generator=torch.Generator().manual_seed((seed + 1) % 2**64),
-            progress=progress,
-        )
-        return inversion, samples, time.perf_counter() - began
-
-    if use_cache:
-        inversion, samples, seconds = cached_scan(
-            unet,
-            scheduler,
-            run,
-            per_pass=per_pass,
-            method="elijah",
-            n=n,
-            sampler=sampler,
-            num_noise=num_noise,
-            steps=steps,
-            lr=lr,
-            lam=lam,
-            num_inference_steps=sampling_steps,
-            seed=seed,
-        )
-    else:
-        inversion, samples, seconds = run()
+        if use_cache
+        else None,
+    )
     began = time.perf_counter()
     uniformity = uniformity_score(samples, distance)
     tv = tv_score(samples)

@@ -134,18 +134,36 @@ def invert_trigger(
     shape = image_shape(unet)
     generator = generator or torch.Generator().manual_seed(0)
     noise = torch.randn((num_noise, *shape), generator=generator).to(device, dtype)
-    tau = (
-        (-torch.rand(shape, generator=generator)).to(device, dtype).requires_grad_(True)
+    tau = (-torch.rand(shape, generator=generator)).to(device, dtype)
+    return descend_echo_loss(
+        unet, scheduler, noise, tau, lam=lam, lr=lr, steps=steps, progress=progress
     )
-    optimizer = torch.optim.Adam([tau], lr=lr)
-    timesteps = last_timestep(scheduler, num_noise, device)
 
+
+def descend_echo_loss(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    noise: torch.Tensor,
+    tau: torch.Tensor,
+    *,
+    lam: float,
+    lr: float,
+    steps: int,
+    progress: bool,
+    desc: str = "trigger inversion",
+) -> InvertedTrigger:
+    """Adam on ``tau`` from its given start, ``steps`` times, against Elijah's loss
+    ``mean | mean_i eps_theta(eps_i + tau, T-1) - lam tau |`` on the fixed ``noise``
+    batch ``eps_i`` (An et al. 2024, arXiv:2312.00050). The loop both inversions
+    share: :func:`invert_trigger` (the book's start and lambda) and
+    :func:`~baddiff_core.defenses.elijah.elijah_inversion` (the released code's)."""
+    tau = tau.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([tau], lr=lr)
+    timesteps = last_timestep(scheduler, len(noise), noise.device)
     losses = []
     began = time.perf_counter()
     with frozen(unet):
-        for _ in tqdm(
-            range(steps), desc="trigger inversion", disable=not progress, leave=False
-        ):
+        for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
             mean_prediction = unet(noise + tau, timesteps).sample.mean(dim=0)
             loss = (mean_prediction - lam * tau).abs().mean()
             optimizer.zero_grad(set_to_none=True)

@@ -15,7 +15,7 @@ images) are the book's too, reported beside it.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +40,7 @@ __all__ = [
     "BackdoorScan",
     "DEFAULT_THRESHOLD",
     "scan_model",
+    "invert_and_sample",
     "choose_threshold",
 ]
 
@@ -180,18 +181,70 @@ def scan_model(
     inference_steps(scheduler, sampler, num_inference_steps)
     per_pass = min(n, batch_size or DEFAULT_BATCH_SIZE)
 
-    def run() -> tuple[InvertedTrigger, torch.Tensor, float]:
-        began = time.perf_counter()
-        inversion = invert_trigger(
+    inversion, samples, seconds = invert_and_sample(
+        unet,
+        scheduler,
+        lambda generator: invert_trigger(
             unet,
             scheduler,
             num_noise=num_noise,
             steps=steps,
             lr=lr,
             solver=solver,
-            generator=torch.Generator().manual_seed(seed),
+            generator=generator,
             progress=progress,
+        ),
+        n=n,
+        sampler=sampler,
+        clip=clip,
+        num_inference_steps=num_inference_steps,
+        per_pass=per_pass,
+        seed=seed,
+        progress=progress,
+        # the cache key: every setting that changes the estimate or the samples
+        cache_key=dict(
+            num_noise=num_noise, steps=steps, lr=lr, solver=solver, clip=clip
         )
+        if use_cache
+        else None,
+    )
+    return BackdoorScan(
+        inversion,
+        samples,
+        mode_share(samples),
+        diversity(samples),
+        total_variation(samples),
+        float(threshold),
+        seconds,
+    )
+
+
+def invert_and_sample(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    invert: Callable[[torch.Generator], InvertedTrigger],
+    *,
+    n: int,
+    sampler: str,
+    clip: str,
+    num_inference_steps: int | None,
+    per_pass: int,
+    seed: int,
+    progress: bool,
+    cache_key: dict[str, object] | None = None,
+) -> tuple[InvertedTrigger, torch.Tensor, float]:
+    """The two steps every trigger scan shares: ``invert(generator)`` (seeded by
+    ``seed``) estimates ``tau``, then ``n`` samples are drawn from ``eps + tau`` (their
+    own stream, seed ``seed + 1``, wrapping at 2**64, the largest seed torch takes).
+    Returns ``(inversion, samples, seconds)``. With a ``cache_key`` (the inversion's
+    own settings) the result is kept in the cache
+    (:func:`~baddiff_core.defenses.cached.cached_scan`), keyed by it and by the
+    sampling settings. Used by :func:`scan_model` and
+    :func:`~baddiff_core.defenses.elijah.elijah_scores`."""
+
+    def run() -> tuple[InvertedTrigger, torch.Tensor, float]:
+        began = time.perf_counter()
+        inversion = invert(torch.Generator().manual_seed(seed))
         samples = sample(
             unet,
             scheduler,
@@ -201,37 +254,23 @@ def scan_model(
             clip=clip,
             num_inference_steps=num_inference_steps,
             batch_size=per_pass,
-            # the samples' own stream; wraps at 2**64, the largest seed torch takes
             generator=torch.Generator().manual_seed((seed + 1) % 2**64),
             progress=progress,
         )
         return inversion, samples, time.perf_counter() - began
 
-    if use_cache:
-        settings = dict(
-            n=n,
-            num_noise=num_noise,
-            steps=steps,
-            lr=lr,
-            solver=solver,
-            num_inference_steps=num_inference_steps,
-            sampler=sampler,
-            clip=clip,
-            seed=seed,
-        )
-        inversion, samples, seconds = cached_scan(
-            unet, scheduler, run, per_pass=per_pass, **settings
-        )
-    else:
-        inversion, samples, seconds = run()
-    return BackdoorScan(
-        inversion,
-        samples,
-        mode_share(samples),
-        diversity(samples),
-        total_variation(samples),
-        float(threshold),
-        seconds,
+    if cache_key is None:
+        return run()
+    return cached_scan(
+        unet,
+        scheduler,
+        run,
+        per_pass=per_pass,
+        n=n,
+        sampler=sampler,
+        num_inference_steps=num_inference_steps,
+        seed=seed,
+        **cache_key,
     )
 
 
