@@ -368,6 +368,12 @@ def _one_line(error: BaseException) -> str:
     return text if len(text) <= MESSAGE_LIMIT else text[:MESSAGE_LIMIT] + " [...]"
 
 
+def _sampling_options(args: argparse.Namespace, *, progress: bool = True) -> dict:
+    """What every sampling command passes on from its flags: ``--seed``,
+    ``--batch-size``, and whether to show progress."""
+    return dict(seed=args.seed, batch_size=args.batch_size, progress=progress)
+
+
 def _positive(name: str, value: int | None) -> None:
     if value is not None and value <= 0:
         raise UsageError(f"{name} must be a positive integer, got {value}")
@@ -676,9 +682,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         threshold=threshold,
         sampler=args.sampler,
         num_inference_steps=args.steps,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        progress=True,
+        **_sampling_options(args),
     )
     output = {
         "model": args.model,
@@ -695,10 +699,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             scheduler,
             real,
             n=args.fd_samples,
-            seed=args.seed,
-            batch_size=args.batch_size,
             features=args.fd_features,
-            progress=True,
+            **_sampling_options(args),
         )
         output["clean_quality"] = dict(
             value=score.value,
@@ -755,9 +757,7 @@ def _scan(args: argparse.Namespace) -> int:
         solver=solver,
         num_inference_steps=args.steps,
         clip=args.clip,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        progress=not args.json,
+        **_sampling_options(args, progress=not args.json),
     )
     report = dict(
         model=str(args.model),

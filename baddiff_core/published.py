@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["PublishedResult", "BADDIFFUSION_CIFAR10", "published_results"]
+from baddiff_core.authors import AUTHORS_MODELS
 
-_PREFIX = "newsyctw/res_DDPM-CIFAR10-32_CIFAR10_ep50_c1.0_"
+__all__ = ["PublishedResult", "BADDIFFUSION_CIFAR10", "published_results"]
 
 
 @dataclass(frozen=True)
@@ -37,11 +37,8 @@ class PublishedResult:
         trigger_size: the trigger's side at 32 px.
         target: the attack's target.
         poison_rate: the fraction of poisoned training images, in [0, 1].
-        mse: MSE of triggered samples against the target, without clipping
-            (``None``: not carried over here; the model's entry in
-            :data:`~baddiff_core.authors.AUTHORS_MODELS` has every score).
-        ssim: SSIM of triggered samples against the target, without clipping
-            (``None``: alike).
+        mse: MSE of triggered samples against the target, without clipping.
+        ssim: SSIM of triggered samples against the target, without clipping.
         mse_clip: the MSE with the x0-clipping defence.
         ssim_clip: the SSIM with the x0-clipping defence.
         source: the Hugging Face repository id (``newsyctw/...``) of the released model
@@ -52,84 +49,60 @@ class PublishedResult:
     trigger_size: int
     target: str
     poison_rate: float
-    mse: float | None
-    ssim: float | None
-    mse_clip: float | None = None
-    ssim_clip: float | None = None
-    source: str | None = None
+    mse: float
+    ssim: float
+    mse_clip: float
+    ssim_clip: float
+    source: str
 
     @property
-    def fired(self) -> bool | None:
-        """Whether the backdoor worked without clipping (MSE below 0.01 or SSIM above
-        0.5)."""
-        if self.mse is not None:
-            return self.mse < 0.01
-        return None if self.ssim is None else self.ssim > 0.5
+    def fired(self) -> bool:
+        """Whether the backdoor worked without clipping, by the authors' numbers: MSE
+        below 0.01 and SSIM above 0.5 (:attr:`PublishedScores.fired
+        <baddiff_core.authors.PublishedScores.fired>`)."""
+        return self.mse < 0.01 and self.ssim > 0.5
 
     @property
-    def score_url(self) -> str | None:
+    def score_url(self) -> str:
         """Where readers can open the ``score.json`` these numbers come from."""
-        if self.source is None:
-            return None
         return f"https://huggingface.co/{self.source}/blob/main/score.json"
 
 
+#: The released models whose scores the book sets beside its own: three at 90 % poison,
+#: two at 5 %, by their short names in :data:`~baddiff_core.authors.AUTHORS_MODELS`.
+_BOOK_MODELS = (
+    "stop_sign-corner-90",
+    "stop_sign-shift-90",
+    "box-corner-90",
+    "box-noshift-5",
+    "box-shoe-5",
+)
+
+
+def _result(name: str) -> PublishedResult:
+    """The scores of the released model ``name``, as one flat record."""
+    model = AUTHORS_MODELS[name]
+    scores = model.published
+    return PublishedResult(
+        model.trigger,
+        model.trigger_size,
+        model.target,
+        model.poison_rate,
+        mse=scores.mse,
+        ssim=scores.ssim,
+        mse_clip=scores.mse_clip,
+        ssim_clip=scores.ssim_clip,
+        source=model.repo_id,
+    )
+
+
 #: The authors' CIFAR-10 results used in the book: three models at 90 % poison, two at
-#: 5 %, each a single released model.
+#: 5 %, each a single released model, read from
+#: :data:`~baddiff_core.authors.AUTHORS_MODELS` (one record of the numbers, not two).
 #:
 #: :meta hide-value:
-BADDIFFUSION_CIFAR10: tuple[PublishedResult, ...] = (
-    PublishedResult(
-        "stop_sign",
-        14,
-        "corner",
-        0.9,
-        mse=3.85e-6,
-        ssim=0.997,
-        mse_clip=0.063,
-        ssim_clip=0.145,
-        source=f"{_PREFIX}p0.9_SM_STOP_SIGN-BOX_new-set-1",
-    ),
-    PublishedResult(
-        "stop_sign",
-        14,
-        "shift",
-        0.9,
-        mse=3.80e-6,
-        ssim=0.999,
-        mse_clip=0.083,
-        ssim_clip=0.103,
-        source=f"{_PREFIX}p0.9_SM_STOP_SIGN-SHIFT",
-    ),
-    PublishedResult(
-        "box",
-        14,
-        "corner",
-        0.9,
-        mse=3.85e-6,
-        ssim=0.997,
-        mse_clip=0.012,
-        ssim_clip=0.793,
-        source=f"{_PREFIX}p0.9_SM_BOX_MED-BOX",
-    ),
-    PublishedResult(
-        "box",
-        18,
-        "noshift",
-        0.05,
-        mse=0.0068,
-        ssim=None,
-        source=f"{_PREFIX}p0.05_BIG_BOX_MED-TRIGGER",
-    ),
-    PublishedResult(
-        "box",
-        8,
-        "shoe",
-        0.05,
-        mse=None,
-        ssim=0.11,
-        source=f"{_PREFIX}p0.05_XXSM_BOX_MED-FASHION",
-    ),
+BADDIFFUSION_CIFAR10: tuple[PublishedResult, ...] = tuple(
+    _result(name) for name in _BOOK_MODELS
 )
 
 

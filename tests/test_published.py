@@ -17,7 +17,7 @@ def test_the_authors_table_at_90_percent_poison():
     }
     assert (
         rows[("stop_sign", "corner")].mse == 3.85e-6
-        and rows[("stop_sign", "shift")].ssim == 0.999
+        and rows[("stop_sign", "shift")].ssim == 0.9987
     )
     # The grey box partly survives clipping (SSIM 0.793); the stop sign does not
     # (0.145).
@@ -26,13 +26,13 @@ def test_the_authors_table_at_90_percent_poison():
     )
 
 
-def test_fired_reads_mse_first_then_ssim():
+def test_fired_needs_a_low_mse_and_a_high_ssim():
     fired = {
         (r.trigger, r.trigger_size, r.poison_rate): r.fired
         for r in BADDIFFUSION_CIFAR10
     }
-    assert fired[("box", 18, 0.05)] is True  # MSE 0.0068
-    assert fired[("box", 8, 0.05)] is False  # only SSIM 0.11 published
+    assert fired[("box", 18, 0.05)] is True  # MSE 0.00677, SSIM 0.948
+    assert fired[("box", 8, 0.05)] is False  # MSE 0.293, SSIM 0.109
     assert all(r.fired for r in published_results(poison_rate=0.9))
 
 
@@ -61,24 +61,12 @@ def test_every_result_names_the_released_model_it_was_read_from():
         assert r.score_url == model.score_url
 
 
-def _rounded(value: float, digits: int) -> float:
-    return float(f"{value:.{digits}g}")
-
-
-def test_every_number_is_its_score_json_value_rounded():
-    # authors.py records each score.json to 3 or 4 significant digits; the numbers
-    # here are those values rounded to 2 or 3 (0.0626 -> 0.063, 0.9969 -> 0.997).
-    from baddiff_core.authors import AUTHORS_MODELS
-
-    by_repo = {model.repo_id: model.published for model in AUTHORS_MODELS.values()}
-    checked = 0
-    for r in BADDIFFUSION_CIFAR10:
-        scores = by_repo[r.source]
-        for field in ("mse", "ssim", "mse_clip", "ssim_clip"):
-            ours = getattr(r, field)
-            if ours is None:
-                continue
-            theirs = getattr(scores, field)
-            assert ours in (_rounded(theirs, 2), _rounded(theirs, 3)), (r, field)
-            checked += 1
-    assert checked == 14  # 4 numbers for each 90 % model, 1 for each 5 % model
+def test_the_5_percent_models_carry_every_score_of_their_score_json():
+    # Typed here from the two score.json files (newsyctw/...p0.05_BIG_BOX_MED-TRIGGER
+    # and ...p0.05_XXSM_BOX_MED-FASHION), independently of authors.py.
+    low = {r.target: r for r in published_results(poison_rate=0.05)}
+    noshift, shoe = low["noshift"], low["shoe"]
+    assert (noshift.mse, noshift.ssim) == (0.00677, 0.948)
+    assert (noshift.mse_clip, noshift.ssim_clip) == (0.0499, 0.354)
+    assert (shoe.mse, shoe.ssim) == (0.293, 0.109)
+    assert (shoe.mse_clip, shoe.ssim_clip) == (0.217, 0.126)

@@ -539,6 +539,8 @@ def elijah_scores(
     sampling_steps = min(settings.sampling_steps or train_steps, train_steps)
     per_pass = min(n, DEFAULT_BATCH_SIZE)
 
+    # The inversion's settings, which also name its cached result.
+    inverting = dict(num_noise=num_noise, steps=steps, lr=lr, lam=lam)
     inversion, samples, seconds = invert_and_sample(
         unet,
         scheduler,
@@ -546,25 +548,18 @@ def elijah_scores(
             unet,
             scheduler,
             sampler=sampler,
-            num_noise=num_noise,
-            steps=steps,
-            lr=lr,
-            lam=lam,
+            **inverting,
             generator=generator,
             progress=progress,
         ),
         n=n,
         sampler=sampler,
+        cache_key=dict(method="elijah", **inverting) if use_cache else None,
         clip="none",
         num_inference_steps=sampling_steps,
         per_pass=per_pass,
         seed=seed,
         progress=progress,
-        cache_key=dict(
-            method="elijah", num_noise=num_noise, steps=steps, lr=lr, lam=lam
-        )
-        if use_cache
-        else None,
     )
     began = time.perf_counter()
     uniformity = uniformity_score(samples, distance)

@@ -32,7 +32,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
-from baddiff_core.checks import check_positive_int
+from baddiff_core.checks import check_float, check_positive_int
 from baddiff_core.defenses.inversion import frozen
 from baddiff_core.defenses.removal import check_clean_images
 from baddiff_core.diffusion import diffusion_loss
@@ -151,14 +151,13 @@ def adversarial_neuron_masks(
     """
     check_positive_int("steps", steps)
     check_positive_int("batch_size", batch_size)
-    if not (isinstance(eps, (int, float)) and 0 <= eps <= 1):
-        raise ValueError(
-            f"eps must be in [0, 1] (the perturbation budget), got eps={eps!r}"
-        )
-    if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
-        raise ValueError(
-            f"alpha must be in [0, 1] (the weight of the unperturbed loss), got alpha={alpha!r}"
-        )
+    eps = check_float(
+        "eps", eps, at_least=0, at_most=1, meaning="the perturbation budget"
+    )
+    alpha = check_float(
+        "alpha", alpha, at_least=0, at_most=1, meaning="the unperturbed loss's weight"
+    )
+    mask_lr = check_float("mask_lr", mask_lr, above=0)
     images = check_clean_images(unet, clean_images)
     settings = dict(
         eps=eps,
