@@ -98,6 +98,21 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "tv_score",
         "uniformity_score",
     ),
+    # TERD as released (Mo et al. 2024, arXiv:2409.05294)
+    "defenses.terd": (
+        "TERD_CIFAR10",
+        "TerdModelScore",
+        "TerdSettings",
+        "TerdTrigger",
+        "detect_inputs",
+        "estimate_trigger",
+        "input_detection_rates",
+        "input_log_likelihood_ratio",
+        "model_kl_score",
+        "reversed_loss",
+    ),
+    # the book's noise test of a starting noise
+    "defenses.noise_tests": ("NoiseTest", "noise_test"),
     # the authors' released models (chapter 10) and the paper's numbers
     "authors": (
         "AUTHORS_MODELS",

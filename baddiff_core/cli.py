@@ -287,6 +287,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for trigger.png, samples.png and scan.json "
         "(default: scan-<model name> in the current folder)",
     )
+    inputs = scan.add_argument_group(
+        "testing starting noises (--input): is a given x_T triggered?"
+    )
+    inputs.add_argument(
+        "--input",
+        type=Path,
+        metavar="NOISE",
+        help="instead of scanning the model, test the starting noises in this "
+        "safetensors file (one n,C,H,W or C,H,W tensor) with the book's noise test and "
+        "TERD's input test; exit status 1 when any noise is flagged; writes nothing",
+    )
+    inputs.add_argument(
+        "--alpha",
+        type=float,
+        default=0.01,
+        help="the noise test's false-positive rate on honest noise (default 0.01)",
+    )
+    inputs.add_argument(
+        "--terd-steps",
+        type=int,
+        default=3000,
+        help="steps of TERD's trigger estimation, then a third as many of its "
+        "refinement (default: the released code's 3000 and 1000)",
+    )
     _add_run(scan, json_help="print the result as JSON")
     return parser
 
@@ -722,6 +746,93 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_noise(path: Path) -> torch.Tensor:
+    """The starting noises of ``--input``: the file's one tensor (or its ``noise``),
+    as ``n,C,H,W``."""
+    tensors = load_file(str(path))
+    if len(tensors) != 1 and "noise" not in tensors:
+        raise UsageError(
+            f"--input {path} must hold one tensor or one named 'noise', "
+            f"it holds {sorted(tensors)}"
+        )
+    noise = tensors.get("noise", next(iter(tensors.values())))
+    if noise.dim() == 3:
+        noise = noise.unsqueeze(0)
+    if noise.dim() != 4 or not noise.is_floating_point():
+        raise UsageError(
+            f"--input {path} must hold a float n,C,H,W or C,H,W tensor, got "
+            f"{noise.dtype} of shape {tuple(noise.shape)}"
+        )
+    if not torch.isfinite(noise).all():
+        raise UsageError(f"--input {path} holds NaN or infinite values")
+    return noise.float()
+
+
+def _scan_input(args: argparse.Namespace) -> int:
+    """``baddiff scan MODEL --input NOISE``: flag triggered starting noises."""
+    from baddiff_core.defenses.noise_tests import noise_test
+    from baddiff_core.defenses.terd import (
+        TERD_CIFAR10,
+        estimate_trigger,
+        input_log_likelihood_ratio,
+    )
+    from baddiff_core.devices import resolve_device
+    from baddiff_core.models import load_model
+
+    if not 0 < args.alpha < 1:
+        raise UsageError(f"--alpha must be a rate in (0, 1), got {args.alpha}")
+    _positive("--terd-steps", args.terd_steps)
+    noise = _read_noise(args.input)
+    unet, scheduler = load_model(args.model, device=resolve_device(args.device))
+    shape = (unet.config.in_channels, *(2 * [unet.config.sample_size]))
+    if tuple(noise.shape[1:]) != shape:
+        raise UsageError(
+            f"--input {args.input} holds noises of shape {tuple(noise.shape[1:])}, "
+            f"the model starts from {shape}"
+        )
+    tested = noise_test(noise, alpha=args.alpha)
+    settings = dataclasses.replace(
+        TERD_CIFAR10,
+        estimation_steps=args.terd_steps,
+        refinement_steps=max(1, args.terd_steps // 3),
+    )
+    terd = estimate_trigger(
+        unet, scheduler, settings=settings, seed=args.seed, progress=not args.json
+    )
+    llr = input_log_likelihood_ratio(noise, terd.mu.cpu())
+    rows = [
+        dict(
+            input=i,
+            noise_test_p=float(p),
+            noise_test_flagged=bool(flag),
+            terd_log_likelihood_ratio=float(ratio),
+            terd_flagged=bool(ratio > 0),
+        )
+        for i, (p, flag, ratio) in enumerate(zip(tested.p_value, tested.flagged, llr))
+    ]
+    flagged = sum(r["noise_test_flagged"] or r["terd_flagged"] for r in rows)
+    if args.json:
+        print(json.dumps(dict(model=str(args.model), inputs=rows), indent=2))
+    else:
+        print(f"{'input':>5s} {'noise test p':>12s} {'TERD log-LR':>12s}  flagged by")
+        for r in rows:
+            by = [
+                name
+                for name, key in (("noise test", "noise_test"), ("TERD", "terd"))
+                if r[f"{key}_flagged"]
+            ]
+            print(
+                f"{r['input']:5d} {r['noise_test_p']:12.3g} "
+                f"{r['terd_log_likelihood_ratio']:12.3g}  {', '.join(by) or '-'}"
+            )
+        print(
+            f"{flagged} of {len(rows)} noises flagged (noise test at alpha "
+            f"{args.alpha}; TERD: log-likelihood ratio > 0 with its trigger estimate, "
+            f"{args.terd_steps} + {settings.refinement_steps} steps)"
+        )
+    return 1 if flagged else 0
+
+
 def _scan(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
 
@@ -733,6 +844,8 @@ def _scan(args: argparse.Namespace) -> int:
 
     for name in ("n", "inversion_steps", "noise_batch", "steps", "batch_size"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    if args.input is not None:
+        return _scan_input(args)
     if args.n < 2:
         raise UsageError(
             f"--n must be at least 2 (the score compares samples), got {args.n}"

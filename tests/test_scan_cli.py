@@ -180,3 +180,57 @@ def test_the_largest_seed_scans(model_folder, tmp_path, capsys):
     status = main([*argv, "--output", str(tmp_path / "s")])
     report = json.loads(capsys.readouterr().out)
     assert status in (0, 1) and report["samples"] == 2
+
+
+# --input: testing given starting noises for a trigger.
+
+
+def _noise_file(path, **tensors):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path
+
+
+def test_scan_input_flags_triggered_noises(model_folder, tmp_path, capsys):
+    from baddiff_core.triggers import make_trigger
+
+    honest = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    triggered = honest + make_trigger("box", 8, 1)
+    noise = _noise_file(
+        tmp_path / "x.safetensors", noise=torch.cat([honest, triggered])
+    )
+    argv = cli_argv("scan", model_folder, input=noise, terd_steps=1, json=True)
+    status = main(argv)
+    rows = json.loads(capsys.readouterr().out)["inputs"]
+    assert status == 1 and [r["input"] for r in rows] == list(range(6))
+    # The box's -1 background shifts 60 of the 64 entries: the noise test sees it.
+    assert [r["noise_test_flagged"] for r in rows[3:]] == [True] * 3
+    assert all(0 <= r["noise_test_p"] <= 1 for r in rows)
+    assert all(r["terd_flagged"] == (r["terd_log_likelihood_ratio"] > 0) for r in rows)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "tensors, extra, message",
+    [
+        (dict(a=torch.zeros(1, 1, 8, 8), b=torch.zeros(1)), [], "must hold one tensor"),
+        (dict(noise=torch.zeros(2, 1, 4, 4)), [], "the model starts from (1, 8, 8)"),
+        (dict(noise=torch.full((1, 8, 8), float("nan"))), [], "NaN or infinite"),
+        (dict(noise=torch.zeros(8, 8)), [], "n,C,H,W or C,H,W"),
+        (dict(noise=torch.zeros(1, 8, 8)), ["--alpha", "1.5"], "--alpha must be"),
+        (dict(noise=torch.zeros(1, 8, 8)), ["--terd-steps", "0"], "--terd-steps must"),
+    ],
+)
+def test_scan_input_refuses_bad_noise_in_one_line(
+    tensors, extra, message, model_folder, tmp_path, capsys
+):
+    noise = _noise_file(tmp_path / "x.safetensors", **tensors)
+    assert main(["scan", str(model_folder), "--input", str(noise), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_scan_input_missing_file_is_one_line(model_folder, tmp_path, capsys):
+    assert main(["scan", str(model_folder), "--input", str(tmp_path / "no")]) == 2
+    assert "No such file" in capsys.readouterr().err

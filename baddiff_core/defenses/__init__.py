@@ -25,6 +25,17 @@ a model, one module per idea:
   settings per sampler, samples from ``eps + tau``, and its two scores, the trimmed
   pairwise LPIPS *uniformity* (an offline digits-feature stand-in in quick mode) and the
   *total variation*; a threshold fitted on labelled models, judged leave-one-out.
+- :mod:`~baddiff_core.defenses.terd`, **TERD as released** (Mo et al., ICML 2024,
+  arXiv:2409.05294): a trigger ``mu`` inverted by minimising a *reversed loss* (the
+  variance over the noise of the model's residual) minus ``lambda |mu|_1``, first on
+  Gaussian stand-ins, then through the model's own differentiable DDIM samples; an input
+  test (log likelihood ratio of ``N(mu, I)`` against ``N(0, I)``) and two model-level
+  features (mean and variance of the per-pixel KL ``mu_i^2 / 2``), with the released
+  code's settings (github.com/PKU-ML/TERD).
+- :mod:`~baddiff_core.defenses.noise_tests`, **the book's noise test** of a starting
+  noise (in the spirit of DisDet, Sui et al. 2024, arXiv:2402.02739, whose statistic is
+  not used): a one-sample Kolmogorov-Smirnov test of its entries against N(0, 1), whose
+  false-positive rate on honest noise is its level ``alpha``.
 - :mod:`~baddiff_core.defenses.removal` (Elijah): fine-tune a copy on a little clean
   data with the DDPM loss plus two terms that make the model treat ``eps + tau`` like
   ``eps``, as the frozen original treats ``eps``.
@@ -44,12 +55,22 @@ it.
 """
 
 # Each module's ``__all__`` is the package's: a name is defined, and listed, once.
-from baddiff_core.defenses import elijah, inversion, pruning, removal, scanning
+from baddiff_core.defenses import (
+    elijah,
+    inversion,
+    noise_tests,
+    pruning,
+    removal,
+    scanning,
+    terd,
+)
 from baddiff_core.defenses.elijah import *  # noqa: F403
 from baddiff_core.defenses.inversion import *  # noqa: F403
+from baddiff_core.defenses.noise_tests import *  # noqa: F403
 from baddiff_core.defenses.pruning import *  # noqa: F403
 from baddiff_core.defenses.removal import *  # noqa: F403
 from baddiff_core.defenses.scanning import *  # noqa: F403
+from baddiff_core.defenses.terd import *  # noqa: F403
 
 __all__ = [
     *inversion.__all__,
@@ -57,4 +78,6 @@ __all__ = [
     *elijah.__all__,
     *removal.__all__,
     *pruning.__all__,
+    *terd.__all__,
+    *noise_tests.__all__,
 ]
