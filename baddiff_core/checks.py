@@ -197,24 +197,6 @@ def check_positive_int(
     return check_int(name, value, minimum=1, allow_none=allow_none, meaning=meaning)
 
 
-def _interval_words(
-    above: float | None,
-    at_least: float | None,
-    below: float | None,
-    at_most: float | None,
-) -> str:
-    """`` in (0, 0.25]``, `` > 0``, `` <= 1`` or nothing."""
-    low = ("(", above) if above is not None else ("[", at_least)
-    high = (")", below) if below is not None else ("]", at_most)
-    if low[1] is not None and high[1] is not None:
-        return f" in {low[0]}{_number(low[1])}, {_number(high[1])}{high[0]}"
-    if low[1] is not None:
-        return f" {'>' if above is not None else '>='} {_number(low[1])}"
-    if high[1] is not None:
-        return f" {'<' if below is not None else '<='} {_number(high[1])}"
-    return ""
-
-
 def check_float(
     name: str,
     value: object,
@@ -270,6 +252,24 @@ def check_float(
     if not inside:
         raise ValueError(f"{name} must be {allowed}, {_got(name, value)}")
     return number
+
+
+def _interval_words(
+    above: float | None,
+    at_least: float | None,
+    below: float | None,
+    at_most: float | None,
+) -> str:
+    """`` in (0, 0.25]``, `` > 0``, `` <= 1`` or nothing."""
+    low = ("(", above) if above is not None else ("[", at_least)
+    high = (")", below) if below is not None else ("]", at_most)
+    if low[1] is not None and high[1] is not None:
+        return f" in {low[0]}{_number(low[1])}, {_number(high[1])}{high[0]}"
+    if low[1] is not None:
+        return f" {'>' if above is not None else '>='} {_number(low[1])}"
+    if high[1] is not None:
+        return f" {'<' if below is not None else '<='} {_number(high[1])}"
+    return ""
 
 
 def check_fraction(name: str, value: object, *, meaning: str = "") -> float:
@@ -429,7 +429,4 @@ def check_image_batch(
         raise WrongTypeError(
             f"{name} must be a float tensor with values in {value_range}, got {name}.dtype={images.dtype}"
         )
-    if require_finite and not bool(torch.isfinite(images).all()):
-        bad = int((~torch.isfinite(images)).sum())
-        raise ValueError(f"{name} must be finite, got {bad} NaN or infinite values")
-    return images
+    return check_tensor(name, images, finite=require_finite)

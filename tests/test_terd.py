@@ -124,15 +124,10 @@ def test_reversed_loss_of_an_affine_model_is_the_hand_value(schedule):
     eps_1 = torch.randn(x0.shape, generator=replay)
     eps_2 = torch.randn(x0.shape, generator=replay)
     hand = 0.5 * ((1 - w * s) ** 2 * (eps_1 - eps_2) ** 2).sum(dim=(1, 2, 3)).mean()
-    for mu, with_trigger in [(torch.zeros(shape), True), (-torch.ones(shape), False)]:
+    for mu, add in [(torch.zeros(shape), True), (-torch.ones(shape), False)]:
+        generator = torch.Generator().manual_seed(7)
         loss = reversed_loss(
-            model,
-            schedule,
-            x0,
-            mu,
-            timesteps,
-            generator=torch.Generator().manual_seed(7),
-            with_trigger=with_trigger,
+            model, schedule, x0, mu, timesteps, generator=generator, with_trigger=add
         )
         assert torch.allclose(loss, hand, rtol=1e-5)
 

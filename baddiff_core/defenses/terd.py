@@ -48,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -218,20 +219,20 @@ def reversed_loss(
     check_int("max(timesteps)", int(timesteps.max()), minimum=0, maximum=last)
     check_type("generator", generator, torch.Generator, what="a torch.Generator")
     check_bool("with_trigger", with_trigger)
-    return _reversed_loss(unet, scheduler, x0, mu, timesteps, generator, with_trigger)
+    offset = mu if with_trigger else None
+    return _reversed_loss(unet, scheduler, x0, offset, timesteps, generator)
 
 
 def _reversed_loss(
     unet: UNet2DModel,
     scheduler: DDPMScheduler,
     x0: torch.Tensor,
-    mu: torch.Tensor,
+    offset: torch.Tensor | None,
     timesteps: torch.Tensor,
     generator: torch.Generator,
-    with_trigger: bool,
 ) -> torch.Tensor:
     """:func:`reversed_loss` without the checks (they read values, and so stall a GPU
-    at every step)."""
+    at every step); ``offset`` is the trigger added to the noisy inputs, or ``None``."""
     timesteps = timesteps.to(x0.device)
     residuals = []
     for _ in range(2):
@@ -239,8 +240,8 @@ def _reversed_loss(
             x0.shape, generator=generator, device=x0.device, dtype=x0.dtype
         )
         noisy = scheduler.add_noise(x0, noise, timesteps)
-        if with_trigger:
-            noisy = noisy + mu
+        if offset is not None:
+            noisy = noisy + offset
         residuals.append(noise - unet(noisy, timesteps).sample)
     difference = (residuals[0] - residuals[1]).float()
     return 0.5 * difference.square().sum(dim=(1, 2, 3)).mean()
@@ -291,6 +292,35 @@ def _ddim_sample(
     return x
 
 
+def _descend(
+    mu: torch.Tensor,
+    steps: int,
+    objective: Callable[[], torch.Tensor],
+    *,
+    lr: float,
+    clip: float | None,
+    desc: str,
+    progress: bool,
+) -> list[torch.Tensor]:
+    """One stage of the released code's descent: ``steps`` steps of plain SGD on ``mu``
+    (a fresh optimiser, no momentum) with a cosine learning rate (``T_max = steps``),
+    ``objective()`` giving each step's objective; the gradient's norm is clipped to
+    ``clip`` when given. Returns the objective at every step."""
+    optimizer = torch.optim.SGD([mu], lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    values = []
+    for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+        value = objective()
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_([mu], clip)
+        optimizer.step()
+        schedule.step()
+        values.append(value.detach())
+    return values
+
+
 def _estimate(
     unet: UNet2DModel,
     scheduler: DDPMScheduler,
@@ -311,59 +341,49 @@ def _estimate(
     mu.requires_grad_(True)
     # the released code's DDIMScheduler: clip_sample on, "leading" steps, eta = 0
     sampler = inference_scheduler(scheduler, sampler="ddim", clip="x0")
-    losses = []
+    penalty = settings.lam
+
+    def estimation() -> torch.Tensor:
+        # Stage 1, trigger estimation (reverse.py 386-416): x0 ~ N(0, I) each step.
+        t = _timesteps(num_steps - window, num_steps, batch, generator, device)
+        x0 = randn_tensor(
+            (batch, *shape), generator=generator, device=device, dtype=dtype
+        )
+        loss = _reversed_loss(unet, scheduler, x0, mu, t, generator)
+        return loss - penalty * mu.abs().sum()
+
+    def refinement() -> torch.Tensor:
+        # Stage 2, trigger refinement (reverse.py 419-460): x0 = DDIM samples from
+        # eps + mu, differentiated through the sampler.
+        eps = randn_tensor(
+            (batch, *shape), generator=generator, device=device, dtype=dtype
+        )
+        images = _ddim_sample(unet, sampler, eps + mu, settings.sampling_steps)
+        t = _timesteps(num_steps - window, num_steps, batch, generator, device)
+        high = _reversed_loss(unet, scheduler, images, mu, t, generator)
+        t = _timesteps(0, window, batch, generator, device)
+        low = _reversed_loss(unet, scheduler, images, None, t, generator)
+        return (high + low) / 2 - penalty * mu.abs().sum()
+
     began = time.perf_counter()
     with frozen(unet):
-        # Stage 1, trigger estimation (reverse.py 386-416): x0 ~ N(0, I) each step.
-        optimizer = torch.optim.SGD([mu], lr=settings.lr)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, settings.estimation_steps
-        )
-        for _ in tqdm(
-            range(settings.estimation_steps),
+        losses = _descend(
+            mu,
+            settings.estimation_steps,
+            estimation,
+            lr=settings.lr,
+            clip=None,
             desc="TERD trigger estimation",
-            disable=not progress,
-            leave=False,
-        ):
-            t = _timesteps(num_steps - window, num_steps, batch, generator, device)
-            x0 = randn_tensor(
-                (batch, *shape), generator=generator, device=device, dtype=dtype
-            )
-            loss = _reversed_loss(unet, scheduler, x0, mu, t, generator, True)
-            objective = loss - settings.lam * mu.abs().sum()
-            optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            optimizer.step()
-            schedule.step()
-            losses.append(objective.detach())
-
-        # Stage 2, trigger refinement (reverse.py 419-460): x0 = DDIM samples from
-        # eps + mu, differentiated through the sampler; the gradient norm clipped.
-        optimizer = torch.optim.SGD([mu], lr=settings.lr)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, settings.refinement_steps
-        )
-        for _ in tqdm(
-            range(settings.refinement_steps),
+            progress=progress,
+        ) + _descend(
+            mu,
+            settings.refinement_steps,
+            refinement,
+            lr=settings.lr,
+            clip=settings.grad_clip,
             desc="TERD trigger refinement",
-            disable=not progress,
-            leave=False,
-        ):
-            eps = randn_tensor(
-                (batch, *shape), generator=generator, device=device, dtype=dtype
-            )
-            images = _ddim_sample(unet, sampler, eps + mu, settings.sampling_steps)
-            t = _timesteps(num_steps - window, num_steps, batch, generator, device)
-            high = _reversed_loss(unet, scheduler, images, mu, t, generator, True)
-            t = _timesteps(0, window, batch, generator, device)
-            low = _reversed_loss(unet, scheduler, images, mu, t, generator, False)
-            objective = (high + low) / 2 - settings.lam * mu.abs().sum()
-            optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            torch.nn.utils.clip_grad_norm_([mu], settings.grad_clip)
-            optimizer.step()
-            schedule.step()
-            losses.append(objective.detach())
+            progress=progress,
+        )
     losses = torch.stack(losses).float().cpu().tolist()
     return TerdTrigger(mu.detach(), losses, settings, time.perf_counter() - began)
 
