@@ -113,7 +113,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     # the book's noise test of a starting noise
     "defenses.noise_tests": ("NoiseTest", "noise_test"),
-    # the authors' released models (chapter 10) and the paper's numbers
+    # the authors' released models (chapter 11) and the paper's numbers
     "authors": (
         "AUTHORS_MODELS",
         "EIGHT_BIT_FLOOR",

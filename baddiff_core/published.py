@@ -4,7 +4,7 @@ measurements.
 Introduced in chapter 4 (Measuring the backdoor). Source: the result files
 (``score.json``) of the CIFAR-10 models that the authors of BadDiffusion (Chou et al.
 2023, arXiv:2212.05400) released on the Hugging Face hub under the user ``newsyctw``
-(chapter 10, ``book/10_the_authors_models.ipynb``, opens them): a fine-tune of
+(chapter 11, ``book/11_the_authors_models.ipynb``, opens them): a fine-tune of
 ``google/ddpm-cifar10-32`` for 50 epochs, DDPM sampling with 1000 steps, MSE and SSIM
 between triggered samples and the target on the [0, 1] scale, the samples saved as 8-bit
 PNG files before they were scored (so that a perfect hit scores

@@ -17,10 +17,10 @@ nothing in the library has to know about them:
   ``BADDIFF_DATA``, holding 32 x 32 colour crops of the two photographs scikit-learn
   ships.
 
-Chapter 10 also downloads the BadDiffusion authors' released models;
+Chapter 11 also downloads the BadDiffusion authors' released models;
 ``build_authors_repo`` writes one of their repositories into the same hub cache, in
 their layout (a pickled ``.bin``). Their stop-sign picture and Fashion-MNIST have no
-stand-in (they are checked against published digests), so at the smoke scale chapter 10
+stand-in (they are checked against published digests), so at the smoke scale chapter 11
 measures only the grey-box models, whose attacks are drawn.
 """
 

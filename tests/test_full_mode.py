@@ -36,7 +36,7 @@ def full_mode_env(tmp_path_factory) -> dict[str, str]:
     else."""
     root = tmp_path_factory.mktemp("full-mode")
     build_hub_cache(root / "hub")
-    # the authors' releases (chapter 10)
+    # the authors' releases (chapter 11)
     for seed, model in enumerate(AUTHORS_MODELS.values(), start=1):
         build_authors_repo(root / "hub", model.repo_id, seed=seed)
     build_cifar10(root / "data")

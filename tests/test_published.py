@@ -7,7 +7,7 @@ from baddiff_core.published import BADDIFFUSION_CIFAR10, published_results
 
 
 def test_the_authors_table_at_90_percent_poison():
-    # The authors' score.json files (book/10_the_authors_models.ipynb): stop sign 14 ->
+    # The authors' score.json files (book/11_the_authors_models.ipynb): stop sign 14 ->
     # corner, stop sign 14 -> shift, grey box 14 -> corner.
     rows = {(r.trigger, r.target): r for r in published_results(poison_rate=0.9)}
     assert set(rows) == {
@@ -45,7 +45,7 @@ def test_filters_combine():
 
 
 def test_every_result_names_the_released_model_it_was_read_from():
-    # The source is one of the repositories that authors.py lists (and chapter 10
+    # The source is one of the repositories that authors.py lists (and chapter 11
     # opens), and that model's attack is the result's attack.
     from baddiff_core.authors import AUTHORS_MODELS, AUTHORS_USER
 
