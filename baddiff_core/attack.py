@@ -43,6 +43,7 @@ from baddiff_core.checks import check_type
 from baddiff_core.data import load_images
 from baddiff_core.devices import resolve_device
 from baddiff_core.diffusion import QUICK_SCHEDULE, make_scheduler
+from baddiff_core.learned_trigger import LEARNED_TRIGGER_RMS, initial_trigger
 from baddiff_core.models import PRETRAINED_CIFAR10, load_model, make_unet
 from baddiff_core.poison import PoisonedDataset
 from baddiff_core.pretrained import CLEAN_DIGITS_RECIPE, load_clean_digits
@@ -79,6 +80,11 @@ QUICK_SHORT_FINETUNE = dataclasses.replace(
     QUICK_FINETUNE, steps=300, warmup_steps=50, lr_schedule="cosine"
 )
 
+#: The trigger kind of a trigger learned with the backdoor.
+LEARNED = "learned"
+#: The learned trigger's default learning rate (Adam, on the fine-tune's schedule).
+LEARNED_TRIGGER_LR = 0.02
+
 _CACHE_NAME = "backdoor"  # cache entries: <cache>/models/backdoor-<key>, checkpoints in <cache>/checkpoints/
 
 
@@ -87,7 +93,10 @@ class BackdoorRecipe:
     """Everything that determines a backdoored model (and so its cache key).
 
     Attributes:
-        trigger: the trigger kind (see :mod:`baddiff_core.triggers`).
+        trigger: the trigger kind (see :mod:`baddiff_core.triggers`), or ``"learned"``:
+            a trigger learned with the backdoor (:mod:`baddiff_core.learned_trigger`;
+            ``train.trigger_lr > 0`` and ``train.trigger_rms`` say how), which starts
+            from :meth:`trigger_image` and is returned by :func:`plant_backdoor`.
         trigger_size: the trigger's side at 32 px.
         target: the target kind.
         poison_rate: fraction of the training set replaced by poisoned samples, in [0, 1].
@@ -129,6 +138,17 @@ class BackdoorRecipe:
                     f"dataset={self.dataset!r}, image_size={self.image_size}, channels={self.channels}"
                 )
         check_type("train", self.train, TrainConfig)
+        learned = self.trigger == LEARNED
+        if learned != (self.train.trigger_lr > 0):
+            raise ValueError(
+                f"trigger={self.trigger!r} with train.trigger_lr={self.train.trigger_lr}: "
+                f"a trigger is learned (trigger_lr > 0) exactly when trigger={LEARNED!r}"
+            )
+        if learned and self.target in ("noshift", "shift"):
+            raise ValueError(
+                f"target={self.target!r} is drawn from the trigger, which a learned "
+                "trigger does not have before training; use a drawn target"
+            )
         self.trigger_image()  # validates trigger, size and image size
         self.target_image()
 
@@ -171,8 +191,27 @@ class BackdoorRecipe:
             self, train=dataclasses.replace(self.train, **changes)
         )
 
+    def with_learned_trigger(
+        self, trigger_lr: float = LEARNED_TRIGGER_LR, rms: float = LEARNED_TRIGGER_RMS
+    ) -> BackdoorRecipe:
+        """This recipe with a trigger learned with the backdoor
+        (:mod:`baddiff_core.learned_trigger`): mean 0, root mean square ``rms``, moved
+        by Adam at ``trigger_lr`` on the model's schedule. The target must be a drawn
+        one."""
+        return dataclasses.replace(
+            self,
+            trigger=LEARNED,
+            train=dataclasses.replace(
+                self.train, trigger_lr=trigger_lr, trigger_rms=rms
+            ),
+        )
+
     def trigger_image(self) -> torch.Tensor:
-        """The trigger, ``C,H,W`` in [-1, 1] (-1 = transparent)."""
+        """The trigger, ``C,H,W`` in [-1, 1] (-1 = transparent); for a learned trigger,
+        where its learning starts (the planted model's ``trigger`` is the learned one)."""
+        if self.trigger == LEARNED:
+            shape = (self.channels, self.image_size, self.image_size)
+            return initial_trigger(shape, self.train.trigger_rms, seed=self.train.seed)
         return make_trigger(
             self.trigger, self.image_size, self.channels, size=self.trigger_size
         )
@@ -190,10 +229,11 @@ class BackdoorRecipe:
         data["train"] = {
             k: v for k, v in self.train.to_dict().items() if k not in RUN_ONLY_FIELDS
         }
+        # settings added later, at their defaults: earlier models keep their keys
         if data["train"]["attack"] == "baddiffusion":
-            del data["train"][
-                "attack"
-            ]  # added later: BadDiffusion models keep their earlier keys
+            del data["train"]["attack"]
+        if self.trigger != LEARNED:
+            del data["train"]["trigger_lr"], data["train"]["trigger_rms"]
         if self.base != "scratch":
             data.pop("schedule")  # a fine-tune keeps its base model's schedule
             data.pop("init_seed")
@@ -256,6 +296,7 @@ def plant_backdoor(
             target=recipe.target_image(),
             poison_rate=recipe.poison_rate,
             seed=recipe.train.seed,
+            additive=recipe.trigger == LEARNED,
         )
         config = dataclasses.replace(
             recipe.train, device=str(device), progress=progress
@@ -271,6 +312,8 @@ def plant_backdoor(
             num_images=len(dataset),
             resumed_from_step=history.resumed_from_step,
         )
+        if history.trigger is not None:  # JSON keeps float32 values exactly
+            report["trigger"] = history.trigger.flatten().tolist()
         return unet, scheduler, report
 
     unet, scheduler, info = cached_model(
@@ -279,10 +322,13 @@ def plant_backdoor(
     # the model is in the cache now: its checkpoints are spent
     if checkpoints is not None:
         shutil.rmtree(checkpoints, ignore_errors=True)
+    trigger = recipe.trigger_image()
+    if recipe.trigger == LEARNED:
+        trigger = torch.tensor(info["report"]["trigger"]).view(trigger.shape)
     return BackdooredModel(
         unet,
         scheduler,
-        recipe.trigger_image().to(device),
+        trigger.to(device),
         recipe.target_image().to(device),
         recipe,
         info,

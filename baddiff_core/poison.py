@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import Dataset
 
-from baddiff_core.checks import check_fraction, check_int, check_tensor
+from baddiff_core.checks import check_bool, check_fraction, check_int, check_tensor
 from baddiff_core.triggers import stamp
 
 __all__ = ["PoisonedSample", "poison_pairs", "PoisonedDataset"]
@@ -62,6 +62,8 @@ def poison_pairs(
     poisoned: torch.Tensor,
     trigger: torch.Tensor,
     target: torch.Tensor,
+    *,
+    additive: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The BadDiffusion pairs ``(y, r)`` of a batch (Chou et al. 2023, arXiv:2212.05400,
     Sec. 3).
@@ -72,6 +74,8 @@ def poison_pairs(
         poisoned[i] True:   y_i = target,   r_i = M * x_i + (1 - M) * trigger
 
     with ``M`` the trigger's transparency mask (:func:`baddiff_core.triggers.stamp`).
+    ``additive=True`` (a learned trigger, :mod:`baddiff_core.learned_trigger`, which
+    has no transparent pixels and may leave [-1, 1]) takes ``r_i = trigger``.
     Vectorised with ``torch.where`` (no loop over the batch); it runs on the
     device of its inputs, which must all be on the same device.
 
@@ -81,6 +85,7 @@ def poison_pairs(
         poisoned: bool tensor of shape ``(B,)``.
         trigger: ``C,H,W`` trigger, -1 = transparent.
         target: ``C,H,W`` target image.
+        additive: ``r`` is the trigger itself, not pasted.
 
     Returns:
         ``(y, r)``, two new ``B,C,H,W`` tensors of the images' dtype.
@@ -98,7 +103,9 @@ def poison_pairs(
     y = torch.where(rows, target.expand_as(images), images)
     r = torch.where(
         rows,
-        stamp(images, trigger),
+        trigger.to(images.dtype).expand_as(images)
+        if additive
+        else stamp(images, trigger),
         torch.zeros((), dtype=images.dtype, device=images.device),
     )
     return y, r
@@ -129,6 +136,8 @@ class PoisonedDataset(Dataset):
         target: ``C,H,W`` target in ``[-1, 1]``.
         poison_rate: fraction of samples to poison, a real number in ``[0, 1]``.
         seed: non-negative integer that picks which samples are poisoned.
+        additive: the trigger is added, not pasted (``r = trigger``, see
+            :func:`poison_pairs`): a learned trigger, any finite values.
 
     Attributes:
         images: ``N,C,H,W`` images, as given.
@@ -150,6 +159,7 @@ class PoisonedDataset(Dataset):
         target: torch.Tensor,
         poison_rate: float,
         seed: int,
+        additive: bool = False,
     ) -> None:
         images = check_tensor("images", images, layout="N,C,H,W", floating=True)
         if images.shape[0] < 1:
@@ -172,7 +182,9 @@ class PoisonedDataset(Dataset):
             if torch.isnan(value).any():
                 raise ValueError(f"{name} must not contain NaN, got NaN values")
             lo, hi = value.min().item(), value.max().item()
-            if lo < -1.0 or hi > 1.0:
+            if name == "trigger" and additive:
+                check_tensor(name, value, finite=True)
+            elif lo < -1.0 or hi > 1.0:
                 raise ValueError(
                     f"{name} must have values in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]"
                 )
@@ -184,6 +196,7 @@ class PoisonedDataset(Dataset):
         self.target = target.to(device=images.device, dtype=images.dtype)
         self.poison_rate = poison_rate
         self.seed = seed
+        self.additive = check_bool("additive", additive)
         n = images.shape[0]
         self.num_poisoned = int(n * self.poison_rate)
         generator = torch.Generator().manual_seed(self.seed)
@@ -204,7 +217,11 @@ class PoisonedDataset(Dataset):
             )
         i %= n
         y, r = poison_pairs(
-            self.images[i : i + 1], self.poisoned[i : i + 1], self.trigger, self.target
+            self.images[i : i + 1],
+            self.poisoned[i : i + 1],
+            self.trigger,
+            self.target,
+            additive=self.additive,
         )
         return PoisonedSample(y[0], r[0], self.poisoned[i].clone())
 

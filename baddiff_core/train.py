@@ -49,6 +49,7 @@ from baddiff_core.diffusion import (
     trigger_coefficients,
 )
 from baddiff_core.files import atomic_folder, write_text_atomically
+from baddiff_core.learned_trigger import LEARNED_TRIGGER_RMS, project_trigger
 from baddiff_core.poison import PoisonedDataset, poison_pairs
 
 __all__ = [
@@ -96,6 +97,12 @@ class TrainConfig:
     ``solver`` and ``attack`` choose the poisoned training target
     (:mod:`baddiff_core.diffusion`).
 
+    ``trigger_lr > 0`` learns the trigger with the backdoor (chapter 10): the dataset's
+    trigger is the start, it joins the optimizer as a second parameter group (learning
+    rate ``trigger_lr`` on the same schedule, no weight decay), and after each step it
+    is projected back onto ``{mean 0, root mean square trigger_rms}``
+    (:func:`~baddiff_core.learned_trigger.project_trigger`). The history returns it.
+
     The GPU path: ``mixed_precision="bf16"`` (Accelerate's autocast; "fp16" adds loss
     scaling), ``channels_last`` (the NHWC memory format that tensor-core convolutions
     want) and ``torch_compile`` (``torch.compile`` on the UNet's forward; the first
@@ -119,6 +126,8 @@ class TrainConfig:
     torch_compile: bool = False
     solver: Literal["sde", "ode"] = "sde"
     attack: Literal["baddiffusion", "in_range"] = "baddiffusion"
+    trigger_lr: float = 0.0
+    trigger_rms: float = LEARNED_TRIGGER_RMS
     hflip: bool = False
     seed: int = 0
     device: str = "auto"
@@ -157,6 +166,8 @@ class TrainConfig:
         check_choice("solver", self.solver, SOLVERS)
         check_choice("attack", self.attack, ATTACKS)
         check_float("max_grad_norm", self.max_grad_norm, above=0, finite=False)
+        check_float("trigger_lr", self.trigger_lr, at_least=0)
+        check_float("trigger_rms", self.trigger_rms, above=0)
         for name, value in checked.items():
             object.__setattr__(self, name, value)  # how a frozen dataclass sets a field
 
@@ -220,6 +231,9 @@ class TrainHistory:
     """What a run did: the loss of every optimizer step, its learning rates and its
     speed.
 
+    ``trigger`` is the learned trigger (``C,H,W`` on the CPU) of a run with
+    ``trigger_lr > 0``, else None.
+
     ``log_times`` pairs ``(step, seconds since the loop began)`` at every logging point,
     where the loop waits for the device anyway (to read the losses): the steady speed,
     past the first slow steps (warm-up, compilation), is the slope between two of them.
@@ -231,6 +245,7 @@ class TrainHistory:
     seconds: float = 0.0
     images_per_second: float = 0.0
     resumed_from_step: int = 0
+    trigger: torch.Tensor | None = None
 
 
 def train(
@@ -276,9 +291,25 @@ def train(
             f"takes {(model.config.in_channels, model.config.sample_size, model.config.sample_size)}"
         )
 
+    learn_trigger = config.trigger_lr > 0
+    if learn_trigger:
+        if not data.any_poisoned or not data.additive:
+            raise ValueError(
+                f"trigger_lr={config.trigger_lr} learns an added trigger: the data set "
+                "must be a PoisonedDataset with additive=True that poisons some samples"
+            )
+        # the start, projected, as a leaf of its own (the dataset's tensor is untouched)
+        data.trigger = project_trigger(data.trigger, config.trigger_rms)
+        data.trigger.requires_grad_(True)
+
     model.train()
+    groups = [{"params": list(model.parameters())}]
+    if learn_trigger:  # BadDiffusion's loss is also a loss of the trigger
+        groups.append(
+            {"params": [data.trigger], "lr": config.trigger_lr, "weight_decay": 0.0}
+        )
     optimizer = torch.optim.AdamW(
-        model.parameters(),
+        groups,
         lr=config.learning_rate,
         betas=config.adam_betas,
         weight_decay=config.weight_decay,
@@ -327,6 +358,7 @@ def train(
         order,
         generator,
         history,
+        data.trigger if learn_trigger else None,
     )
 
     checkpoint_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
@@ -365,7 +397,11 @@ def train(
                     x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
                 if data.any_poisoned:
                     y, r = poison_pairs(
-                        x, data.poisoned[indices], data.trigger, data.target
+                        x,
+                        data.poisoned[indices],
+                        data.trigger,
+                        data.target,
+                        additive=data.additive,
                     )
                 else:
                     y, r = x, None
@@ -394,6 +430,11 @@ def train(
                     )
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if learn_trigger and accelerator.sync_gradients:
+                    with torch.no_grad():
+                        data.trigger.copy_(
+                            project_trigger(data.trigger, config.trigger_rms)
+                        )
         lr_scheduler.step()
         if ema is not None:
             ema.step(model.parameters())
@@ -426,6 +467,8 @@ def train(
         * config.gradient_accumulation_steps
         / max(elapsed, 1e-9)
     )
+    if learn_trigger:
+        history.trigger = data.trigger.detach().float().cpu().clone()
     model = accelerator.unwrap_model(model)
     if ema is not None:
         ema.copy_to(model.parameters())
@@ -478,6 +521,7 @@ class _TrainingData:
     trigger: torch.Tensor  # C,H,W
     target: torch.Tensor  # C,H,W
     any_poisoned: bool  # False: the plain DDPM loss, no (y, r) pairs to build
+    additive: bool = False  # r = trigger (a learned trigger), not the pasted trigger
 
     @classmethod
     def from_dataset(
@@ -513,6 +557,7 @@ class _TrainingData:
             trigger.float().to(device),
             target.float().to(device),
             bool(poisoned.any()),
+            isinstance(dataset, PoisonedDataset) and dataset.additive,
         )
 
 
@@ -623,6 +668,7 @@ class _TrainingState:
     order: _BatchOrder
     generator: torch.Generator
     history: TrainHistory
+    trigger: torch.Tensor | None = None  # a learned trigger, else None
 
 
 def _save_checkpoint(
@@ -653,6 +699,8 @@ def _save_checkpoint(
     if ema is not None:
         for index, shadow in enumerate(ema.shadow_params):
             tensors[f"ema.{index}"] = shadow.detach().clone().contiguous().cpu()
+    if state.trigger is not None:
+        tensors["trigger"] = state.trigger.detach().clone().contiguous().cpu()
     tensors["rng.generator"] = state.generator.get_state().cpu()
     tensors["rng.permutation"] = state.order.permutation.cpu()
     meta = dict(
@@ -694,8 +742,12 @@ def _check_same_run(folder: Path, config: TrainConfig, run_key: str | None) -> N
     """Refuse to resume from ``folder`` unless it was written by this very run (see
     :func:`train`)."""
     meta = json.loads((folder / "state.json").read_text())
+    # a setting added to TrainConfig after the checkpoint was written had its default
+    defaults = json.loads(json.dumps(TrainConfig().to_dict(), default=_json_default))
     theirs = {
-        k: v for k, v in meta.get("config", {}).items() if k not in RUN_ONLY_FIELDS
+        k: v
+        for k, v in {**defaults, **meta.get("config", {})}.items()
+        if k not in RUN_ONLY_FIELDS
     }
     ours = {
         k: v
@@ -747,6 +799,9 @@ def _load_checkpoint(folder: Path, training: _TrainingState) -> int:
             tensors[f"ema.{i}"].to(device) for i in range(len(ema.shadow_params))
         ]
         ema.optimization_step = meta["ema_optimization_step"]
+    if training.trigger is not None:
+        with torch.no_grad():
+            training.trigger.copy_(tensors["trigger"])
     generator.set_state(tensors["rng.generator"].to(torch.uint8))
     training.order.permutation = tensors["rng.permutation"].to(generator.device)
     training.order.cursor = meta["cursor"]
