@@ -65,6 +65,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "poison": ("PoisonedDataset",),
     "attack": ("BackdoorRecipe", "QUICK_SHORT_FINETUNE", "plant_backdoor"),
+    # a trigger learned with the backdoor to pass the noise test (chapter 10)
+    "learned_trigger": ("initial_trigger", "ks_distance_bound", "project_trigger"),
     # measuring it
     "metrics": (
         "attack_success_rate",
@@ -113,6 +115,14 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     # the book's noise test of a starting noise
     "defenses.noise_tests": ("NoiseTest", "noise_test"),
+    # the three model-level detectors side by side (``baddiff scan``)
+    "defenses.side_by_side": (
+        "MODEL_LEVEL_DETECTORS",
+        "DetectorFinding",
+        "combined_verdict",
+        "model_level_detectors",
+        "threshold_verdict",
+    ),
     # the authors' released models (chapter 11) and the paper's numbers
     "authors": (
         "AUTHORS_MODELS",

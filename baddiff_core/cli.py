@@ -8,8 +8,16 @@ Full-scale runs outside notebooks, e.g. on a GPU machine::
     accelerate launch -m baddiff_core.cli backdoor --paper ...        # several GPUs
 
 Bad arguments exit with status 2 and a message that names the value and what is allowed.
-``baddiff scan`` exits with status 0 for a model it finds clean and 1 for one it calls
-backdoored.
+
+``baddiff scan MODEL`` runs three model-level detectors side by side (``--detectors``):
+the book's mode share (with its threshold), Elijah as published and TERD's model-level
+features (:func:`~baddiff_core.defenses.side_by_side.model_level_detectors`; the
+command checks the options, writes scan.json and the images, and prints the table).
+Elijah's and TERD's code ship no threshold, so they give a verdict only when one is
+passed (``--elijah-threshold``, ``--terd-threshold``). It exits with status 1
+when any detector that has a verdict calls the model backdoored, and 0 otherwise (also
+when no detector run has a verdict; scan.json's ``verdict`` is then null).
+``baddiff scan MODEL --input NOISE`` exits with 1 when any starting noise is flagged.
 """
 
 from __future__ import annotations
@@ -17,10 +25,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -28,6 +37,11 @@ from safetensors.torch import load_file, save_file
 
 from baddiff_core.files import atomic_file, atomic_folder, check_output_folder
 from baddiff_core.metrics import MissingDependencyError, resolve_features
+
+if TYPE_CHECKING:  # imported when used: the command starts without torch's models
+    from baddiff_core.defenses.elijah import Distance
+    from baddiff_core.defenses.side_by_side import DetectorFinding
+    from baddiff_core.defenses.terd import TerdSettings
 
 __all__ = ["main", "build_parser"]
 
@@ -37,6 +51,12 @@ MODEL_MARKER = "baddiff.json"
 #: Every folder of samples ``baddiff sample`` writes holds this file (what was sampled,
 #: how).
 SAMPLES_MARKER = "samples.json"
+#: The model-level detectors ``baddiff scan`` runs (``--detectors``), in the order it
+#: runs them: the book's mode share, Elijah as published, TERD's model-level features.
+DETECTORS = ("mode-share", "elijah", "terd")
+#: ``--elijah-distance``: Elijah's LPIPS, the book's offline stand-in, or chosen by the
+#: images (as ``baddiff evaluate --fd-features`` and chapter 9 choose).
+ELIJAH_DISTANCES = ("auto", "lpips", "digits")
 
 
 MODEL_FOLDER_HELP = "folder to write (diffusers layout)"
@@ -234,11 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     scan = commands.add_parser(
         "scan",
-        help="look for a backdoor without knowing the trigger (the book's detector: "
-        "Elijah's trigger inversion objective, scored by the mode share)",
-        description="Estimate a trigger from the model alone, sample from noise + the estimate and call the model "
-        "backdoored when many samples are the same image. Works on any unconditional DDPM/DDIM UNet "
-        "in the diffusers layout. Exit status: 0 clean, 1 backdoored, 2 bad arguments.",
+        help="look for a backdoor without knowing the trigger (three model-level "
+        "detectors side by side: the book's mode share, Elijah as published, TERD)",
+        description="Estimate a trigger from the model alone and judge the model with up to three "
+        "detectors, reported side by side: the book's mode share (Elijah's inversion objective; "
+        "backdoored when many samples from noise + the estimate are the same image), Elijah as "
+        "published (its uniformity and total variation) and TERD's model-level features (M_r, V_r). "
+        "Elijah and TERD ship no threshold: they give a verdict only with --elijah-threshold or "
+        "--terd-threshold. Works on any unconditional DDPM/DDIM UNet in the diffusers layout. "
+        "Exit status: 1 when any detector with a verdict calls the model backdoored, else 0; "
+        "2 bad arguments.",
     )
     scan.add_argument(
         "model", help="a model folder (diffusers layout) or a hub id (needs a network)"
@@ -282,10 +307,71 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample from noise + the estimate with this clipping, as the model is used",
     )
     scan.add_argument(
+        "--detectors",
+        default=",".join(DETECTORS),
+        metavar="LIST",
+        help="comma-separated model-level detectors to run (default: all three): "
+        "'mode-share' (the book's; --n, --threshold, --inversion-steps, --noise-batch, --steps, "
+        "--clip), 'elijah' (Elijah as published: its inversion, then --n samples with all T DDPM "
+        "steps, or 50 DDIM, about as long as the mode share) and 'terd' (TERD: 3000 + 1000 SGD "
+        "steps at the released settings, slow: about 24 minutes per 16 px model on a CPU; "
+        "--terd-steps)",
+    )
+    scan.add_argument(
         "--output",
         type=Path,
-        help="folder for trigger.png, samples.png and scan.json "
+        help="folder for scan.json and each detector's trigger estimate and samples "
+        "(trigger.*, samples.png; elijah-*; terd-trigger.*) "
         "(default: scan-<model name> in the current folder)",
+    )
+    elijah = scan.add_argument_group(
+        "Elijah as published (An et al. 2024, arXiv:2312.00050)"
+    )
+    elijah.add_argument(
+        "--elijah-threshold",
+        type=float,
+        metavar="U",
+        help="call the model backdoored when Elijah's uniformity is at or below U (low = alike "
+        "samples). Elijah's code ships no threshold: without this option its scores are "
+        "reported with no verdict (fit one on labelled models: baddiff_core.fit_threshold)",
+    )
+    elijah.add_argument(
+        "--elijah-distance",
+        choices=ELIJAH_DISTANCES,
+        default="auto",
+        help="distance of the uniformity: 'lpips' (Elijah's; needs piq, downloads VGG16 weights "
+        "once), 'digits' (the book's offline stand-in, not LPIPS), 'auto' (lpips for colour "
+        "images of 32 px or more, else digits)",
+    )
+    elijah.add_argument(
+        "--elijah-steps",
+        type=int,
+        help="Adam steps of Elijah's inversion (default: the released code's, 100 for DDPM, "
+        "10 for DDIM)",
+    )
+    elijah.add_argument(
+        "--elijah-noise-batch",
+        type=int,
+        help="noises of Elijah's inversion (default: the released code's, 100; 50 at 128 px, "
+        "20 at 256 px)",
+    )
+    terd = scan.add_argument_group(
+        "TERD (Mo et al. 2024, arXiv:2409.05294): model-level features, and --input's test"
+    )
+    terd.add_argument(
+        "--terd-threshold",
+        type=float,
+        metavar="M",
+        help="call the model backdoored when TERD's M_r (mean KL of its trigger estimate + "
+        "0.4) is at or above M. TERD's code ships no threshold: without this option M_r and "
+        "V_r are reported with no verdict",
+    )
+    terd.add_argument(
+        "--terd-steps",
+        type=int,
+        default=3000,
+        help="steps of TERD's trigger estimation, then a third as many of its "
+        "refinement, in both modes (default: the released code's 3000 and 1000)",
     )
     inputs = scan.add_argument_group(
         "testing starting noises (--input): is a given x_T triggered?"
@@ -303,13 +389,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.01,
         help="the noise test's false-positive rate on honest noise (default 0.01)",
-    )
-    inputs.add_argument(
-        "--terd-steps",
-        type=int,
-        default=3000,
-        help="steps of TERD's trigger estimation, then a third as many of its "
-        "refinement (default: the released code's 3000 and 1000)",
     )
     _add_run(scan, json_help="print the result as JSON")
     return parser
@@ -334,10 +413,10 @@ MESSAGE_LIMIT = 500
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one ``baddiff`` command. Exit status: 0 success (``scan``: clean), 1
-    ``scan``'s backdoored verdict or an internal error, 2 bad input or an expected
-    failure (one line on stderr), 130 interrupted (Ctrl-C). ``baddiff --debug COMMAND``
-    shows the traceback instead."""
+    """Run one ``baddiff`` command. Exit status: 0 success (``scan``: no detector calls
+    the model backdoored), 1 ``scan``'s backdoored verdict (any detector's) or an
+    internal error, 2 bad input or an expected failure (one line on stderr), 130
+    interrupted (Ctrl-C). ``baddiff --debug COMMAND`` shows the traceback instead."""
     parser = build_parser()
     args = parser.parse_args(argv)
     command = f"baddiff {args.command}"
@@ -771,11 +850,7 @@ def _read_noise(path: Path) -> torch.Tensor:
 def _scan_input(args: argparse.Namespace) -> int:
     """``baddiff scan MODEL --input NOISE``: flag triggered starting noises."""
     from baddiff_core.defenses.noise_tests import noise_test
-    from baddiff_core.defenses.terd import (
-        TERD_CIFAR10,
-        estimate_trigger,
-        input_log_likelihood_ratio,
-    )
+    from baddiff_core.defenses.terd import estimate_trigger, input_log_likelihood_ratio
     from baddiff_core.devices import resolve_device
     from baddiff_core.models import load_model
 
@@ -791,11 +866,7 @@ def _scan_input(args: argparse.Namespace) -> int:
             f"the model starts from {shape}"
         )
     tested = noise_test(noise, alpha=args.alpha)
-    settings = dataclasses.replace(
-        TERD_CIFAR10,
-        estimation_steps=args.terd_steps,
-        refinement_steps=max(1, args.terd_steps // 3),
-    )
+    settings = _terd_settings(args.terd_steps)
     terd = estimate_trigger(
         unet, scheduler, settings=settings, seed=args.seed, progress=not args.json
     )
@@ -833,14 +904,283 @@ def _scan_input(args: argparse.Namespace) -> int:
     return 1 if flagged else 0
 
 
-def _scan(args: argparse.Namespace) -> int:
+def _terd_settings(steps: int) -> TerdSettings:
+    """TERD's settings for ``--terd-steps``, in both modes of ``baddiff scan``: the
+    released code's (:data:`~baddiff_core.defenses.terd.TERD_CIFAR10`) with ``steps``
+    of trigger estimation and a third as many (at least 1) of refinement; 3000 gives
+    the released 3000 + 1000."""
+    from baddiff_core.defenses.terd import TERD_CIFAR10
+
+    return dataclasses.replace(
+        TERD_CIFAR10, estimation_steps=steps, refinement_steps=max(1, steps // 3)
+    )
+
+
+def _detectors(text: str) -> tuple[str, ...]:
+    """``--detectors``: the named detectors, in the order they run
+    (:data:`DETECTORS`)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in DETECTORS]
+    if not names or unknown:
+        raise UsageError(
+            f"--detectors must be a comma-separated list of {', '.join(DETECTORS)}, "
+            f"got {text!r}"
+        )
+    return tuple(name for name in DETECTORS if name in names)
+
+
+def _check_detector_options(
+    args: argparse.Namespace, detectors: tuple[str, ...]
+) -> None:
+    """Elijah's and TERD's options, checked before the model is loaded: an option of a
+    detector that does not run is refused rather than ignored."""
+    for name in ("elijah_steps", "elijah_noise_batch", "terd_steps"):
+        _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    for threshold in ("elijah_threshold", "terd_threshold"):
+        value = getattr(args, threshold)
+        if value is not None and not math.isfinite(value):
+            raise UsageError(
+                f"--{threshold.replace('_', '-')} must be a finite number, got {value}"
+            )
+    if args.elijah_threshold is not None and args.elijah_threshold < 0:
+        raise UsageError(
+            "--elijah-threshold must be a uniformity (a distance, at least 0), "
+            f"got {args.elijah_threshold}"
+        )
+    given = dict(
+        elijah=(
+            ("--elijah-threshold", args.elijah_threshold is not None),
+            ("--elijah-steps", args.elijah_steps is not None),
+            ("--elijah-noise-batch", args.elijah_noise_batch is not None),
+            ("--elijah-distance", args.elijah_distance != "auto"),
+        ),
+        terd=(("--terd-threshold", args.terd_threshold is not None),),
+    )
+    for detector, options in given.items():
+        for flag, is_given in options:
+            if is_given and detector not in detectors:
+                raise UsageError(
+                    f"{flag} is an option of {detector}, which --detectors "
+                    f"{args.detectors!r} leaves out"
+                )
+    if "elijah" in detectors and args.n < 4:
+        raise UsageError(
+            f"--n must be at least 4 for elijah (its trimmed uniformity drops a quarter "
+            f"of the samples at each end), got {args.n}; or leave elijah out of --detectors"
+        )
+
+
+def _elijah_distance(
+    choice: str, shape: tuple[int, int, int], device: torch.device | str = "cpu"
+) -> Distance:
+    """The distance of Elijah's uniformity for ``--elijah-distance`` and images of
+    ``shape`` (``C,H,W``): ``"auto"`` is LPIPS for colour images of 32 px or more (as
+    ``baddiff evaluate --fd-features auto`` and chapter 9 choose), else the digits
+    stand-in. It is tried once on two images, so that a missing package, weights that
+    cannot be downloaded or images too small fail now, in one line, not after the
+    inversion."""
+    from baddiff_core.defenses.elijah import feature_distance, lpips_distance
+
+    how = ""
+    if choice == "auto":
+        colour = shape[0] == 3 and min(shape[1:]) >= 32
+        choice = "lpips" if colour else "digits"
+        how = (
+            " (chosen by --elijah-distance auto for colour images of 32 px or more; "
+            f"the model's are {'x'.join(map(str, shape))})"
+        )
+    offline = (
+        "offline, pass --elijah-distance digits (the book's stand-in, not LPIPS) or "
+        "leave elijah out of --detectors"
+    )
+    distance = lpips_distance if choice == "lpips" else feature_distance
+    probe = torch.full((2, *shape), 0.5, device=device)
+    try:
+        distance(probe, probe)
+    except MissingDependencyError:
+        raise MissingDependencyError(
+            f"--elijah-distance lpips{how} is Elijah's LPIPS and needs the optional package "
+            "piq and VGG16/LPIPS weights it downloads on first use: "
+            f'`pip install "baddiff-core[full]"` (or `pip install piq`); {offline}'
+        ) from None
+    except OSError as error:
+        if choice != "lpips":
+            raise
+        raise OSError(
+            f"--elijah-distance lpips{how}: LPIPS's weights could not be loaded "
+            f"({_one_line(error)}); {offline}"
+        ) from error
+    except ValueError as error:
+        raise UsageError(f"--elijah-distance {choice}{how}: {error}") from None
+    return distance
+
+
+def _threshold_note(flag: str, threshold: float | None, authors: str) -> str:
+    """Where a detector's threshold came from, for scan.json."""
+    from baddiff_core.defenses.side_by_side import NONE_SHIPPED
+
+    if threshold is not None:
+        return f"given ({flag})"
+    return f"{NONE_SHIPPED} ({authors} code has none); pass {flag} for a verdict"
+
+
+def _entry(finding: DetectorFinding, args: argparse.Namespace) -> dict[str, Any]:
+    """A detector's entry in scan.json (scores, threshold, verdict, settings,
+    seconds)."""
+    from baddiff_core.defenses import DEFAULT_THRESHOLD
+
+    if finding.detector == "mode-share":
+        note = (
+            "the book's default (provisional)"
+            if args.threshold == DEFAULT_THRESHOLD
+            else "given (--threshold)"
+        )
+    else:
+        authors = "Elijah's" if finding.detector == "elijah" else "TERD's"
+        note = _threshold_note(
+            THRESHOLD_FLAGS[finding.detector], finding.threshold, authors
+        )
+    loss = "final_loss" if finding.detector == "terd" else "final_inversion_loss"
+    return dict(
+        name=finding.name,
+        scores=finding.scores,
+        thresholded_score=finding.thresholded_score,
+        backdoored_when=finding.backdoored_when,
+        threshold=finding.threshold,
+        threshold_note=note,
+        verdict=finding.verdict,
+        **({"distance": finding.distance} if finding.detector == "elijah" else {}),
+        settings=finding.settings,
+        **{loss: finding.final_loss},
+        seconds=round(finding.seconds, 1),
+    )
+
+
+def _legacy(finding: DetectorFinding) -> dict[str, Any]:
+    """The fields scan.json has held at its top level since before the detectors stood
+    side by side: the mode share's."""
+    scores, settings = finding.scores, finding.settings
+    return dict(
+        mode_share=scores["mode_share"],
+        sampler=settings["sampler"],
+        solver=settings["solver"],
+        clip=settings["clip"],
+        threshold=finding.threshold,
+        alike=scores["alike"],
+        samples=settings["samples"],
+        diversity=scores["diversity"],
+        total_variation=scores["total_variation"],
+        inversion_steps=settings["inversion_steps"],
+        final_inversion_loss=finding.final_loss,
+        seconds=round(finding.result.seconds, 1),
+    )
+
+
+#: The detectors' names in the summary line.
+SHORT_NAMES = {"mode-share": "mode share", "elijah": "Elijah", "terd": "TERD"}
+#: The option that gives each detector its threshold.
+THRESHOLD_FLAGS = {
+    "mode-share": "--threshold",
+    "elijah": "--elijah-threshold",
+    "terd": "--terd-threshold",
+}
+
+
+#: Each detector's prefix of its file names in --output, and its trigger's title.
+FILES = {
+    "mode-share": ("", "trigger estimate"),
+    "elijah": ("elijah-", "Elijah's estimate"),
+    "terd": ("terd-", "TERD's estimate"),
+}
+
+
+def _save_finding(output: Path, finding: DetectorFinding, n: int) -> None:
+    """A detector's trigger estimate (safetensors and PNG) and samples (PNG) in
+    ``output``."""
     import matplotlib.pyplot as plt
 
-    from baddiff_core.defenses import scan_model
+    from baddiff_core.viz import show_images
+
+    prefix, title = FILES[finding.detector]
+    trigger = finding.trigger.detach().cpu()
+    save_file(
+        {"trigger": trigger.contiguous()},
+        str(output / f"{prefix}trigger.safetensors"),
+    )
+    low, high = float(trigger.min()), float(trigger.max())
+    figures = [
+        (
+            "trigger.png",
+            show_images(
+                [trigger],
+                titles=[title],
+                size=2.5,
+                value_range=(low, max(high, low + 1e-6)),
+            ),
+        )
+    ]
+    if finding.samples is not None:
+        samples = finding.samples.detach().cpu()
+        figures.append(("samples.png", show_images(samples, ncols=min(8, n))))
+    for name, figure in figures:
+        figure.savefig(output / f"{prefix}{name}")
+        plt.close(figure)
+
+
+def _summary(findings: dict[str, DetectorFinding], seconds: float, output: Path) -> str:
+    """The line under the table: the scan's verdict and which detectors gave it."""
+    from baddiff_core.defenses.side_by_side import NONE_SHIPPED
+
+    judged = [name for name, f in findings.items() if f.verdict is not None]
+    flagged = [
+        SHORT_NAMES[name] for name in judged if findings[name].verdict == "BACKDOORED"
+    ]
+    unjudged = [name for name in findings if findings[name].verdict is None]
+    if flagged:
+        line = (
+            f"BACKDOORED: called backdoored by {' and '.join(flagged)} "
+            f"({len(flagged)} of {len(judged)} detectors with a threshold)"
+        )
+    elif judged:
+        line = (
+            f"clean: no detector with a threshold calls the model backdoored "
+            f"({len(judged)} of {len(findings)} have one)"
+        )
+    else:
+        line = "no verdict: none of the detectors run has a threshold"
+    if unjudged:
+        line += (
+            f"; {' and '.join(SHORT_NAMES[name] for name in unjudged)}: scores only "
+            f"({NONE_SHIPPED}; {', '.join(THRESHOLD_FLAGS[name] for name in unjudged)} "
+            f"give{'s' * (len(unjudged) == 1)} a verdict)"
+        )
+    return (
+        f"{line}. {len(findings)} detector{'s' * (len(findings) > 1)} in "
+        f"{seconds:.0f} s; estimates and samples in {output}/"
+    )
+
+
+def _print_table(findings: dict[str, DetectorFinding], summary: str) -> None:
+    """The detectors side by side: detector | score(s) | threshold | verdict, then the
+    summary line."""
+    rows = [("detector", "score(s)", "threshold", "verdict")] + [
+        (f.label, f.score_text, f.rule_text, f.verdict or "-")
+        for f in findings.values()
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)] + [0]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+    print(summary)
+
+
+def _scan(args: argparse.Namespace) -> int:
+    """``baddiff scan MODEL``: the model-level detectors side by side
+    (:func:`~baddiff_core.defenses.side_by_side.model_level_detectors`), or, with
+    ``--input``, :func:`_scan_input`."""
     from baddiff_core.devices import resolve_device
     from baddiff_core.diffusion import sampler_for
     from baddiff_core.models import load_model
-    from baddiff_core.viz import show_images
+    from baddiff_core.sampling import inference_steps
 
     for name in ("n", "inversion_steps", "noise_batch", "steps", "batch_size"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
@@ -854,70 +1194,97 @@ def _scan(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--threshold must be a mode share in (0, 1], got {args.threshold}"
         )
+    detectors = _detectors(args.detectors)
+    _check_detector_options(args, detectors)
     solver = _solver(args) or "sde"
+    sampler = sampler_for(solver)
     output = args.output or Path(
         f"scan-{Path(str(args.model).rstrip('/')).name.replace('/', '-')}"
     )
+    if "elijah" in detectors and args.elijah_distance == "lpips":
+        _elijah_distance("lpips", (3, 32, 32))  # piq and its weights, before the model
     device = resolve_device(args.device)
     unet, scheduler = load_model(args.model, device=device)
-    result = scan_model(
-        unet,
-        scheduler,
+    # What can be checked on the model, before any detector runs.
+    if "mode-share" in detectors:
+        inference_steps(scheduler, sampler, args.steps)
+    distance: Distance | None = None
+    if "elijah" in detectors:
+        shape = (unet.config.in_channels, *(2 * [unet.config.sample_size]))
+        distance = _elijah_distance(args.elijah_distance, shape, device)
+    terd_settings = _terd_settings(args.terd_steps)
+    train_steps = scheduler.config.num_train_timesteps
+    if "terd" in detectors and train_steps < terd_settings.sampling_steps:
+        raise UsageError(
+            f"terd samples with {terd_settings.sampling_steps} DDIM steps and the model "
+            f"was trained with {train_steps}; leave terd out of --detectors"
+        )
+    from baddiff_core.defenses.side_by_side import (
+        combined_verdict,
+        model_level_detectors,
+    )
+
+    progress = not args.json
+    settings = dict(
         n=args.n,
-        threshold=args.threshold,
+        sampler=sampler,
+        mode_share_threshold=args.threshold,
         num_noise=args.noise_batch,
-        steps=args.inversion_steps,
-        solver=solver,
+        inversion_steps=args.inversion_steps,
         num_inference_steps=args.steps,
         clip=args.clip,
-        **_sampling_options(args, progress=not args.json),
+        batch_size=args.batch_size,
+        elijah_threshold=args.elijah_threshold,
+        elijah_distance=distance,
+        elijah_steps=args.elijah_steps,
+        elijah_num_noise=args.elijah_noise_batch,
+        terd_threshold=args.terd_threshold,
+        terd_settings=terd_settings,
+        seed=args.seed,
+        progress=progress,
+    )
+    what = {
+        "mode-share": "the book's mode share",
+        "elijah": "Elijah as published",
+        "terd": f"TERD ({terd_settings.estimation_steps} + "
+        f"{terd_settings.refinement_steps} SGD steps; at the released 3000 + 1000, "
+        "about 24 minutes per 16 px model on a CPU)",
+    }
+    began = time.perf_counter()
+    findings: dict[str, DetectorFinding] = {}
+    for k, name in enumerate(detectors, 1):  # one at a time, to say which is running
+        if progress:
+            print(
+                f"baddiff scan: detector {k} of {len(detectors)}: {what[name]}",
+                file=sys.stderr,
+            )
+        findings |= model_level_detectors(unet, scheduler, detectors=name, **settings)
+    total = time.perf_counter() - began
+    verdict = combined_verdict(findings.values())
+    # The mode share's fields stay where they were before the detectors stood side
+    # by side; "verdict" is the scan's, the one the exit status gives.
+    legacy = (
+        _legacy(findings["mode-share"])
+        if "mode-share" in findings
+        else dict(sampler=sampler, solver=solver)
     )
     report = dict(
         model=str(args.model),
-        verdict=result.verdict,
-        mode_share=result.mode_share,
-        sampler=sampler_for(solver),
-        solver=solver,
-        clip=args.clip,
-        threshold=result.threshold,
-        alike=round(result.mode_share * args.n),
-        samples=args.n,
-        diversity=result.diversity,
-        total_variation=result.total_variation,
-        inversion_steps=args.inversion_steps,
-        final_inversion_loss=result.inversion.losses[-1],
-        seconds=round(result.seconds, 1),
+        verdict=verdict,
+        **legacy,
         output=str(output),
+        detectors={name: _entry(f, args) for name, f in findings.items()},
+        total_seconds=round(total, 1),
     )
     output.mkdir(parents=True, exist_ok=True)
-    trigger = result.inversion.trigger.cpu()
-    save_file({"trigger": trigger.contiguous()}, str(output / "trigger.safetensors"))
-    low, high = float(trigger.min()), float(trigger.max())
-    for name, figure in (
-        (
-            "trigger.png",
-            show_images(
-                [trigger],
-                titles=["trigger estimate"],
-                size=2.5,
-                value_range=(low, max(high, low + 1e-6)),
-            ),
-        ),
-        ("samples.png", show_images(result.samples.cpu(), ncols=min(8, args.n))),
-    ):
-        figure.savefig(output / name)
-        plt.close(figure)
+    for finding in findings.values():
+        _save_finding(output, finding, args.n)
     (output / "scan.json").write_text(json.dumps(report, indent=2))
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(
-            f"{result.verdict}: {report['alike']} of {args.n} samples from noise + the trigger estimate are alike "
-            f"(mode share {result.mode_share:.2f}; threshold {result.threshold:.2f}); diversity "
-            f"{result.diversity:.3f}, total variation {result.total_variation:.3f}; {args.inversion_steps} "
-            f"inversion steps and {args.n} samples in {result.seconds:.0f} s. Images in {output}/"
-        )
-    return 1 if result.backdoored else 0
+        _print_table(findings, _summary(findings, total, output))
+    return 1 if verdict == "BACKDOORED" else 0
 
 
 if __name__ == "__main__":

@@ -137,6 +137,7 @@ def test_paper_command_line(full_mode_env, tmp_path):
         n=2,
         inversion_steps=2,
         noise_batch=2,
+        detectors="mode-share",  # Elijah and TERD: tests/test_scan_cli.py
         output=tmp_path / "scan",
         json=True,
         device="cpu",

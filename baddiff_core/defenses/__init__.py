@@ -32,6 +32,10 @@ a model, one module per idea:
   test (log likelihood ratio of ``N(mu, I)`` against ``N(0, I)``) and two model-level
   features (mean and variance of the per-pixel KL ``mu_i^2 / 2``), with the released
   code's settings (github.com/PKU-ML/TERD).
+- :mod:`~baddiff_core.defenses.side_by_side`, **the three model-level detectors side by
+  side** (the book's mode share, Elijah as published, TERD's model-level features) on
+  one model, one finding each: scores, threshold and verdict (none for Elijah and
+  TERD, whose code ships no threshold, unless one is given). ``baddiff scan`` prints it.
 - :mod:`~baddiff_core.defenses.noise_tests`, **the book's noise test** of a starting
   noise (in the spirit of DisDet, Sui et al. 2024, arXiv:2402.02739, whose statistic is
   not used): a one-sample Kolmogorov-Smirnov test of its entries against N(0, 1), whose
@@ -62,6 +66,7 @@ from baddiff_core.defenses import (
     pruning,
     removal,
     scanning,
+    side_by_side,
     terd,
 )
 from baddiff_core.defenses.elijah import *  # noqa: F403
@@ -70,6 +75,7 @@ from baddiff_core.defenses.noise_tests import *  # noqa: F403
 from baddiff_core.defenses.pruning import *  # noqa: F403
 from baddiff_core.defenses.removal import *  # noqa: F403
 from baddiff_core.defenses.scanning import *  # noqa: F403
+from baddiff_core.defenses.side_by_side import *  # noqa: F403
 from baddiff_core.defenses.terd import *  # noqa: F403
 
 __all__ = [
@@ -80,4 +86,5 @@ __all__ = [
     *pruning.__all__,
     *terd.__all__,
     *noise_tests.__all__,
+    *side_by_side.__all__,
 ]
