@@ -51,6 +51,8 @@ MODEL_MARKER = "baddiff.json"
 #: Every folder of samples ``baddiff sample`` writes holds this file (what was sampled,
 #: how).
 SAMPLES_MARKER = "samples.json"
+#: The settings of ``baddiff sample`` that its marker records, beside the model.
+SAMPLES_SETTINGS = ("n", "triggered", "clip", "sampler", "steps", "seed")
 #: The model-level detectors ``baddiff scan`` runs (``--detectors``), in the order it
 #: runs them: the book's mode share, Elijah as published, TERD's model-level features.
 DETECTORS = ("mode-share", "elijah", "terd")
@@ -668,15 +670,8 @@ def _sample(args: argparse.Namespace) -> int:
             bar.update(count)
         (staging / SAMPLES_MARKER).write_text(
             json.dumps(
-                dict(
-                    model=str(args.model),
-                    n=args.n,
-                    triggered=args.triggered,
-                    clip=args.clip,
-                    sampler=args.sampler,
-                    steps=args.steps,
-                    seed=args.seed,
-                ),
+                {"model": str(args.model)}
+                | {key: getattr(args, key) for key in SAMPLES_SETTINGS},
                 indent=2,
             )
             + "\n"
@@ -1041,19 +1036,14 @@ def _entry(finding: DetectorFinding, args: argparse.Namespace) -> dict[str, Any]
             THRESHOLD_FLAGS[finding.detector], finding.threshold, authors
         )
     loss = "final_loss" if finding.detector == "terd" else "final_inversion_loss"
-    return dict(
-        name=finding.name,
-        scores=finding.scores,
-        thresholded_score=finding.thresholded_score,
-        backdoored_when=finding.backdoored_when,
-        threshold=finding.threshold,
-        threshold_note=note,
-        verdict=finding.verdict,
-        **({"distance": finding.distance} if finding.detector == "elijah" else {}),
-        settings=finding.settings,
-        **{loss: finding.final_loss},
-        seconds=round(finding.seconds, 1),
-    )
+    copied = ("name", "scores", "thresholded_score", "backdoored_when", "threshold")
+    entry = {key: getattr(finding, key) for key in copied}
+    entry |= dict(threshold_note=note, verdict=finding.verdict)
+    if finding.detector == "elijah":
+        entry["distance"] = finding.distance
+    entry |= {"settings": finding.settings, loss: finding.final_loss}
+    entry["seconds"] = round(finding.seconds, 1)
+    return entry
 
 
 def _legacy(finding: DetectorFinding) -> dict[str, Any]:

@@ -12,6 +12,8 @@ import yaml
 if TYPE_CHECKING:  # the fixtures import torch when first used, not at collection
     from diffusers import DDPMScheduler, UNet2DModel
 
+    from baddiff_core.attack import BackdoorRecipe
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
 
@@ -141,3 +143,74 @@ def same_weights(a, b) -> bool:
         torch.equal(x, y)
         for x, y in zip(a.state_dict().values(), b.state_dict().values())
     )
+
+
+@pytest.fixture
+def fresh_model(tiny_unet):
+    """``fresh_model(seed=0)``: a new narrow UNet for 8 px grey digits, its weights
+    drawn from ``seed``."""
+    return lambda seed=0: tiny_unet(block_out_channels=(16, 32), seed=seed)
+
+
+def tiny_recipe(**overrides) -> BackdoorRecipe:
+    """A backdoor recipe that trains in about a second: a new 8 px model, 64 digits,
+    half of them poisoned (grey box -> corner), 3 steps of batch 8, T = 10;
+    ``overrides`` replace any field."""
+    from baddiff_core.attack import BackdoorRecipe
+    from baddiff_core.train import TrainConfig
+
+    settings = dict(
+        base="scratch",
+        image_size=8,
+        data_limit=64,
+        trigger="box",
+        target="corner",
+        poison_rate=0.5,
+        train=TrainConfig(
+            steps=3, batch_size=8, learning_rate=1e-3, log_every=1, progress=False
+        ),
+        schedule=dict(num_train_timesteps=10, beta_start=1e-2, beta_end=0.5),
+    )
+    settings.update(overrides)
+    return BackdoorRecipe(**settings)
+
+
+def small_train_config(**overrides):
+    """A training run of seconds on 8 px digits: 6 steps of batch 16 at lr 2e-3 (1
+    2 warm-up steps), EMA 0.9, CPU, seed 3; ``overrides`` replace any field."""
+    from baddiff_core.train import TrainConfig
+
+    settings = dict(
+        steps=6,
+        batch_size=16,
+        learning_rate=2e-3,
+        warmup_steps=2,
+        ema_decay=0.9,
+        device="cpu",
+        progress=False,
+        log_every=2,
+        seed=3,
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def train_until_killed(step: int, *args, **kwargs) -> None:
+    """``train(*args, **kwargs)`` as a process killed right after it wrote the
+    checkpoint of ``step`` (a ``KeyboardInterrupt`` raised there); the library is
+    unpatched again afterwards."""
+    from unittest import mock
+
+    from baddiff_core import train as train_module
+
+    real_save = train_module._save_checkpoint
+
+    def save_then_crash(*save_args, **save_kwargs):
+        folder = real_save(*save_args, **save_kwargs)
+        if save_args[1] == step:
+            raise KeyboardInterrupt(f"killed after the step-{step} checkpoint")
+        return folder
+
+    with mock.patch.object(train_module, "_save_checkpoint", save_then_crash):
+        with pytest.raises(KeyboardInterrupt):
+            train_module.train(*args, **kwargs)

@@ -12,26 +12,9 @@ import torch
 from baddiff_core.attack import BackdoorRecipe, plant_backdoor
 from baddiff_core.cli import main
 from baddiff_core.evaluation import AttackMetrics, evaluate_attack
-from baddiff_core.train import TrainConfig
+from conftest import tiny_recipe
 
-TINY = TrainConfig(
-    steps=3, batch_size=8, learning_rate=1e-3, log_every=1, progress=False
-)
-
-
-def tiny_recipe(**overrides) -> BackdoorRecipe:
-    settings = dict(
-        base="scratch",
-        image_size=8,
-        data_limit=64,
-        trigger="box",
-        target="corner",
-        poison_rate=0.5,
-        train=TINY,
-        schedule=dict(num_train_timesteps=10, beta_start=1e-2, beta_end=0.5),
-    )
-    settings.update(overrides)
-    return BackdoorRecipe(**settings)
+TINY = tiny_recipe().train  # 3 steps of batch 8
 
 
 def test_recipe_key_ignores_how_a_run_is_executed():

@@ -16,7 +16,6 @@ import pytest
 import torch
 from scipy import optimize, stats
 
-from baddiff_core import train as train_module
 from baddiff_core.attack import BackdoorRecipe, plant_backdoor
 from baddiff_core.data import load_images
 from baddiff_core.defenses.noise_tests import noise_test
@@ -28,6 +27,7 @@ from baddiff_core.learned_trigger import (
 from baddiff_core.poison import PoisonedDataset, poison_pairs
 from baddiff_core.train import TrainConfig, latest_checkpoint, train
 from baddiff_core.triggers import make_target, make_trigger
+from conftest import small_train_config, tiny_recipe, train_until_killed
 
 RHO = 0.5
 
@@ -289,27 +289,11 @@ def digits8():
     return load_images("digits", 8, limit=64)
 
 
-@pytest.fixture
-def fresh_model(tiny_unet):
-    return lambda seed=0: tiny_unet(block_out_channels=(16, 32), seed=seed)
-
-
 def small_config(**overrides) -> TrainConfig:
-    settings = dict(
-        steps=4,
-        batch_size=8,
-        learning_rate=2e-3,
-        warmup_steps=1,
-        ema_decay=0.9,
-        device="cpu",
-        progress=False,
-        log_every=1,
-        seed=3,
-        trigger_lr=0.05,
-        trigger_rms=RHO,
-    )
-    settings.update(overrides)
-    return TrainConfig(**settings)
+    """test_train.py's small run, shorter, with a learned trigger (lr 0.05, rms RHO)."""
+    shorter = dict(steps=4, batch_size=8, warmup_steps=1, log_every=1)
+    learned = dict(trigger_lr=0.05, trigger_rms=RHO)
+    return small_train_config(**(shorter | learned | overrides))
 
 
 def learned_dataset(images, *, additive=True, poison_rate=0.5) -> PoisonedDataset:
@@ -355,7 +339,7 @@ def test_a_trigger_is_learned_only_from_additive_poisoned_data(
 
 
 def test_a_resumed_run_ends_with_the_same_trigger_and_weights(
-    digits8, tmp_path, monkeypatch, fresh_model, quick_scheduler
+    digits8, tmp_path, fresh_model, quick_scheduler
 ):
     data = learned_dataset(digits8)
     config = small_config(
@@ -364,18 +348,7 @@ def test_a_resumed_run_ends_with_the_same_trigger_and_weights(
     reference = fresh_model()
     expected = train(reference, quick_scheduler, data, small_config(steps=5))
 
-    real_save = train_module._save_checkpoint
-
-    def save_then_crash(*args, **kwargs):
-        folder = real_save(*args, **kwargs)
-        if args[1] == 3:
-            raise KeyboardInterrupt("killed after the step-3 checkpoint")
-        return folder
-
-    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(fresh_model(), quick_scheduler, data, config)
-    monkeypatch.undo()
+    train_until_killed(3, fresh_model(), quick_scheduler, data, config)
     assert latest_checkpoint(tmp_path / "ckpt").name == "checkpoint-0000003"
 
     resumed = fresh_model(seed=99)  # everything must come from the checkpoint
@@ -393,24 +366,7 @@ def test_a_resumed_run_ends_with_the_same_trigger_and_weights(
 # the recipe and plant_backdoor
 # --------------------------------------------------------------------------- #
 
-TINY = TrainConfig(
-    steps=3, batch_size=8, learning_rate=1e-3, log_every=1, progress=False
-)
-
-
-def tiny_recipe(**overrides) -> BackdoorRecipe:
-    settings = dict(
-        base="scratch",
-        image_size=8,
-        data_limit=32,
-        trigger="box",
-        target="corner",
-        poison_rate=0.5,
-        train=TINY,
-        schedule=dict(num_train_timesteps=10, beta_start=1e-2, beta_end=0.5),
-    )
-    settings.update(overrides)
-    return BackdoorRecipe(**settings)
+TINY = tiny_recipe().train  # 3 steps of batch 8
 
 
 def test_a_learned_recipe_needs_a_trigger_lr_and_a_drawn_target():

@@ -13,9 +13,9 @@ import torch
 from baddiff_core import train as train_module
 from baddiff_core.data import load_images
 from baddiff_core.poison import PoisonedDataset
-from baddiff_core.train import TrainConfig, latest_checkpoint, train
+from baddiff_core.train import latest_checkpoint, train
 from baddiff_core.triggers import make_target, make_trigger
-from conftest import same_weights
+from conftest import same_weights, small_train_config, train_until_killed
 
 
 @pytest.fixture(scope="module")
@@ -23,27 +23,7 @@ def digits8():
     return load_images("digits", 8, limit=256)
 
 
-@pytest.fixture
-def fresh_model(tiny_unet):
-    """``fresh_model(seed=0)``: a new narrow UNet for 8 px grey digits, its weights
-    drawn from ``seed`` (``_KILLED_RUN`` below builds the same one)."""
-    return lambda seed=0: tiny_unet(block_out_channels=(16, 32), seed=seed)
-
-
-def small_config(**overrides) -> TrainConfig:
-    settings = dict(
-        steps=6,
-        batch_size=16,
-        learning_rate=2e-3,
-        warmup_steps=2,
-        ema_decay=0.9,
-        device="cpu",
-        progress=False,
-        log_every=2,
-        seed=3,
-    )
-    settings.update(overrides)
-    return TrainConfig(**settings)
+small_config = small_train_config  # 6 steps of batch 16 (conftest.py)
 
 
 def test_training_lowers_the_loss(digits8, fresh_model, quick_scheduler):
@@ -126,19 +106,7 @@ def test_resumed_run_equals_an_uninterrupted_one(
         small_config(steps=8, hflip=True),
     )
 
-    real_save = train_module._save_checkpoint
-
-    def save_then_crash(*args, **kwargs):
-        folder = real_save(*args, **kwargs)
-        if args[1] == 6:
-            raise KeyboardInterrupt("killed after the step-6 checkpoint")
-        return folder
-
-    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_crash)
-    interrupted = fresh_model()
-    with pytest.raises(KeyboardInterrupt):
-        train(interrupted, quick_scheduler, dataset, config)
-    monkeypatch.undo()
+    train_until_killed(6, fresh_model(), quick_scheduler, dataset, config)
     assert latest_checkpoint(tmp_path / "ckpt").name == "checkpoint-0000006"
 
     # other initial weights: everything must come from the checkpoint

@@ -199,6 +199,24 @@ def _rule_text(score_name: str, threshold: float | None, backdoored_when: str) -
     return f"{score_name} {'<=' if backdoored_when == 'low' else '>='} {threshold:g}"
 
 
+def _thresholded(
+    score_key: str,
+    score_name: str,
+    score: float,
+    threshold: float | None,
+    backdoored_when: str,
+) -> dict[str, Any]:
+    """A :class:`DetectorFinding`'s threshold fields for one score (``score_key`` in
+    its ``scores``, shown as ``score_name`` in the rule), to pass as ``**``."""
+    return dict(
+        thresholded_score=score_key,
+        backdoored_when=backdoored_when,
+        threshold=threshold,
+        rule_text=_rule_text(score_name, threshold, backdoored_when),
+        verdict=threshold_verdict(score, threshold, backdoored_when),
+    )
+
+
 def _run_mode_share(
     unet: UNet2DModel, scheduler: DDPMScheduler, threshold: float | None, **settings
 ) -> DetectorFinding:
@@ -310,11 +328,7 @@ def _run_elijah(
         else "Elijah (as published)",
         scores=dict(uniformity=scores.uniformity, tv=scores.tv),
         score_text=f"uniformity {scores.uniformity:.3g}, TV {scores.tv:.3g}",
-        thresholded_score="uniformity",
-        backdoored_when="low",
-        threshold=threshold,
-        rule_text=_rule_text("uniformity", threshold, "low"),
-        verdict=threshold_verdict(scores.uniformity, threshold, "low"),
+        **_thresholded("uniformity", "uniformity", scores.uniformity, threshold, "low"),
         seconds=time.perf_counter() - began,
         settings=dict(
             sampler=sampler,
@@ -357,11 +371,7 @@ def _run_terd(
         label="TERD (as released)" if released else f"TERD ({steps})",
         scores=dict(kl_mean=score.kl_mean, kl_var=score.kl_var),
         score_text=f"M_r {score.kl_mean:.4g}, V_r {score.kl_var:.3g}",
-        thresholded_score="kl_mean",
-        backdoored_when="high",
-        threshold=threshold,
-        rule_text=_rule_text("M_r", threshold, "high"),
-        verdict=threshold_verdict(score.kl_mean, threshold, "high"),
+        **_thresholded("kl_mean", "M_r", score.kl_mean, threshold, "high"),
         seconds=time.perf_counter() - began,
         settings=dict(**dataclasses.asdict(settings), seed=seed, released=released),
         trigger=found.mu,
