@@ -7,14 +7,14 @@ book's noise test, :mod:`baddiff_core.defenses.noise_tests`) flags every one of 
 An attacker who expects that test chooses a trigger ``delta`` whose stamped noise
 ``x_T = eps + delta`` has the histogram of honest noise, and learns it together with
 the backdoor: each training step moves ``delta`` down the gradient of the same
-poisoned DDPM loss that trains the model, then projects it back onto
+poisoned DDPM loss that trains the model, then projects it back onto::
 
     C_rho = { delta : mean(delta) = 0,  rms(delta) = sqrt(mean(delta_i^2)) = rho }.
 
 Why this set. The entries of ``eps + delta`` follow the mixture ``F(z) = (1/d)
 sum_i Phi(z - delta_i)``. Taylor's theorem with ``Phi' = phi`` and ``|phi'(x)| = |x|
 phi(x) <= phi(1)`` gives ``|Phi(z - delta_i) - Phi(z) + delta_i phi(z)| <= delta_i^2
-phi(1) / 2``; the zero mean cancels the first-order terms, so
+phi(1) / 2``; the zero mean cancels the first-order terms, so::
 
     sup_z |F(z) - Phi(z)| <= phi(1) / 2 * mean(delta_i^2) = 0.121 rho^2,
 
@@ -23,8 +23,8 @@ entries (:func:`ks_distance_bound`). Its critical value at level ``alpha`` is ab
 ``sqrt(-log(alpha / 2) / 2) / sqrt(d)`` (0.10 for ``d = 256`` at 1 %), so ``rho =
 0.5`` keeps a 16 x 16 trigger under a third of the way there. The norm is held fixed,
 not only bounded: descending the loss alone shrinks the trigger towards zero (a smaller
-``delta`` asks less of the model), and a trigger near zero is a backdoor that fires on
-honest noise too.
+``delta`` asks less of the model), and at ``delta = 0`` every honest noise would carry
+the trigger.
 
 What the set does not hide. ``||delta|| = rho sqrt(d)`` (8 for ``rho = 0.5``, ``d =
 256``): a defender who knew ``delta`` would catch it almost always (Neyman-Pearson,
