@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from baddiff_core.files import atomic_file, atomic_folder, check_output_folder
-from baddiff_core.metrics import MissingDependencyError, resolve_features
+from baddiff_core.metrics import MissingDependencyError, paper_scale, resolve_features
 
 if TYPE_CHECKING:  # imported when used: the command starts without torch's models
     from baddiff_core.defenses.elijah import Distance
@@ -978,8 +978,7 @@ def _elijah_distance(
 
     how = ""
     if choice == "auto":
-        colour = shape[0] == 3 and min(shape[1:]) >= 32
-        choice = "lpips" if colour else "digits"
+        choice = "lpips" if paper_scale(shape) else "digits"
         how = (
             " (chosen by --elijah-distance auto for colour images of 32 px or more; "
             f"the model's are {'x'.join(map(str, shape))})"

@@ -330,6 +330,13 @@ def _torch_fidelity_available() -> bool:
     return importlib.util.find_spec("torch_fidelity") is not None
 
 
+def paper_scale(shape: tuple[int, ...]) -> bool:
+    """Whether images of ``shape`` (``..., C, H, W``) are at the scale the papers
+    report FID and LPIPS on: RGB and at least 32 x 32. ``"auto"`` choices of a feature
+    network (:func:`resolve_features`, Elijah's distance in ``baddiff scan``) follow it."""
+    return shape[-3] == 3 and min(shape[-2:]) >= 32
+
+
 def resolve_features(features: object, images: Tensor) -> str:
     """The feature network :func:`frechet_distance` will use for ``images``
     (``"digits"`` or ``"inception"``), raising :class:`MissingDependencyError` at once
@@ -344,11 +351,7 @@ def resolve_features(features: object, images: Tensor) -> str:
     features = check_choice("features", features, ("auto", "digits", "inception"))
     how = ""
     if features == "auto":
-        features = (
-            "inception"
-            if images.shape[1] == 3 and min(images.shape[-2:]) >= 32
-            else "digits"
-        )
+        features = "inception" if paper_scale(tuple(images.shape)) else "digits"
         how = f" (chosen by features='auto' for RGB images of at least 32x32, got shape {tuple(images.shape)})"
     if features == "inception" and not _torch_fidelity_available():
         raise MissingDependencyError(
