@@ -9,6 +9,11 @@ from typing import TYPE_CHECKING
 import pytest
 import yaml
 
+from baddiff_core.kernel_wakeup import install_kernel_wakeup
+
+# Kernels polled in 1 s slices: a missed wake-up hung cells (jupyter/nbclient#312).
+install_kernel_wakeup()
+
 if TYPE_CHECKING:  # the fixtures import torch when first used, not at collection
     from diffusers import DDPMScheduler, UNet2DModel
 
