@@ -123,6 +123,17 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "model_level_detectors",
         "threshold_verdict",
     ),
+    "scoreboard": (
+        "DEPLOYED_CLIP",
+        "SCOREBOARD_DETECTORS",
+        "SCOREBOARD_MITIGATIONS",
+        "Detection",
+        "Mitigation",
+        "Scoreboard",
+        "ScoreboardConfig",
+        "run_scoreboard",
+        "scoreboard_plan",
+    ),
     # the authors' released models (chapter 11) and the paper's numbers
     "authors": (
         "AUTHORS_MODELS",
