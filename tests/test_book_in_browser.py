@@ -278,7 +278,9 @@ def build_book() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        timeout=3600,
+        # A cold build took 3,600 s on a busy 2-core machine (12 pages, 2026-12-03): the
+        # test's own limit (7,200 s) bounds it, and each cell has the book's 1,800 s.
+        timeout=6900,
     )
     log = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout)  # without terminal colours
     BUILD_LOG.parent.mkdir(exist_ok=True)
