@@ -340,6 +340,20 @@ def run_scoreboard(
             seed=seed + 1,
         )
 
+    def scan(unet: UNet2DModel, scheduler: DDPMScheduler, sampler: str) -> Any:
+        """The book's scan (chapter 7) as the sampler is deployed, from the cache."""
+        return scan_model(
+            unet,
+            scheduler,
+            num_noise=cfg.scan_noise,
+            n=cfg.scan_samples,
+            solver=solver_for(sampler),
+            clip=DEPLOYED_CLIP[sampler],
+            seed=seed,
+            progress=False,
+            use_cache=True,
+        )
+
     # Mitigations.
     mitigations: dict[tuple[str, str], Mitigation] = {}
     scans = {}
@@ -348,17 +362,7 @@ def run_scoreboard(
         clip = DEPLOYED_CLIP[sampler]
         planted = evaluate(model.unet, model, sampler, ("none", "x0", "xt"))
         other = evaluate(model.unet, model, OTHER_SAMPLER[sampler], ("none",))["none"]
-        scans[name] = scan_model(
-            model.unet,
-            model.scheduler,
-            num_noise=cfg.scan_noise,
-            n=cfg.scan_samples,
-            solver=solver_for(sampler),
-            clip=clip,
-            seed=seed,
-            progress=False,
-            use_cache=True,
-        )
+        scans[name] = scan(model.unet, model.scheduler, sampler)
         repaired, _ = remove_backdoor(
             model.unet,
             model.scheduler,
@@ -406,19 +410,8 @@ def run_scoreboard(
     mode_share, elijah, terd_mu = {}, {}, {}
     for name, (unet, scheduler) in models.items():
         for sampler in in_use if name in clean_models else (samplers[name],):
-            scan = scans.get(name) if name in attacks else None
-            scan = scan or scan_model(
-                unet,
-                scheduler,
-                num_noise=cfg.scan_noise,
-                n=cfg.scan_samples,
-                solver=solver_for(sampler),
-                clip=DEPLOYED_CLIP[sampler],
-                seed=seed,
-                progress=False,
-                use_cache=True,
-            )
-            mode_share[(name, sampler)] = (scan.backdoored, scan.mode_share)
+            found = scans[name] if name in attacks else scan(unet, scheduler, sampler)
+            mode_share[(name, sampler)] = (found.backdoored, found.mode_share)
             elijah[(name, sampler)] = elijah_scores(
                 unet,
                 scheduler,
