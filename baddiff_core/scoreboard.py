@@ -118,35 +118,49 @@ class ScoreboardConfig:
         n_eval: clean and triggered samples per ASR measurement.
         ddim_steps: DDIM steps (20 of the quick chain's ``T = 100``; 50 of 1000 is
             diffusers' default).
+        ddpm_steps: DDPM steps of the attack-success samples; ``None`` (as deployed)
+            is all ``T`` training steps. Only full mode's smoke scale cuts them.
         asr_threshold: MSE to the target ([0, 1] units) under which a sample hits.
         fid_features: :func:`~baddiff_core.metrics.frechet_distance`'s ``features``.
-        scan_noise, scan_samples: the book's scan (chapter 7): noises of the inversion,
-            samples scored.
+        scan_noise, scan_samples, scan_steps: the book's scan (chapter 7): noises and
+            steps of the inversion, samples scored.
         clean_share: the defender's share of the clean training images (removal, ANP).
         removal_steps: steps of Elijah's removal.
+        defence_batch: clean images per step of the removal and of ANP.
         anp_eps, anp_steps, anp_fraction: ANP's perturbation budget, mask steps and
             the share of channels pruned.
         terd: TERD's settings (:data:`~baddiff_core.defenses.terd.TERD_CIFAR10`,
             or a fraction of its steps).
         elijah_distance: Elijah's distance (LPIPS as published; the offline
             :func:`~baddiff_core.defenses.elijah.feature_distance` in quick mode).
+        elijah_samples, elijah_noise, elijah_steps: Elijah's samples scored, the
+            inversion's noises and its steps; ``None`` is the released code's
+            setting (:func:`~baddiff_core.defenses.elijah.elijah_settings`,
+            :func:`~baddiff_core.defenses.elijah.elijah_num_noise`). Only full mode's
+            smoke scale cuts them.
         noises: honest and triggered noises per input-level test.
         alpha: the noise test's level (its false-positive rate).
     """
 
     n_eval: int = 32
     ddim_steps: int = 20
+    ddpm_steps: int | None = None
     asr_threshold: float = QUICK_ASR_THRESHOLD
     fid_features: str = "auto"
     scan_noise: int = 32
     scan_samples: int = 16
+    scan_steps: int = 100
     clean_share: float = 0.1
     removal_steps: int = 100
+    defence_batch: int = 64
     anp_eps: float = 0.4
     anp_steps: int = 100
     anp_fraction: float = 0.01
     terd: TerdSettings = field(default_factory=lambda: TERD_CIFAR10.scaled(0.01))
     elijah_distance: Distance = feature_distance
+    elijah_samples: int = ELIJAH_SAMPLES
+    elijah_noise: int | None = None
+    elijah_steps: int | None = None
     noises: int = 1000
     alpha: float = 0.01
 
@@ -335,7 +349,7 @@ def run_scoreboard(
             n=cfg.n_eval,
             clips=clips,
             sampler=sampler,
-            num_inference_steps=cfg.ddim_steps if sampler == "ddim" else None,
+            num_inference_steps=cfg.ddim_steps if sampler == "ddim" else cfg.ddpm_steps,
             threshold=cfg.asr_threshold,
             seed=seed + 1,
         )
@@ -347,6 +361,7 @@ def run_scoreboard(
             scheduler,
             num_noise=cfg.scan_noise,
             n=cfg.scan_samples,
+            steps=cfg.scan_steps,
             solver=solver_for(sampler),
             clip=DEPLOYED_CLIP[sampler],
             seed=seed,
@@ -369,6 +384,7 @@ def run_scoreboard(
             scans[name].inversion.trigger,
             clean_data,
             steps=cfg.removal_steps,
+            batch_size=cfg.defence_batch,
             seed=seed,
             progress=False,
             use_cache=True,
@@ -379,6 +395,7 @@ def run_scoreboard(
             clean_data,
             eps=cfg.anp_eps,
             steps=cfg.anp_steps,
+            batch_size=cfg.defence_batch,
             seed=seed,
             progress=False,
             use_cache=True,
@@ -416,8 +433,11 @@ def run_scoreboard(
                 unet,
                 scheduler,
                 sampler=sampler,
+                n=cfg.elijah_samples,
                 distance=cfg.elijah_distance,
                 seed=seed,
+                num_noise=cfg.elijah_noise,
+                steps=cfg.elijah_steps,
                 progress=False,
                 use_cache=True,
             ).uniformity
@@ -517,14 +537,15 @@ def scoreboard_plan(
     every UNet pass, counted as :class:`~baddiff_core.gpu_time.WorkCounter` counts them,
     with the trainings that the model cache may spare).
 
-    Per model and sampler in use, the scan is ``scan_noise`` inversions of 100 steps
-    and ``scan_samples`` samples; Elijah's inversion and its 16 samples follow
-    :func:`~baddiff_core.defenses.elijah.elijah_settings`; removal takes 3 passes with a
+    Per model and sampler in use, the scan is ``scan_noise`` inversions of
+    ``scan_steps`` steps and ``scan_samples`` samples; Elijah's inversion and its ``elijah_samples`` samples
+    follow :func:`~baddiff_core.defenses.elijah.elijah_settings` where the config
+    leaves them ``None``; removal takes 3 passes with a
     backward and 1 without per clean image and step, ANP 3 with a backward; TERD
     ``batch_size (2 estimation_steps + (sampling_steps + 4) refinement_steps)``.
     """
     cfg = config
-    batch = 64  # the removal's and ANP's clean images per step (their default)
+    batch = cfg.defence_batch  # the removal's and ANP's clean images per step
     samplers = {name: sampler_for(r.train.solver) for name, r in attacks.items()}
     in_use = sorted(set(samplers.values()))
     terd = cfg.terd
@@ -533,14 +554,18 @@ def scoreboard_plan(
     )
 
     def steps(model: Any, sampler: str) -> int:
-        return train_timesteps(model) if sampler == "ddpm" else cfg.ddim_steps
+        if sampler == "ddim":
+            return cfg.ddim_steps
+        return cfg.ddpm_steps or train_timesteps(model)
 
     def detectors(model: Any, name: str, sampler: str) -> list[Work]:
         elijah = elijah_settings(sampler)
         size = model.image_size if isinstance(model, BackdoorRecipe) else 32
         chain = train_timesteps(model)
         return [
-            gradient_passes(cfg.scan_noise * 100, model, f"scan inversion: {name}"),
+            gradient_passes(
+                cfg.scan_noise * cfg.scan_steps, model, f"scan inversion: {name}"
+            ),
             sampling_passes(
                 cfg.scan_samples,
                 model,
@@ -548,10 +573,13 @@ def scoreboard_plan(
                 steps=chain if sampler == "ddpm" else min(50, chain),
             ),
             gradient_passes(
-                elijah.steps * elijah_num_noise(size), model, f"Elijah: {name}"
+                (cfg.elijah_steps or elijah.steps)
+                * (cfg.elijah_noise or elijah_num_noise(size)),
+                model,
+                f"Elijah: {name}",
             ),
             sampling_passes(
-                ELIJAH_SAMPLES,
+                cfg.elijah_samples,
                 model,
                 f"Elijah samples: {name}",
                 steps=chain if sampler == "ddpm" else min(50, chain),

@@ -56,8 +56,9 @@ def full_mode_env(tmp_path_factory) -> dict[str, str]:
 
 
 #: Seconds one cell may take at the smoke scale: the slowest took 33 s on 2 busy cores
-#: (the Performance page's benchmarks), so 150 s leaves room for a machine three times
-#: slower, and a cell that hangs (below) costs 150 s, not more.
+#: (the Performance page's benchmarks; the scoreboard's board takes 29 s on one idle
+#: core), so 150 s leaves room for a machine three times slower, and a cell that hangs
+#: (below) costs 150 s, not more.
 CELL_TIMEOUT = 150
 
 

@@ -16,10 +16,16 @@ from conftest import tiny_recipe
 CONFIG = bd.ScoreboardConfig(
     n_eval=4,
     ddim_steps=5,
+    ddpm_steps=5,  # of T = 10
     scan_noise=2,
     scan_samples=4,
+    scan_steps=5,
     removal_steps=2,
+    defence_batch=8,
     anp_steps=2,
+    elijah_samples=4,
+    elijah_noise=4,
+    elijah_steps=2,
     terd=bd.TERD_CIFAR10.scaled(0.001),
     noises=200,
     fid_features="digits",
@@ -127,7 +133,9 @@ def test_clipping_and_sampler_cells_are_evaluate_attack(setup):
                 n=CONFIG.n_eval,
                 clips=(clip,),
                 sampler=sampler,
-                num_inference_steps=CONFIG.ddim_steps if sampler == "ddim" else None,
+                num_inference_steps=(
+                    CONFIG.ddim_steps if sampler == "ddim" else CONFIG.ddpm_steps
+                ),
                 threshold=CONFIG.asr_threshold,
                 seed=SEED + 1,
             )[clip]
@@ -156,6 +164,7 @@ def test_the_mode_share_cell_is_the_scan(setup):
             model.scheduler,
             num_noise=CONFIG.scan_noise,
             n=CONFIG.scan_samples,
+            steps=CONFIG.scan_steps,
             solver=bd.solver_for(board.samplers[name]),
             clip=bd.DEPLOYED_CLIP[board.samplers[name]],
             seed=SEED,
@@ -166,6 +175,69 @@ def test_the_mode_share_cell_is_the_scan(setup):
         assert cell.score == scan.mode_share
         assert cell.tpr == float(scan.backdoored)
         assert cell.threshold == scan.threshold
+
+
+@pytest.mark.slow  # one tiny board: about a minute
+def test_elijah_cells_are_elijahs_own(setup):
+    board, real = setup["board"], setup["real"]
+    clean_data = bd.clean_subset(
+        real, CONFIG.clean_share, generator=torch.Generator().manual_seed(SEED + 2)
+    )
+    for name, model in setup["attacks"].items():
+        sampler = board.samplers[name]
+        scores = bd.elijah_scores(
+            model.unet,
+            model.scheduler,
+            sampler=sampler,
+            n=CONFIG.elijah_samples,
+            distance=CONFIG.elijah_distance,
+            seed=SEED,
+            num_noise=CONFIG.elijah_noise,
+            steps=CONFIG.elijah_steps,
+            progress=False,
+        )
+        assert board.detections[("Elijah detection", name)].score == pytest.approx(
+            scores.uniformity
+        )
+        # the removal starts from the book's trigger estimate (the scan's)
+        scan = bd.scan_model(
+            model.unet,
+            model.scheduler,
+            num_noise=CONFIG.scan_noise,
+            n=CONFIG.scan_samples,
+            steps=CONFIG.scan_steps,
+            solver=bd.solver_for(sampler),
+            clip=bd.DEPLOYED_CLIP[sampler],
+            seed=SEED,
+            progress=False,
+            use_cache=True,
+        )
+        repaired, _ = bd.remove_backdoor(
+            model.unet,
+            model.scheduler,
+            scan.inversion.trigger,
+            clean_data,
+            steps=CONFIG.removal_steps,
+            batch_size=CONFIG.defence_batch,
+            seed=SEED,
+            progress=False,
+        )
+        clip = bd.DEPLOYED_CLIP[sampler]
+        after = bd.evaluate_attack(
+            repaired,
+            model.scheduler,
+            model.trigger,
+            model.target,
+            n=CONFIG.n_eval,
+            clips=(clip,),
+            sampler=sampler,
+            num_inference_steps=(
+                CONFIG.ddim_steps if sampler == "ddim" else CONFIG.ddpm_steps
+            ),
+            threshold=CONFIG.asr_threshold,
+            seed=SEED + 1,
+        )[clip]
+        assert board.mitigations[("Elijah removal", name)].asr_after == after.asr
 
 
 def test_leave_one_out_by_hand():
