@@ -70,10 +70,11 @@ book: $(STAMP) $(CORE_STAMP)
 # The chapters run once, in the browser test's build of the book: nbval would execute the same code
 # again with the same check (no cell raises; the notebooks mark no output to compare), 8 to 15 minutes.
 # Full mode's smoke runs (tests/test_full_mode.py) are a dozen small kernels: two at once, one
-# thread each, take half the time of one after the other.
+# thread each, take half the time of one after the other. --durations prints the slowest tests,
+# the first thing to read when CI's time grows.
 test: $(STAMP) $(CORE_STAMP) lint browser
-	$(BIN)/python -m pytest tests --ignore=tests/test_full_mode.py
-	$(BIN)/python -m pytest -n 2 tests/test_full_mode.py
+	$(BIN)/python -m pytest tests --ignore=tests/test_full_mode.py --durations=15
+	$(BIN)/python -m pytest -n 2 tests/test_full_mode.py --durations=15
 	$(BIN)/python benchmarks/run.py --size small --book $(JUPYTER_CACHE) --models --output _build/benchmarks/small.json
 
 $(CORE_STAMP): $(CORE_FILES)
