@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import json
 import re
 import shlex
 
@@ -68,6 +69,18 @@ def test_config_executes_every_chapter_and_fails_on_errors(config):
     assert 0 < config["execute"]["timeout"] <= 1800
     for pattern in (".venv", "tests", "baddiff_core"):
         assert pattern in config["exclude_patterns"]
+
+
+def test_a_page_may_give_its_cells_at_most_an_hour():
+    # myst-nb reads a page's own cell timeout from its metadata (mystnb.execution_timeout):
+    # the Scoreboard's board, one library call of 830 s from an empty model cache on 2
+    # cores, would pass 1800 s on a machine three times slower.
+    overrides = {
+        page.stem: json.loads(page.read_text())["metadata"]["mystnb"]
+        for page in sorted(ROOT.glob("book/*.ipynb"))
+        if "mystnb" in json.loads(page.read_text())["metadata"]
+    }
+    assert overrides == {"scoreboard": {"execution_timeout": 3600}}
 
 
 def test_config_launch_buttons(config):
