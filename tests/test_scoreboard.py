@@ -33,6 +33,41 @@ CONFIG = bd.ScoreboardConfig(
 SEED = 0
 
 
+def _evaluate(unet, model, sampler: str, clip: str):
+    """``evaluate_attack`` of ``unet`` with ``model``'s trigger and target, as the
+    board samples it."""
+    return bd.evaluate_attack(
+        unet,
+        model.scheduler,
+        model.trigger,
+        model.target,
+        n=CONFIG.n_eval,
+        clips=(clip,),
+        sampler=sampler,
+        num_inference_steps=(
+            CONFIG.ddim_steps if sampler == "ddim" else CONFIG.ddpm_steps
+        ),
+        threshold=CONFIG.asr_threshold,
+        seed=SEED + 1,
+    )[clip]
+
+
+def _scan(model, sampler: str):
+    """The book's scan of ``model`` as the board runs it (from the cache)."""
+    return bd.scan_model(
+        model.unet,
+        model.scheduler,
+        num_noise=CONFIG.scan_noise,
+        n=CONFIG.scan_samples,
+        steps=CONFIG.scan_steps,
+        solver=bd.solver_for(sampler),
+        clip=bd.DEPLOYED_CLIP[sampler],
+        seed=SEED,
+        progress=False,
+        use_cache=True,
+    )
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Two tiny attacks (DDPM and DDIM), two clean models, and the board, measured on
@@ -125,20 +160,7 @@ def test_clipping_and_sampler_cells_are_evaluate_attack(setup):
         other = {"ddpm": "ddim", "ddim": "ddpm"}[sampler]
 
         def evaluate(sampler: str, clip: str, model=model):
-            return bd.evaluate_attack(
-                model.unet,
-                model.scheduler,
-                model.trigger,
-                model.target,
-                n=CONFIG.n_eval,
-                clips=(clip,),
-                sampler=sampler,
-                num_inference_steps=(
-                    CONFIG.ddim_steps if sampler == "ddim" else CONFIG.ddpm_steps
-                ),
-                threshold=CONFIG.asr_threshold,
-                seed=SEED + 1,
-            )[clip]
+            return _evaluate(model.unet, model, sampler, clip)
 
         base = evaluate(sampler, bd.DEPLOYED_CLIP[sampler])
         assert bd.DEPLOYED_CLIP == {"ddpm": "none", "ddim": "x0"}
@@ -159,18 +181,7 @@ def test_clipping_and_sampler_cells_are_evaluate_attack(setup):
 def test_the_mode_share_cell_is_the_scan(setup):
     board = setup["board"]
     for name, model in setup["attacks"].items():
-        scan = bd.scan_model(
-            model.unet,
-            model.scheduler,
-            num_noise=CONFIG.scan_noise,
-            n=CONFIG.scan_samples,
-            steps=CONFIG.scan_steps,
-            solver=bd.solver_for(board.samplers[name]),
-            clip=bd.DEPLOYED_CLIP[board.samplers[name]],
-            seed=SEED,
-            progress=False,
-            use_cache=True,
-        )
+        scan = _scan(model, board.samplers[name])
         cell = board.detections[("mode share (book)", name)]
         assert cell.score == scan.mode_share
         assert cell.tpr == float(scan.backdoored)
@@ -200,18 +211,7 @@ def test_elijah_cells_are_elijahs_own(setup):
             scores.uniformity
         )
         # the removal starts from the book's trigger estimate (the scan's)
-        scan = bd.scan_model(
-            model.unet,
-            model.scheduler,
-            num_noise=CONFIG.scan_noise,
-            n=CONFIG.scan_samples,
-            steps=CONFIG.scan_steps,
-            solver=bd.solver_for(sampler),
-            clip=bd.DEPLOYED_CLIP[sampler],
-            seed=SEED,
-            progress=False,
-            use_cache=True,
-        )
+        scan = _scan(model, sampler)
         repaired, _ = bd.remove_backdoor(
             model.unet,
             model.scheduler,
@@ -222,21 +222,7 @@ def test_elijah_cells_are_elijahs_own(setup):
             seed=SEED,
             progress=False,
         )
-        clip = bd.DEPLOYED_CLIP[sampler]
-        after = bd.evaluate_attack(
-            repaired,
-            model.scheduler,
-            model.trigger,
-            model.target,
-            n=CONFIG.n_eval,
-            clips=(clip,),
-            sampler=sampler,
-            num_inference_steps=(
-                CONFIG.ddim_steps if sampler == "ddim" else CONFIG.ddpm_steps
-            ),
-            threshold=CONFIG.asr_threshold,
-            seed=SEED + 1,
-        )[clip]
+        after = _evaluate(repaired, model, sampler, bd.DEPLOYED_CLIP[sampler])
         assert board.mitigations[("Elijah removal", name)].asr_after == after.asr
 
 
