@@ -538,10 +538,11 @@ def scoreboard_plan(
     with the trainings that the model cache may spare).
 
     Per model and sampler in use, the scan is ``scan_noise`` inversions of
-    ``scan_steps`` steps and ``scan_samples`` samples; Elijah's inversion and its ``elijah_samples`` samples
-    follow :func:`~baddiff_core.defenses.elijah.elijah_settings` where the config
-    leaves them ``None``; removal takes 3 passes with a
-    backward and 1 without per clean image and step, ANP 3 with a backward; TERD
+    ``scan_steps`` steps and ``scan_samples`` samples; Elijah's inversion and its
+    ``elijah_samples`` samples follow
+    :func:`~baddiff_core.defenses.elijah.elijah_settings` where the config leaves
+    them ``None``; removal takes 3 passes with a backward and 1 without per clean
+    image and step, ANP 3 with a backward; TERD
     ``batch_size (2 estimation_steps + (sampling_steps + 4) refinement_steps)``.
     """
     cfg = config
