@@ -279,7 +279,8 @@ def build_book() -> None:
         stderr=subprocess.STDOUT,
         text=True,
         # A cold build took 3,600 s on a busy 2-core machine (12 pages, 2026-12-03): the
-        # test's own limit (7,200 s) bounds it, and each cell has the book's 1,800 s.
+        # test's own limit (7,200 s) bounds it, and each cell has the book's 1,800 s
+        # (the Scoreboard's an hour: its notebook metadata).
         timeout=6900,
     )
     log = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout)  # without terminal colours
